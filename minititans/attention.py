@@ -1,0 +1,190 @@
+r"""Causal softmax attention, its sliding window and the persistent prefix (Titans Eqs. 1-2).
+
+Attention is the short-term memory of every Titans variant. With $Q = xW_Q$, $K = xW_K$,
+$V = xW_V$ (Eq. 1, see :func:`minititans.layers.linear`) token $i$ reads
+
+$$y_i = \frac{\sum_{j \le i} \exp(Q_i K_j^\top / \sqrt{d})\, V_j}
+             {\sum_{l \le i} \exp(Q_i K_l^\top / \sqrt{d})} \qquad \text{(Eq. 2)}$$
+
+which is ``softmax(scores masked by attention_mask(T)) @ V``. The two restrictions used by
+the architectures of Section 4 are mask options: ``window=w`` (sliding-window attention,
+MAG Eq. 27 and MAL Eq. 31: token $i$ sees $i - w < j \le i$) and ``prefix=p`` (the $N_p$
+persistent tokens of Eq. 19, visible to every token whatever the window). :func:`mac_mask`
+and :func:`mag_mask` are the masks of the paper's Figure 3; :func:`plot_mask` draws them.
+"""
+
+from __future__ import annotations
+
+import autograd.numpy as np
+import numpy as onp
+
+from ._checks import check_array, check_int
+
+
+def attention_mask(T: int, window=None, prefix: int = 0):
+    r"""Which keys each query may see: ``mask[i, j]`` is True when token $i$ attends to $j$.
+
+    $$\mathrm{mask}_{ij} = \big(j \le i \;\wedge\; (w = \text{None} \vee j > i - w)\big)
+      \;\vee\; j < p$$
+
+    The prefix block is visible to *every* row, prefix rows included: the persistent tokens
+    (Eq. 19) do not depend on the input, so letting persistent token 0 see persistent token 1
+    leaks nothing, and it makes the prefix a fully visible block as in Figure 3.
+
+    Args:
+        T: sequence length (prefix included).
+        window: ``None`` (full causal) or an int $w \ge 1$, the number of most recent tokens
+            (itself included) a token sees.
+        prefix: $p$, with $0 \le p \le T$.
+
+    Returns:
+        Boolean array ``(T, T)``.
+    """
+    T = check_int("T", T, minimum=0)
+    prefix = check_int("prefix", prefix, minimum=0)
+    if prefix > T:
+        raise ValueError(f"prefix must be <= the sequence length {T}, got {prefix}")
+    i = onp.arange(T)[:, None]
+    j = onp.arange(T)[None, :]
+    mask = j <= i  # (T, T)
+    if window is not None:
+        window = check_int("window", window, minimum=1)
+        mask &= j > i - window
+    return mask | (j < prefix)
+
+
+def mac_mask(num_persistent: int, num_memory: int, segment_len: int, *,
+             memory_causal: bool = False):
+    r"""The attention mask of MAC over $\tilde S = [p_1 \dots p_{N_p}] \,\|\, h \,\|\, S$ (Eqs. 22-23).
+
+    Persistent and memory tokens are fully visible (to every row); inside the segment the
+    mask is causal. This is :func:`attention_mask` with ``prefix = N_p + N_m``.
+
+    Caveat: $h_t = \mathcal{M}^*_{t-1}(q_t)$ (Eq. 21) is read with the queries of the segment
+    itself, so with a fully visible memory block segment token $s$ sees memory tokens read
+    from later tokens $s' > s$. ``memory_causal=True`` (needs ``num_memory == segment_len``)
+    restricts memory token $m$ to rows at or after segment token $m$ (and memory rows to
+    memory tokens $\le m$), which keeps next-token prediction strictly causal.
+
+    Returns:
+        Boolean array ``(L, L)`` with ``L = num_persistent + num_memory + segment_len``.
+    """
+    n_p = check_int("num_persistent", num_persistent, minimum=0)
+    n_m = check_int("num_memory", num_memory, minimum=0)
+    C = check_int("segment_len", segment_len, minimum=1)
+    mask = attention_mask(n_p + n_m + C, prefix=n_p + n_m)
+    if not memory_causal:
+        return mask
+    if n_m != C:
+        raise ValueError(
+            f"memory_causal=True needs num_memory == segment_len, got {n_m} and {C}"
+        )
+    m = onp.arange(n_m)
+    visible = m[None, :] <= m[:, None]  # (C, C): memory/segment token s sees memory m <= s
+    mask[n_p:n_p + n_m, n_p:n_p + n_m] = visible
+    mask[n_p + n_m:, n_p:n_p + n_m] = visible
+    return mask
+
+
+def mag_mask(num_persistent: int, T: int, window: int):
+    r"""The attention mask of MAG (and MAL) over $[p] \,\|\, x$: a sliding window plus the prefix.
+
+    Eq. 27's SW-Attn$^*$: every token sees the $N_p$ persistent tokens and the ``window`` most
+    recent tokens of $\tilde x$ (itself included). This is :func:`attention_mask` with
+    ``prefix = N_p`` on the extended sequence.
+
+    Returns:
+        Boolean array ``(N_p + T, N_p + T)``.
+    """
+    n_p = check_int("num_persistent", num_persistent, minimum=0)
+    T = check_int("T", T, minimum=0)
+    return attention_mask(n_p + T, window=window, prefix=n_p)
+
+
+def plot_mask(mask, ax=None, title=None):
+    """Draw a boolean attention mask (rows: queries, columns: keys); returns the Axes."""
+    import matplotlib.pyplot as plt  # lazily: plotting is optional for the maths
+
+    mask = onp.asarray(mask)
+    if mask.ndim != 2 or mask.dtype != bool:
+        raise ValueError(f"mask must be a 2-D boolean array, got {mask.dtype} {mask.shape}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3, 3))
+    ax.imshow(mask, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xlabel("key j")
+    ax.set_ylabel("query i")
+    if title is not None:
+        ax.set_title(title)
+    return ax
+
+
+def causal_attention(q, k, v, window=None, prefix: int = 0):
+    r"""Titans Eq. (2): causal softmax attention, optionally windowed, with a visible prefix.
+
+    $$y_i = \sum_{j \in \mathcal{V}(i)} \mathrm{softmax}_j\!\Big(\frac{q_i k_j^\top}{\sqrt d}\Big) v_j$$
+
+    where $\mathcal{V}(i)$ is row $i$ of :func:`attention_mask` ``(T, window, prefix)`` and
+    $d$ is ``q.shape[-1]``. The softmax subtracts each row's maximum, so logits of $10^4$
+    stay finite. Every row sees at least itself, so no row is empty.
+
+    Args:
+        q, k: ``(..., T, d)``; leading axes (batch, heads) are carried along.
+        v: ``(..., T, d_v)``.
+        window, prefix: see :func:`attention_mask`.
+
+    Returns:
+        ``(..., T, d_v)``, in the dtype of the inputs.
+    """
+    q_ = check_array("q", q)
+    k_ = check_array("k", k)
+    v_ = check_array("v", v)
+    if q_.ndim < 2:
+        raise ValueError(f"q must have shape (..., T, d), got shape {q_.shape}")
+    if k_.shape != q_.shape:
+        raise ValueError(f"k must have the shape of q {q_.shape}, got {k_.shape}")
+    if v_.ndim != q_.ndim or v_.shape[:-1] != q_.shape[:-1]:
+        raise ValueError(f"v must have shape {q_.shape[:-1] + ('d_v',)}, got {v_.shape}")
+    T, d = q_.shape[-2:]
+    mask = attention_mask(T, window=window, prefix=prefix)  # (T, T)
+    scores = np.matmul(q, np.swapaxes(k, -1, -2)) / onp.sqrt(d)  # (..., T, T)
+    scores = np.where(mask, scores, -np.inf)
+    # softmax is shift-invariant; subtracting the row max keeps exp() <= 1
+    e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
+    weights = e / np.sum(e, axis=-1, keepdims=True)
+    return np.matmul(weights, v)  # (..., T, d_v)
+
+
+def split_heads(x, num_heads: int):
+    """``(..., T, H * d_h)`` -> ``(..., H, T, d_h)``: one attention per head."""
+    H = check_int("num_heads", num_heads, minimum=1)
+    x_ = check_array("x", x)
+    if x_.ndim < 2 or x_.shape[-1] % H:
+        raise ValueError(f"x must have shape (..., T, d) with d divisible by num_heads={H}, "
+                         f"got shape {x_.shape}")
+    *lead, T, d = x_.shape
+    return np.swapaxes(np.reshape(x, tuple(lead) + (T, H, d // H)), -2, -3)
+
+
+def merge_heads(x):
+    """``(..., H, T, d_h)`` -> ``(..., T, H * d_h)``, the inverse of :func:`split_heads`."""
+    x_ = check_array("x", x)
+    if x_.ndim < 3:
+        raise ValueError(f"x must have shape (..., H, T, d_h), got shape {x_.shape}")
+    *lead, H, T, dh = x_.shape
+    return np.reshape(np.swapaxes(x, -2, -3), tuple(lead) + (T, H * dh))
+
+
+def multi_head_attention(q, k, v, num_heads: int, window=None, prefix: int = 0):
+    r"""Eq. (2) in each of ``num_heads`` heads, concatenated: $[y^{(1)} \| \dots \| y^{(H)}]$.
+
+    ``q``, ``k``, ``v`` are already projected (Eq. 1); head $h$ uses channels
+    $h\,d_h \dots (h+1)\,d_h - 1$ and scales by $1/\sqrt{d_h}$.
+
+    Args:
+        q, k: ``(..., T, d)``; v: ``(..., T, d_v)``, both widths divisible by ``num_heads``.
+
+    Returns:
+        ``(..., T, d_v)``.
+    """
+    heads = [split_heads(x, num_heads) for x in (q, k, v)]  # (..., H, T, d_h)
+    return merge_heads(causal_attention(*heads, window=window, prefix=prefix))

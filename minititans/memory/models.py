@@ -1,0 +1,193 @@
+r"""The memory $\mathcal{M}$ itself: a linear map or a deep MLP (Titans Section 3.1).
+
+With $L_\mathcal{M} = 1$ the memory is a matrix, $\mathcal{M}(k) = k W$ (a row vector times
+$W \in \mathbb{R}^{d_{in} \times d_{out}}$). With $L_\mathcal{M} \ge 2$ it is an MLP without
+biases, $\mathcal{M}(x) = \sigma(\cdots\sigma(x W_1)\cdots) W_L$, hidden width
+``expansion * d_in``. The optional residual form of the NeurIPS version is
+$\mathcal{M}(x) = x + \mathrm{LN}(\mathcal{M}_{mlp}(x))$, with a LayerNorm that has no learnable
+gain (so every parameter of the memory is a weight matrix that the inner loop trains).
+
+The parameters are a :class:`MemoryParams`: a tuple of weight matrices that also remembers the
+activation and the residual flag, so ``memory_forward(params, x)`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import autograd.numpy as np
+import numpy as onp
+from autograd.builtins import SequenceBox, SequenceVSpace
+from autograd.extend import VSpace
+from autograd.tracer import getval
+
+from .._checks import check_array, check_choice, check_int
+from ..activations import ACTIVATIONS
+
+LN_EPS = 1e-5  # LayerNorm epsilon of the residual memory form
+
+
+class MemoryParams(tuple):
+    """The weights ``(W_1, ..., W_L)`` of a memory, plus how to run them.
+
+    A plain tuple of arrays to NumPy and autograd (a gradient of a loss with respect to a
+    ``MemoryParams`` is again a ``MemoryParams``), with two read-only attributes:
+    ``activation`` ("silu" or "gelu", used between layers) and ``residual_norm``.
+    """
+
+    def __new__(cls, weights, activation: str = "gelu", residual_norm: bool = False):
+        self = super().__new__(cls, weights)
+        self._activation = activation
+        self._residual_norm = bool(residual_norm)
+        return self
+
+    @property
+    def activation(self) -> str:
+        return self._activation
+
+    @property
+    def residual_norm(self) -> bool:
+        return self._residual_norm
+
+    @property
+    def depth(self) -> int:
+        return len(self)
+
+    @property
+    def d_in(self) -> int:
+        return getval(self[0]).shape[-2]
+
+    @property
+    def d_out(self) -> int:
+        return getval(self[-1]).shape[-1]
+
+    def like(self, weights) -> MemoryParams:
+        """New weights with the same activation and residual flag."""
+        return MemoryParams(weights, self._activation, self._residual_norm)
+
+    def __repr__(self):
+        shapes = ", ".join(str(getval(w).shape) for w in self)
+        return (f"MemoryParams(depth={len(self)}, shapes=[{shapes}], "
+                f"activation={self._activation!r}, residual_norm={self._residual_norm})")
+
+    def __reduce__(self):
+        return (MemoryParams, (tuple(self), self._activation, self._residual_norm))
+
+
+class MemoryParamsVSpace(SequenceVSpace):
+    """Autograd's vector space of a MemoryParams: a tuple space that keeps the metadata."""
+
+    def __init__(self, value):
+        self.meta = (value.activation, value.residual_norm)
+        super().__init__(value)
+
+    def _map(self, f, *args):
+        return MemoryParams(map(f, self.shape, *args), *self.meta)
+
+    def _subval(self, xs, idx, x):
+        items = list(xs)
+        items[idx] = x
+        return MemoryParams(items, *self.meta)
+
+
+SequenceBox.register(MemoryParams)
+VSpace.register(MemoryParams, MemoryParamsVSpace)
+
+
+def spec_of(params) -> MemoryParams:
+    """The MemoryParams behind ``params`` (looks through an autograd box)."""
+    value = getval(params)
+    if not isinstance(value, MemoryParams):
+        raise TypeError(
+            f"params must be a MemoryParams (from init_memory), got {type(value).__name__}"
+        )
+    return value
+
+
+def init_memory(rng, d_in: int, d_out: int, depth: int = 2, expansion: int = 4,
+                activation: str = "gelu", residual_norm: bool = False, *,
+                init: str = "normal", dtype=np.float64) -> MemoryParams:
+    r"""Initial weights $\mathcal{M}_0$ of a memory.
+
+    Args:
+        rng: a ``np.random.Generator``.
+        d_in, d_out: key and value widths.
+        depth: $L_\mathcal{M}$; 1 gives a single matrix ``(W,)`` of shape ``(d_in, d_out)``.
+        expansion: hidden width is ``expansion * d_in`` (the NeurIPS version uses 4).
+        activation: "gelu" (exact, erf-based) or "silu", applied between layers.
+        residual_norm: use $\mathcal{M}(x) = x + \mathrm{LN}(\mathrm{MLP}(x))$; needs
+            ``d_in == d_out``.
+        init: "normal" draws every matrix from $\mathcal{N}(0, 1/\text{fan-in})$;
+            "zero_out" does the same but zeroes the last matrix, so
+            $\mathcal{M}_0(k) = 0$ (for depth 1 this is $W_0 = 0$, as in the delta rule).
+        dtype: float64 (default) or float32.
+
+    Returns:
+        MemoryParams with shapes ``[(d_in, h), (h, h), ..., (h, d_out)]``.
+    """
+    if not isinstance(rng, onp.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    d_in = check_int("d_in", d_in, minimum=1)
+    d_out = check_int("d_out", d_out, minimum=1)
+    depth = check_int("depth", depth, minimum=1)
+    expansion = check_int("expansion", expansion, minimum=1)
+    check_choice("activation", activation, tuple(ACTIVATIONS))
+    check_choice("init", init, ("normal", "zero_out"))
+    dtype = onp.dtype(dtype)
+    if dtype not in (onp.float32, onp.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    if residual_norm and d_in != d_out:
+        raise ValueError(f"residual_norm=True needs d_in == d_out, got d_in={d_in}, d_out={d_out}")
+    hidden = expansion * d_in
+    widths = [d_in] + [hidden] * (depth - 1) + [d_out]
+    weights = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        if init == "zero_out" and i == depth - 1:
+            W = onp.zeros((a, b))
+        else:
+            W = rng.standard_normal((a, b)) / onp.sqrt(a)
+        weights.append(W.astype(dtype))
+    return MemoryParams(weights, activation, residual_norm)
+
+
+def layer_norm_plain(h):
+    r"""LayerNorm over the last axis with no gain or bias: $(h - \mu) / \sqrt{\sigma^2 + \epsilon}$."""
+    mu = np.mean(h, axis=-1, keepdims=True)
+    var = np.mean((h - mu) ** 2, axis=-1, keepdims=True)
+    return (h - mu) / np.sqrt(var + LN_EPS)
+
+
+def _run(params, x, matmul):
+    spec = spec_of(params)
+    act = ACTIVATIONS[spec.activation]
+    depth = len(spec)
+    h = x
+    for i in range(depth):
+        h = matmul(h, params[i])  # (..., width_{i+1})
+        if i < depth - 1:
+            h = act(h)
+    if spec.residual_norm:
+        h = x + layer_norm_plain(h)
+    return h
+
+
+def memory_forward(params, x):
+    r"""Read the memory: $y = \mathcal{M}(x)$ (Titans Eq. 15 when $x = q$).
+
+    Args:
+        params: MemoryParams from :func:`init_memory` (or a memory state's params).
+        x: ``(..., d_in)`` keys or queries, one token per row.
+
+    Returns:
+        ``(..., d_out)``.
+    """
+    spec = spec_of(params)
+    check_array("x", x, last_dim=spec.d_in)
+    return _run(params, x, lambda h, W: h @ W)
+
+
+def forward_per_token(params_b, x):
+    """Read a memory whose weights differ per token: weights ``(b, fan_in, fan_out)``, x ``(b, d_in)``.
+
+    Used by the chunked scan, where token i of a chunk is read with its own $\\mathcal{M}_i$,
+    and to take per-token gradients (every token gets its own copy of the weights).
+    """
+    return _run(params_b, x, lambda h, W: np.matmul(h[:, None, :], W)[:, 0, :])

@@ -1,0 +1,125 @@
+r"""One step of the Titans memory update (Section 3.1, Eqs. 8-14).
+
+The full rule, Eqs. (13)-(14):
+
+$$S_t = \eta_t S_{t-1} - \theta_t \nabla\ell(\mathcal{M}_{t-1}; x_t), \qquad
+\mathcal{M}_t = (1 - \alpha_t)\,\mathcal{M}_{t-1} + S_t .$$
+
+Plain gradient descent on the surprise (Eq. 8) is the case $\alpha = \eta = 0$; momentum
+without forgetting (Eqs. 9-10) is $\alpha = 0$.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import autograd.numpy as np
+import numpy as onp
+from autograd.tracer import getval
+
+from .._checks import check_array, check_choice, check_gate
+from .loss import check_loss, surprise
+from .models import MemoryParams, spec_of
+
+
+class MemoryDivergenceError(FloatingPointError):
+    """The memory's weights became NaN or inf; ``token`` is the index of the first bad token."""
+
+    def __init__(self, token: int, detail: str = ""):
+        self.token = token
+        super().__init__(
+            f"memory weights became non-finite at token {token}{detail}; lower theta, raise "
+            "alpha, normalise the keys, or pass max_grad_norm to clip the surprise"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class MemoryState:
+    """The memory's weights $\\mathcal{M}_t$ and its momentum $S_t$ (same structure)."""
+
+    params: MemoryParams
+    momentum: MemoryParams
+
+    @classmethod
+    def initial(cls, params) -> MemoryState:
+        """$\\mathcal{M}_0$ = ``params``, $S_0 = 0$."""
+        spec = spec_of(params)
+        return cls(params, spec.like(np.zeros_like(getval(W)) for W in spec))
+
+    def __post_init__(self):
+        p, m = spec_of(self.params), spec_of(self.momentum)
+        ps = [getval(w).shape for w in p]
+        ms = [getval(w).shape for w in m]
+        if ps != ms:
+            raise ValueError(f"momentum shapes {ms} do not match params shapes {ps}")
+
+
+def tree_norm(tree) -> float:
+    """Global Euclidean norm of all the weights (a plain float)."""
+    return float(onp.sqrt(sum(onp.sum(onp.square(getval(w))) for w in tree)))
+
+
+def clip_by_norm(u, max_norm):
+    """Scale the surprise so its global norm is at most ``max_norm`` (None: unchanged)."""
+    if max_norm is None:
+        return u
+    total = np.sqrt(sum(np.sum(w**2) for w in u))
+    scale = np.minimum(1.0, max_norm / np.maximum(total, 1e-30))
+    return spec_of(u).like(scale * w for w in u)
+
+
+def check_finite(params, token: int, on_nonfinite: str) -> None:
+    """Raise (or warn) when the weights are no longer finite."""
+    if all(onp.all(onp.isfinite(getval(w))) for w in params):
+        return
+    err = MemoryDivergenceError(token)
+    if on_nonfinite == "raise":
+        raise err
+    warnings.warn(str(err), RuntimeWarning, stacklevel=3)
+
+
+def apply_update(M, S, u, alpha, eta, theta):
+    r"""Eqs. (13)-(14) on whole weight trees; returns the new $(\mathcal{M}_t, S_t)$."""
+    spec = spec_of(M)
+    # Eq. 14: S_t = η_t S_{t-1} - θ_t u_t   (u_t = ∇ℓ(M_{t-1}; x_t), the momentary surprise)
+    S_new = spec.like(eta * s - theta * g for s, g in zip(S, u))
+    # Eq. 13: M_t = (1 - α_t) M_{t-1} + S_t
+    M_new = spec.like((1.0 - alpha) * w + s for w, s in zip(M, S_new))
+    return M_new, S_new
+
+
+def memory_step(state: MemoryState, k, v, *, alpha, eta, theta, loss: str = "l2",
+                p: float = 3.0, delta: float = 1.0, max_grad_norm=None,
+                on_nonfinite: str = "raise") -> MemoryState:
+    r"""One token of the Titans update, Eqs. (13)-(14).
+
+    $$S_t = \eta_t S_{t-1} - \theta_t \nabla\ell(\mathcal{M}_{t-1}; x_t), \quad
+    \mathcal{M}_t = (1-\alpha_t)\mathcal{M}_{t-1} + S_t$$
+
+    Args:
+        state: $(\mathcal{M}_{t-1}, S_{t-1})$.
+        k: ``(d_in,)`` key; v: ``(d_out,)`` value.
+        alpha: forgetting gate in [0, 1]; eta: momentum decay in [0, 1]; theta: step >= 0.
+        loss, p, delta: the inner loss (see :func:`associative_loss`).
+        max_grad_norm: clip the surprise to this global norm (None: no clipping).
+        on_nonfinite: "raise" (default) or "warn" when the weights stop being finite.
+
+    Returns:
+        The new MemoryState $(\mathcal{M}_t, S_t)$.
+    """
+    if not isinstance(state, MemoryState):
+        raise TypeError(f"state must be a MemoryState, got {type(state).__name__}")
+    spec = spec_of(state.params)
+    check_loss(loss, p, delta)
+    check_choice("on_nonfinite", on_nonfinite, ("raise", "warn"))
+    check_array("k", k, ndim=1, last_dim=spec.d_in)
+    check_array("v", v, ndim=1, last_dim=spec.d_out)
+    a = check_gate("alpha", alpha, 1, low=0.0, high=1.0)[0]
+    e = check_gate("eta", eta, 1, low=0.0, high=1.0)[0]
+    th = check_gate("theta", theta, 1, low=0.0)[0]
+    u = clip_by_norm(surprise(state.params, k[None], v[None], loss, p=p, delta=delta),
+                     max_grad_norm)
+    M, S = apply_update(state.params, state.momentum, u, a, e, th)
+    check_finite(M, 0, on_nonfinite)
+    return MemoryState(M, S)
