@@ -15,6 +15,8 @@ and :func:`mag_mask` are the masks of the paper's Figure 3; :func:`plot_mask` dr
 
 from __future__ import annotations
 
+import math
+
 import autograd.numpy as np
 import numpy as onp
 
@@ -55,7 +57,7 @@ def attention_mask(T: int, window=None, prefix: int = 0):
 
 def mac_mask(num_persistent: int, num_memory: int, segment_len: int, *,
              memory_causal: bool = False):
-    r"""The attention mask of MAC over $\tilde S = [p_1 \dots p_{N_p}] \,\|\, h \,\|\, S$ (Eqs. 22-23).
+    r"""The attention mask of MAC over $[p_1 \dots p_{N_p}] \,\|\, h \,\|\, S$ (Eqs. 22-23).
 
     Persistent and memory tokens are fully visible (to every row); inside the segment the
     mask is causal. This is :func:`attention_mask` with ``prefix = N_p + N_m``.
@@ -121,7 +123,8 @@ def plot_mask(mask, ax=None, title=None):
 def causal_attention(q, k, v, window=None, prefix: int = 0):
     r"""Titans Eq. (2): causal softmax attention, optionally windowed, with a visible prefix.
 
-    $$y_i = \sum_{j \in \mathcal{V}(i)} \mathrm{softmax}_j\!\Big(\frac{q_i k_j^\top}{\sqrt d}\Big) v_j$$
+    $$y_i = \sum_{j \in \mathcal{V}(i)}
+            \mathrm{softmax}_j\!\Big(\frac{q_i k_j^\top}{\sqrt d}\Big) v_j$$
 
     where $\mathcal{V}(i)$ is row $i$ of :func:`attention_mask` ``(T, window, prefix)`` and
     $d$ is ``q.shape[-1]``. The softmax subtracts each row's maximum, so logits of $10^4$
@@ -146,7 +149,7 @@ def causal_attention(q, k, v, window=None, prefix: int = 0):
         raise ValueError(f"v must have shape {q_.shape[:-1] + ('d_v',)}, got {v_.shape}")
     T, d = q_.shape[-2:]
     mask = attention_mask(T, window=window, prefix=prefix)  # (T, T)
-    scores = np.matmul(q, np.swapaxes(k, -1, -2)) / onp.sqrt(d)  # (..., T, T)
+    scores = np.matmul(q, np.swapaxes(k, -1, -2)) / math.sqrt(d)  # (..., T, T)
     scores = np.where(mask, scores, -np.inf)
     # softmax is shift-invariant; subtracting the row max keeps exp() <= 1
     e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
