@@ -4,8 +4,12 @@ The exact forms are used everywhere (DESIGN.md): SiLU x·σ(x) and GELU x·Φ(x)
 function, not the tanh approximation. The numba kernels implement the same formulas.
 """
 
+import math
+
 import autograd.numpy as np
 from autograd.scipy.special import erf
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)  # a Python float, so float32 inputs stay float32
 
 
 def sigmoid(x):
@@ -20,7 +24,7 @@ def silu(x):
 
 def gelu(x):
     r"""Exact GELU: $x\,\Phi(x) = \tfrac{x}{2}\,(1 + \mathrm{erf}(x/\sqrt{2}))$."""
-    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+    return 0.5 * x * (1.0 + erf(x * _INV_SQRT2))
 
 
 def identity(x):

@@ -46,7 +46,7 @@ def _loss_of_prediction(pred, v, loss: str, p: float, delta: float):
 
 
 def associative_loss(params, k, v, loss: str = "l2", *, p: float = 3.0, delta: float = 1.0):
-    r"""Titans Eq. (12): $\ell = \sum \lVert \mathcal{M}(k) - v \rVert_2^2$, summed over leading axes.
+    r"""Titans Eq. (12): $\ell = \sum \lVert \mathcal{M}(k) - v \rVert_2^2$, summed over tokens.
 
     Args:
         params: MemoryParams.
@@ -87,7 +87,7 @@ def _per_token_total(params_b, k, v, loss, p, delta):
 
 
 def per_token_surprise(params, k, v, loss: str = "l2", *, p: float = 3.0, delta: float = 1.0):
-    r"""One surprise per token, all taken at the same weights: $u_i = \nabla\ell(\mathcal{M}; k_i, v_i)$.
+    r"""One surprise per token, all at the same weights: $u_i = \nabla\ell(\mathcal{M}; k_i, v_i)$.
 
     Every token gets its own copy of the weights; since token i's loss only touches copy i,
     the gradient of the summed loss with respect to the stacked copies is the stack of the

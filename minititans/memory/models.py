@@ -149,7 +149,7 @@ def init_memory(rng, d_in: int, d_out: int, depth: int = 2, expansion: int = 4,
 
 
 def layer_norm_plain(h):
-    r"""LayerNorm over the last axis with no gain or bias: $(h - \mu) / \sqrt{\sigma^2 + \epsilon}$."""
+    r"""LayerNorm over the last axis, no gain or bias: $(h - \mu) / \sqrt{\sigma^2 + \epsilon}$."""
     mu = np.mean(h, axis=-1, keepdims=True)
     var = np.mean((h - mu) ** 2, axis=-1, keepdims=True)
     return (h - mu) / np.sqrt(var + LN_EPS)
@@ -185,7 +185,9 @@ def memory_forward(params, x):
 
 
 def forward_per_token(params_b, x):
-    """Read a memory whose weights differ per token: weights ``(b, fan_in, fan_out)``, x ``(b, d_in)``.
+    """Read a memory whose weights differ per token.
+
+    Weights have shapes ``(b, fan_in, fan_out)``, ``x`` is ``(b, d_in)``.
 
     Used by the chunked scan, where token i of a chunk is read with its own $\\mathcal{M}_i$,
     and to take per-token gradients (every token gets its own copy of the weights).

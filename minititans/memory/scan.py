@@ -95,9 +95,12 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
                                  on_nonfinite=on_nonfinite)
     options = dict(loss=loss, p=p, delta=delta, max_grad_norm=max_grad_norm,
                    on_nonfinite=on_nonfinite, read=read)
-    if b == 1:
-        return _token_loop(state, keys, values, queries, *gates, **options)
-    return _chunked(state, keys, values, queries, *gates, b, **options)
+    # overflow is caught by the explicit finiteness check after every update, which names
+    # the token; NumPy's own overflow warnings would only say less, earlier
+    with onp.errstate(over="ignore", invalid="ignore"):
+        if b == 1:
+            return _token_loop(state, keys, values, queries, *gates, **options)
+        return _chunked(state, keys, values, queries, *gates, b, **options)
 
 
 def _as_dtype(gate, dtype):

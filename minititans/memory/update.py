@@ -118,8 +118,9 @@ def memory_step(state: MemoryState, k, v, *, alpha, eta, theta, loss: str = "l2"
     a = check_gate("alpha", alpha, 1, low=0.0, high=1.0)[0]
     e = check_gate("eta", eta, 1, low=0.0, high=1.0)[0]
     th = check_gate("theta", theta, 1, low=0.0)[0]
-    u = clip_by_norm(surprise(state.params, k[None], v[None], loss, p=p, delta=delta),
-                     max_grad_norm)
-    M, S = apply_update(state.params, state.momentum, u, a, e, th)
+    with onp.errstate(over="ignore", invalid="ignore"):  # non-finite weights raise below
+        u = clip_by_norm(surprise(state.params, k[None], v[None], loss, p=p, delta=delta),
+                         max_grad_norm)
+        M, S = apply_update(state.params, state.momentum, u, a, e, th)
     check_finite(M, 0, on_nonfinite)
     return MemoryState(M, S)
