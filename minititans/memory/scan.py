@@ -112,6 +112,7 @@ def _token_loop(state, K, V, Q, alpha, eta, theta, *, loss, p, delta, max_grad_n
     """Eqs. (13)-(14) one token at a time: the definition the chunked form must match."""
     M, S = state.params, state.momentum
     outs = []
+    finite = True
     for t in range(K.shape[0]):
         if read == "before":
             outs.append(memory_forward(M, Q[t]))  # y_t = M_{t-1}(q_t)
@@ -119,7 +120,8 @@ def _token_loop(state, K, V, Q, alpha, eta, theta, *, loss, p, delta, max_grad_n
         u = clip_by_norm(surprise(M, K[t:t + 1], V[t:t + 1], loss, p=p, delta=delta),
                          max_grad_norm)
         M, S = apply_update(M, S, u, alpha[t], eta[t], theta[t])
-        check_finite(M, t, on_nonfinite)
+        if finite:
+            finite = check_finite(M, t, on_nonfinite)
         if read == "after":
             outs.append(memory_forward(M, Q[t]))  # y_t = M_t(q_t)
     return np.stack(outs), MemoryState(M, S)
@@ -131,6 +133,7 @@ def _chunked(state, K, V, Q, alpha, eta, theta, b, *, loss, p, delta, max_grad_n
     spec = spec_of(state.params)
     M, S = state.params, state.momentum
     outs = []
+    finite = True
     for start in range(0, K.shape[0], b):
         c = slice(start, start + b)
         # u_i = ∇ℓ(M_{t'}; x_i) for every token of the chunk, all at the same weights
@@ -142,7 +145,8 @@ def _chunked(state, K, V, Q, alpha, eta, theta, b, *, loss, p, delta, max_grad_n
                  for g, s in zip(u, S)]
         # Eq. 13: M_i = (1 - α_i) M_{i-1} + S_i, the same recurrence with a = 1 - α
         M_all = [linear_recurrence(1.0 - alpha[c], s_all, w) for s_all, w in zip(S_all, M)]
-        _check_chunk(M_all, start, on_nonfinite)
+        if finite:
+            finite = _check_chunk(M_all, start, on_nonfinite)
         if read == "after":
             outs.append(forward_per_token(spec.like(M_all), Q[c]))
         else:
@@ -166,8 +170,9 @@ def _check_chunk(M_all, start, on_nonfinite):
     for w in M_all:
         ok &= onp.all(onp.isfinite(getval(w)), axis=(1, 2))
     if ok.all():
-        return
+        return True
     first = start + int(onp.argmin(ok))
     if on_nonfinite == "raise":
         raise MemoryDivergenceError(first)
     warnings.warn(str(MemoryDivergenceError(first)), RuntimeWarning, stacklevel=3)
+    return False

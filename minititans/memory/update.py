@@ -69,14 +69,19 @@ def clip_by_norm(u, max_norm):
     return spec_of(u).like(scale * w for w in u)
 
 
-def check_finite(params, token: int, on_nonfinite: str) -> None:
-    """Raise (or warn) when the weights are no longer finite."""
+def check_finite(params, token: int, on_nonfinite: str) -> bool:
+    """Raise (or warn, and return False) when the weights are no longer finite.
+
+    With ``on_nonfinite="warn"`` the caller stops checking after the first warning, so a
+    diverged scan warns once, naming the first bad token.
+    """
     if all(onp.all(onp.isfinite(getval(w))) for w in params):
-        return
+        return True
     err = MemoryDivergenceError(token)
     if on_nonfinite == "raise":
         raise err
     warnings.warn(str(err), RuntimeWarning, stacklevel=3)
+    return False
 
 
 def apply_update(M, S, u, alpha, eta, theta):
