@@ -1,0 +1,95 @@
+"""Safe files: .npz with allow_pickle=False, atomic saves, clear errors on bad files."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import minititans as mt
+from minititans.io import (
+    load_arrays,
+    load_memory_state,
+    save_arrays,
+    save_memory_state,
+)
+
+
+def _state(rng):
+    params = mt.init_memory(rng, 3, 3, depth=2, activation="silu", residual_norm=True)
+    K = rng.standard_normal((4, 3))
+    return mt.memory_scan(mt.MemoryState.initial(params), K, K, K, alpha=0.1, eta=0.9,
+                          theta=0.05)[1]
+
+
+def test_memory_state_round_trip_is_exact_and_streams_on(tmp_path, rng):
+    state = _state(rng)
+    path = save_memory_state(tmp_path / "m.npz", state)
+    loaded = load_memory_state(path)
+    assert loaded.params.activation == "silu" and loaded.params.residual_norm
+    for a, b in zip(list(loaded.params) + list(loaded.momentum),
+                    list(state.params) + list(state.momentum)):
+        np.testing.assert_array_equal(a, b)
+    K = rng.standard_normal((3, 3))
+    y1, _ = mt.memory_scan(state, K, K, K, alpha=0.1, eta=0.9, theta=0.05)
+    y2, _ = mt.memory_scan(loaded, K, K, K, alpha=0.1, eta=0.9, theta=0.05)
+    np.testing.assert_array_equal(y1, y2)
+
+
+def test_truncated_file_is_a_clear_error(tmp_path, rng):
+    path = save_memory_state(tmp_path / "m.npz", _state(rng))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a valid minititans file"):
+        load_memory_state(path)
+
+
+def test_pickled_file_is_refused(tmp_path):
+    path = tmp_path / "evil.npz"
+    np.savez(path, x=np.array([{"a": 1}], dtype=object), __meta__=np.array("{}"))
+    with pytest.raises(ValueError, match="pickled"):
+        load_arrays(path, kind="memory_state")
+    raw = tmp_path / "raw.npz"  # a bare pickle renamed .npz
+    raw.write_bytes(pickle.dumps({"W0": 1}))
+    with pytest.raises(ValueError, match="pickled"):
+        load_arrays(raw, kind="memory_state")
+
+
+def test_wrong_version_and_wrong_kind(tmp_path):
+    path = save_arrays(tmp_path / "a.npz", {"x": np.ones(2)}, kind="checkpoint",
+                       meta={"format_version": 99})
+    with pytest.raises(ValueError, match="format version 99"):
+        load_arrays(path, kind="checkpoint")
+    path = save_arrays(tmp_path / "b.npz", {"x": np.ones(2)}, kind="checkpoint")
+    with pytest.raises(ValueError, match="expected a 'memory_state'"):
+        load_arrays(path, kind="memory_state")
+    with pytest.raises(FileNotFoundError):
+        load_arrays(tmp_path / "missing.npz", kind="checkpoint")
+
+
+def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch, rng):
+    path = save_arrays(tmp_path / "c.npz", {"x": np.arange(3.0)}, kind="checkpoint")
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_arrays(path, {"x": np.zeros(3)}, kind="checkpoint")
+    arrays, _ = load_arrays(path, kind="checkpoint")
+    np.testing.assert_array_equal(arrays["x"], np.arange(3.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.npz"]  # no temporary left behind
+    assert os.path.getsize(path) > 0
+
+
+def test_a_bare_npy_file_is_refused(tmp_path):
+    path = tmp_path / "x.npz"
+    with open(path, "wb") as f:
+        np.save(f, np.ones(3))
+    with pytest.raises(ValueError, match="not an .npz archive"):
+        load_arrays(path, kind="checkpoint")
+
+
+def test_object_arrays_are_not_saved(tmp_path):
+    with pytest.raises(TypeError, match="object array"):
+        save_arrays(tmp_path / "d.npz", {"x": np.array([None])}, kind="checkpoint")
