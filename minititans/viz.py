@@ -41,3 +41,89 @@ def plot_recall(result: dict, axes=None):
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_recall_by_age(ages, curves: dict, *, window=None, ax=None, ylabel="recall accuracy",
+                       xlabel="age of the pair (tokens since it was written)", title=None):
+    """Recall against how long ago a pair was written, one line per setting.
+
+    Args:
+        ages: ``(n,)`` ages (or distances) in tokens, the x-axis.
+        curves: ``{label: (n,) values}``, e.g. accuracy per distance, error per age.
+        window: if given, the ages ``0 .. window - 1`` that an attention window still sees
+            are shaded and the edge is drawn at ``window - 0.5``.
+        ax: a matplotlib Axes to draw on (a new figure if None).
+
+    Returns:
+        The Axes.
+    """
+    _, ax = _axes(ax)
+    for label, ys in curves.items():
+        ax.plot(ages, ys, marker=".", label=label)
+    if window is not None:
+        ax.axvspan(-0.5, window - 0.5, color="tab:green", alpha=0.12, label=f"window w = {window}")
+        ax.axvline(window - 0.5, color="tab:green", linestyle="--", linewidth=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_per_token(series: dict, *, marks=(), marks_label="marked tokens", ax=None,
+                   ylabel="value", xlabel="token t", title=None, logy=False):
+    """Per-token signals of one sequence, with chosen token positions marked.
+
+    Args:
+        series: ``{label: (T,) values}`` drawn against the token index ``0 .. T-1``.
+        marks: token positions to highlight (planted tokens, an event): red vertical bands,
+            named ``marks_label`` in the legend.
+        logy: use a logarithmic y-axis.
+
+    Returns:
+        The Axes.
+    """
+    _, ax = _axes(ax, figsize=(8, 3.4))
+    for label, ys in series.items():
+        ax.plot(range(len(ys)), ys, linewidth=1.2, label=label)
+    for i, t in enumerate(marks):
+        ax.axvspan(t - 0.5, t + 0.5, color="tab:red", alpha=0.25,
+                   label=marks_label if i == 0 else None)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_capacity(sizes, curves: dict, *, d: int, ax=None, ylabel="relative recall error",
+                  title=None, styles=None):
+    """Recall error against the number of stored pairs N, the key width d marked.
+
+    Args:
+        sizes: ``(n,)`` numbers of pairs N (drawn on a log-2 axis).
+        curves: ``{label: (n,) errors}``; NaN entries (a diverged memory) leave a gap.
+        d: key width; a dashed line at N = d marks where a matrix memory runs out of room.
+        styles: optional ``{label: dict of plot keywords}`` (e.g. a dotted floor).
+
+    Returns:
+        The Axes.
+    """
+    _, ax = _axes(ax)
+    styles = styles or {}
+    for label, ys in curves.items():
+        ax.plot(sizes, ys, **{"marker": "o", **styles.get(label, {})}, label=label)
+    ax.axvline(d, color="gray", linestyle="--", linewidth=1)
+    ax.text(d, 0.97, " N = d", color="gray", va="top", transform=ax.get_xaxis_transform())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(sizes), [str(n) for n in sizes])
+    ax.set_xlabel("number of stored pairs N")
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return ax
