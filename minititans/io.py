@@ -108,3 +108,21 @@ def load_memory_state(path) -> MemoryState:
     spec = MemoryParams([], meta["activation"], meta["residual_norm"])
     return MemoryState(spec.like(arrays[f"W{i}"] for i in range(depth)),
                        spec.like(arrays[f"S{i}"] for i in range(depth)))
+
+
+def update_results_json(out, key: str, payload: dict) -> Path:
+    """Add ``payload`` under ``key`` in ``out/results.json``, keeping the other keys.
+
+    The demo's parts write one key each (``"recall"``, ``"needle"``); the file is replaced
+    atomically, like the ``.npz`` files.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[key] = payload
+    fd, tmp = tempfile.mkstemp(prefix="results.", suffix=".tmp", dir=out)
+    with os.fdopen(fd, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, path)
+    return path

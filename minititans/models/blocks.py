@@ -1,0 +1,257 @@
+r"""The parts every model is built from (Titans Section 4.4).
+
+* :func:`qkv` — Section 4.4's projections: $x W$, a depthwise causal convolution, SiLU, and
+  $\ell_2$-normalised $q$ and $k$.
+* :func:`memory_core` — the neural memory run over a sequence (Eqs. 11-15 with Eqs. 13-14 as
+  the update), with data-dependent gates $\alpha_t, \eta_t, \theta_t$ and a learned
+  $\mathcal{M}_0$.
+* :func:`attention` — multi-head softmax attention (Eq. 2) under any boolean mask.
+* :func:`combine` — the gate $\otimes$ of Eqs. 25 and 28.
+* embedding, pre-norm residual blocks, the feed-forward layer and the language-model head.
+
+Every function is pure and works on a batch ``(B, T, d)``; only the memory scan, which is
+one recurrence per sequence, loops over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import autograd.numpy as np
+import numpy as onp
+
+from ..activations import gelu, sigmoid, silu
+from ..attention import merge_heads, split_heads
+from ..layers import (
+    init_depthwise_conv,
+    init_layer_norm,
+    init_linear,
+    init_output_gate,
+    init_persistent,
+    init_rms_norm,
+    l2_normalize,
+    layer_norm,
+    linear,
+    output_gate,
+    rms_norm,
+)
+from ..memory import MemoryState, compute_gates, init_gates, init_memory, memory_scan
+
+# --- projections with Section 4.4's convolution -------------------------------------------
+
+
+def init_proj(rng, cfg, d_in=None):
+    """A projection ``d_in -> d_model`` followed (if ``conv_kernel``) by a depthwise conv."""
+    d_in = cfg.d_model if d_in is None else d_in
+    p = {"lin": init_linear(rng, d_in, cfg.d_model)}
+    if cfg.conv_kernel:
+        p["conv"] = init_depthwise_conv(rng, cfg.d_model, cfg.conv_kernel)
+    return p
+
+
+def causal_conv(p, x, state=None):
+    r"""Section 4.4's depthwise causal convolution on a batch: $y_t = \sum_j w_j \odot x_{t-j} + b$.
+
+    :func:`minititans.layers.depthwise_conv` for ``x`` ``(B, T, C)``; ``state``
+    ``(B, K - 1, C)`` holds the previous inputs (zeros if None). Returns ``(y, state)``.
+    """
+    K, C = onp.shape(p["w"])
+    B, T = onp.shape(x)[:2]
+    if state is None:
+        state = onp.zeros((B, K - 1, C))
+    xp = np.concatenate([state, x], axis=1)  # (B, K - 1 + T, C)
+    # tap j reads x_{t-j}, row K - 1 + t - j of the padded input
+    y = sum(p["w"][j] * xp[:, K - 1 - j:K - 1 - j + T] for j in range(K))  # (B, T, C)
+    return y + p["b"], xp[:, xp.shape[1] - (K - 1):]
+
+
+def proj(p, x, conv_state=None):
+    """$x W$ then the causal conv: ``x`` ``(B, T, d_in)`` -> ``((B, T, d), conv_state)``."""
+    z = linear(p["lin"], x)
+    if "conv" not in p:
+        return z, None
+    return causal_conv(p["conv"], z, conv_state)
+
+
+def init_qkv(rng, cfg):
+    return {name: init_proj(rng, cfg) for name in ("q", "k", "v")}
+
+
+def qkv(p, x, states=None):
+    r"""Section 4.4: $q = \ell_2(\mathrm{SiLU}(\mathrm{conv}(xW_Q)))$, same for $k$;
+    $v = \mathrm{SiLU}(\mathrm{conv}(xW_V))$.
+
+    ``states`` carries the three convolutions' states between calls (MAC's segments).
+
+    Returns:
+        ``(q, k, v, states)``, each ``(B, T, d)``.
+    """
+    states = states or {}
+    out, new = {}, {}
+    for name in ("q", "k", "v"):
+        z, new[name] = proj(p[name], x, states.get(name))
+        out[name] = silu(z)
+    return l2_normalize(out["q"]), l2_normalize(out["k"]), out["v"], new
+
+
+# --- the neural memory ----------------------------------------------------------------------
+
+
+def init_memory_core(rng, cfg):
+    """W_Q, W_K, W_V (+ convs), the gate projections and the learned initial memory M_0."""
+    d = cfg.d_model
+    return {
+        "qkv": init_qkv(rng, cfg),
+        "gates": init_gates(rng, d, alpha_init=cfg.alpha_init, theta_init=cfg.theta_init,
+                            theta_max=cfg.theta_max),
+        # M_0 is an outer-loop parameter; its last matrix starts at zero so M_0(k) = 0
+        "M0": init_memory(rng, d, d, depth=cfg.memory_depth, expansion=cfg.memory_expansion,
+                          activation=cfg.memory_activation, init="zero_out"),
+    }
+
+
+def gates(p, x, cfg):
+    r"""$(\alpha_t, \eta_t, \theta_t)$, each ``(B, T)``, from the tokens ``x`` ``(B, T, d)``.
+
+    The ablations replace $\eta$ by 0 ("w/o momentum") or $\alpha$ by 0 ("w/o weight decay").
+    """
+    B, T, d = onp.shape(x)
+    alpha, eta, theta = (np.reshape(g, (B, T)) for g in
+                         compute_gates(p["gates"], np.reshape(x, (B * T, d)),
+                                       theta_max=cfg.theta_max))
+    zero = onp.zeros((B, T))
+    return (alpha if cfg.forgetting else zero), (eta if cfg.momentum else zero), theta
+
+
+def initial_states(p, batch_size):
+    r"""One fresh memory per sequence: $(\mathcal{M}_0, S_0 = 0)$."""
+    return [MemoryState.initial(p["M0"]) for _ in range(batch_size)]
+
+
+def memory_core(p, x, cfg, states=None, conv_states=None, read="after"):
+    r"""Write ``x`` ``(B, T, d)`` into the memory and read it back: Titans Eqs. (11)-(15).
+
+    $k_t, v_t, q_t$ come from :func:`qkv`; the update is Eqs. (13)-(14) with the gates of
+    :func:`gates`, chunked as in Eqs. (16)-(18) with ``cfg.chunk_size``; the read is
+    $\mathcal{M}_t(q_t)$ (``read="after"``). Each sequence of the batch has its own memory.
+
+    Returns:
+        ``(y (B, T, d), states, conv_states)`` so a caller can continue the stream (MAC).
+    """
+    q, k, v, conv_states = qkv(p["qkv"], x, conv_states)
+    if states is None:
+        states = initial_states(p, onp.shape(x)[0])
+    alpha, eta, theta = gates(p, x, cfg)
+    ys, new_states = [], []
+    for b, state in enumerate(states):
+        y, state = memory_scan(state, k[b], v[b], q[b], alpha=alpha[b], eta=eta[b],
+                               theta=theta[b], chunk_size=cfg.chunk_size, read=read,
+                               backend=cfg.backend,
+                               max_grad_norm=cfg.surprise_clip or None)
+        ys.append(y)
+        new_states.append(state)
+    return np.stack(ys), new_states, conv_states
+
+
+# --- attention under a mask -----------------------------------------------------------------
+
+
+def init_attention(rng, cfg):
+    """W_Q, W_K, W_V (each with the conv of Section 4.4) and the output projection W_O."""
+    return {"qkv": {n: init_proj(rng, cfg) for n in ("q", "k", "v")},
+            "W_O": init_linear(rng, cfg.d_model, cfg.d_model)}
+
+
+def masked_attention(q, k, v, mask, num_heads):
+    r"""Eq. (2) in ``num_heads`` heads under a boolean ``mask`` ``(T, T)``.
+
+    ``q, k, v`` ``(B, T, d)`` -> ``(B, T, d)``.
+    """
+    qh, kh, vh = (split_heads(z, num_heads) for z in (q, k, v))  # (B, H, T, d_h)
+    scores = np.matmul(qh, np.swapaxes(kh, -1, -2)) / math.sqrt(qh.shape[-1])  # (B, H, T, T)
+    scores = np.where(mask, scores, -np.inf)
+    e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
+    return merge_heads(np.matmul(e / np.sum(e, axis=-1, keepdims=True), vh))
+
+
+def attention(p, x, mask, cfg):
+    """Project ``x`` ``(B, T, d)``, attend under ``mask`` ``(T, T)``, project: ``(B, T, d)``."""
+    q, k, v = (proj(p["qkv"][n], x)[0] for n in ("q", "k", "v"))
+    return linear(p["W_O"], masked_attention(q, k, v, mask, cfg.num_heads))
+
+
+# --- the gate ⊗ of Eqs. 25 and 28 -----------------------------------------------------------
+
+
+def init_combine(rng, d):
+    ln_y = init_layer_norm(rng, d)
+    # bias 1: at the start o = (1 + LN(y)) ⊙ σ(LN(m)), so the memory branch is not muted
+    # wherever LN(y) happens to be near zero
+    ln_y["b"] = onp.ones(d)
+    return {"ln_y": ln_y, "ln_m": init_layer_norm(rng, d)}
+
+
+def combine(p, y, m):
+    r"""$y \otimes m = \mathrm{LN}_y(y) \odot \sigma(\mathrm{LN}_m(m))$ (Eqs. 25, 28).
+
+    "Normalise both branches with learnable vector-valued weights, then a non-linearity":
+    each branch gets a LayerNorm with its own gain and bias vectors, and the memory branch
+    passes through a sigmoid and gates the attention branch channel by channel. A zero gain
+    and unit bias on ``ln_y`` let the memory alone through, so neither branch is forced.
+    """
+    return layer_norm(p["ln_y"], y) * sigmoid(layer_norm(p["ln_m"], m))
+
+
+# --- embedding, blocks and head ---------------------------------------------------------------
+
+
+def init_embedding(rng, cfg):
+    return {"E": rng.standard_normal((cfg.vocab_size, cfg.d_model))}
+
+
+def init_ffn(rng, cfg):
+    h = cfg.ffn_expansion * cfg.d_model
+    return {"norm": init_rms_norm(rng, cfg.d_model), "W1": init_linear(rng, cfg.d_model, h),
+            "W2": init_linear(rng, h, cfg.d_model)}
+
+
+def ffn(p, x):
+    """Pre-norm feed-forward with a residual: $x + \\mathrm{GELU}(\\mathrm{RMS}(x) W_1) W_2$."""
+    return x + linear(p["W2"], gelu(linear(p["W1"], rms_norm(p["norm"], x))))
+
+
+def init_head(rng, cfg):
+    return {"norm": init_rms_norm(rng, cfg.d_model),
+            "W": init_linear(rng, cfg.d_model, cfg.vocab_size)}
+
+
+def head(p, h):
+    """Logits ``(B, T, vocab)`` from the last hidden states ``(B, T, d)``."""
+    return linear(p["W"], rms_norm(p["norm"], h))
+
+
+def init_persistent_tokens(rng, cfg):
+    return init_persistent(rng, cfg.num_persistent, cfg.d_model)
+
+
+def init_gated_output(rng, cfg):
+    """Section 4.4's output normalisation + linear gate, then W_O."""
+    return {"gate": init_output_gate(rng, cfg.d_model),
+            "W_O": init_linear(rng, cfg.d_model, cfg.d_model)}
+
+
+def gated_output(p, y, x):
+    r"""$(\mathrm{RMS}(y) \odot \sigma(x W_g))\, W_O$ (Section 4.4)."""
+    return linear(p["W_O"], output_gate(p["gate"], y, x))
+
+
+def init_norm(rng, cfg):
+    return init_rms_norm(rng, cfg.d_model)
+
+
+def embed(p, tokens):
+    """Rows of the embedding matrix: ``(B, T)`` integer tokens -> ``(B, T, d)``."""
+    tokens = onp.asarray(tokens)
+    if tokens.dtype.kind not in "iu":
+        raise TypeError(f"tokens must be integers, got dtype {tokens.dtype}")
+    return p["E"][tokens]

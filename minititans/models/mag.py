@@ -1,0 +1,45 @@
+r"""MAG, memory as a gate (Titans Eqs. 26-28).
+
+$$\tilde x = [p_1 \dots p_{N_p}] \,\|\, x \ \text{(Eq. 26)}, \quad
+  y = \text{SW-Attn}^*(\tilde x) \ \text{(Eq. 27)}, \quad
+  o = y \otimes \mathcal{M}(\tilde x) \ \text{(Eq. 28)}.$$
+
+The attention branch sees the ``window`` most recent tokens and the persistent prefix
+(:func:`minititans.attention.mag_mask`); the memory branch runs the LMM over the whole
+$\tilde x$. The two branches are combined by :func:`minititans.models.blocks.combine`.
+"""
+
+from __future__ import annotations
+
+from ..attention import mag_mask
+from ..layers import init_linear, linear, rms_norm
+from .blocks import (
+    attention,
+    combine,
+    init_attention,
+    init_combine,
+    init_memory_core,
+    init_norm,
+    init_persistent_tokens,
+    memory_core,
+)
+from .lmm import with_persistent
+
+
+def init_layer(rng, cfg) -> dict:
+    return {"norm": init_norm(rng, cfg), "persistent": init_persistent_tokens(rng, cfg),
+            "attn": init_attention(rng, cfg), "memory": init_memory_core(rng, cfg),
+            "combine": init_combine(rng, cfg.d_model),
+            "W_O": init_linear(rng, cfg.d_model, cfg.d_model)}
+
+
+def layer(p, h, cfg):
+    """One MAG block on ``h`` ``(B, T, d)``; returns ``(B, T, d)``."""
+    n_p = cfg.num_persistent
+    x = rms_norm(p["norm"], h)
+    x_tilde = with_persistent(p["persistent"], x, cfg)  # Eq. 26: (B, N_p + T, d)
+    T_tilde = x_tilde.shape[1]
+    y = attention(p["attn"], x_tilde, mag_mask(n_p, T_tilde - n_p, cfg.window), cfg)  # Eq. 27
+    m, _, _ = memory_core(p["memory"], x_tilde, cfg)  # M(x̃), the LMM over x̃
+    o = combine(p["combine"], y, m)  # Eq. 28: y ⊗ M(x̃)
+    return h + linear(p["W_O"], o[:, n_p:])

@@ -1,0 +1,36 @@
+r"""MAL, memory as a layer (Titans Eqs. 29-31).
+
+$$\tilde x = [p_1 \dots p_{N_p}] \,\|\, x \ \text{(Eq. 29)}, \quad
+  y = \mathcal{M}(\tilde x) \ \text{(Eq. 30)}, \quad
+  o = \text{SW-Attn}(y) \ \text{(Eq. 31)}.$$
+
+Two pre-norm residual sub-layers on the extended sequence: the LMM block (Eq. 30), then
+sliding-window attention with the persistent prefix visible (Eq. 31). The persistent rows
+are dropped at the end.
+"""
+
+from __future__ import annotations
+
+from ..attention import mag_mask
+from ..layers import rms_norm
+from .blocks import attention, init_attention, init_norm, init_persistent_tokens
+from .lmm import init_layer as init_lmm_layer
+from .lmm import with_persistent
+
+
+def init_layer(rng, cfg) -> dict:
+    lmm = init_lmm_layer(rng, cfg.with_(num_persistent=0))  # the prefix is added here once
+    return {"persistent": init_persistent_tokens(rng, cfg), "lmm": lmm,
+            "attn_norm": init_norm(rng, cfg), "attn": init_attention(rng, cfg)}
+
+
+def layer(p, h, cfg):
+    """One MAL block on ``h`` ``(B, T, d)``; returns ``(B, T, d)``."""
+    from .lmm import layer as lmm_layer
+
+    n_p = cfg.num_persistent
+    h_tilde = with_persistent(p["persistent"], h, cfg)  # Eq. 29: (B, N_p + T, d)
+    y = lmm_layer(p["lmm"], h_tilde, cfg.with_(num_persistent=0))  # Eq. 30, residual inside
+    mask = mag_mask(n_p, y.shape[1] - n_p, cfg.window)
+    o = y + attention(p["attn"], rms_norm(p["attn_norm"], y), mask, cfg)  # Eq. 31
+    return o[:, n_p:]

@@ -1,0 +1,262 @@
+"""Hand-assembled forwards of every model, one sequence, from the primitives and plain loops.
+
+Nothing here imports ``minititans.models``: each model is rebuilt from the paper's
+equations with explicit token loops, the one-token memory update (``memory_step``, Eqs.
+13-14) and reads (``memory_forward``, Eq. 15), the reference delta rules, and attention
+written as "which keys may row i see" (see ``naive_attention_rows``). The parameters are the
+models' own dicts, so a test can run both on the same weights. ``chunk_size`` must be 1.
+"""
+
+import math
+
+import numpy as np
+from scipy.special import erf
+
+from minititans.linear_attention import gated_delta_rule
+from minititans.memory import MemoryState, memory_forward, memory_step
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def silu(x):
+    return x * sigmoid(x)
+
+
+def gelu(x):
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+def rms(g, x):
+    return g * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+
+
+def ln(p, x):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return p["g"] * (x - mu) / np.sqrt(var + 1e-6) + p["b"]
+
+
+def l2n(x):
+    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + 1e-6)
+
+
+def conv_proj(p, x):
+    """x W, then y_t = sum_j w_j * z_{t-j} + b with zeros before the start, token by token."""
+    z = x @ p["lin"]["W"]
+    if "conv" not in p:
+        return z
+    w, b = p["conv"]["w"], p["conv"]["b"]
+    y = np.zeros_like(z)
+    for t in range(len(z)):
+        y[t] = b + sum(w[j] * z[t - j] for j in range(len(w)) if t - j >= 0)
+    return y
+
+
+def attention_rows(q, k, v, visible, num_heads):
+    """softmax(q_i k_j / sqrt(d_h)) over the keys j in visible(i), head by head."""
+    T, d = q.shape
+    dh = d // num_heads
+    out = np.zeros((T, v.shape[1]))
+    for h in range(num_heads):
+        c = slice(h * dh, (h + 1) * dh)
+        for i in range(T):
+            js = [j for j in range(k.shape[0]) if visible(i, j)]
+            s = np.array([q[i, c] @ k[j, c] / math.sqrt(dh) for j in js])
+            e = np.exp(s - s.max())
+            out[i, c] = sum(wt * v[j, c] for wt, j in zip(e / e.sum(), js))
+    return out
+
+
+def window_rule(window, prefix):
+    def visible(i, j):
+        return j < prefix or (j <= i and (window is None or j > i - window))
+    return visible
+
+
+def attention_block(p, x, visible, cfg):
+    q, k, v = (conv_proj(p["qkv"][n], x) for n in ("q", "k", "v"))
+    return attention_rows(q, k, v, visible, cfg.num_heads) @ p["W_O"]["W"]
+
+
+def gates(g, x, cfg):
+    alpha = sigmoid(x @ g["w_alpha"] + g["b_alpha"])
+    eta = sigmoid(x @ g["w_eta"] + g["b_eta"])
+    theta = cfg.theta_max * sigmoid(x @ g["w_theta"] + g["b_theta"])
+    if not cfg.forgetting:
+        alpha = 0 * alpha
+    if not cfg.momentum:
+        eta = 0 * eta
+    return alpha, eta, theta
+
+
+def memory_qkv(p, x):
+    q = l2n(silu(conv_proj(p["qkv"]["q"], x)))
+    k = l2n(silu(conv_proj(p["qkv"]["k"], x)))
+    v = silu(conv_proj(p["qkv"]["v"], x))
+    return q, k, v
+
+
+def memory_stream(p, x, cfg, state):
+    """Eqs. 13-14 token by token, each token read after its own write (Eq. 15)."""
+    q, k, v = memory_qkv(p, x)
+    alpha, eta, theta = gates(p["gates"], x, cfg)
+    ys = []
+    for t in range(len(x)):
+        state = memory_step(state, k[t], v[t], alpha=alpha[t], eta=eta[t], theta=theta[t],
+                            max_grad_norm=cfg.surprise_clip or None)
+        ys.append(memory_forward(state.params, q[t]))
+    return np.array(ys), state
+
+
+def combine(p, y, m):
+    return ln(p["ln_y"], y) * sigmoid(ln(p["ln_m"], m))
+
+
+def persistent(p, x, cfg):
+    return np.concatenate([p["P"], x]) if cfg.num_persistent else x
+
+
+def lmm_block(p, h, cfg):
+    x = rms(p["norm"]["g"], h)
+    xt = persistent(p["persistent"], x, cfg)
+    y, _ = memory_stream(p["memory"], xt, cfg, MemoryState.initial(p["memory"]["M0"]))
+    y = y[cfg.num_persistent:]
+    o = rms(p["out"]["gate"]["norm"]["g"], y) * sigmoid(x @ p["out"]["gate"]["W_g"])
+    return h + o @ p["out"]["W_O"]["W"]
+
+
+def mag_block(p, h, cfg):
+    n_p = cfg.num_persistent
+    x = rms(p["norm"]["g"], h)
+    xt = persistent(p["persistent"], x, cfg)  # Eq. 26
+    y = attention_block(p["attn"], xt, window_rule(cfg.window, n_p), cfg)  # Eq. 27
+    m, _ = memory_stream(p["memory"], xt, cfg, MemoryState.initial(p["memory"]["M0"]))
+    o = combine(p["combine"], y, m)  # Eq. 28
+    return h + o[n_p:] @ p["W_O"]["W"]
+
+
+def mal_block(p, h, cfg):
+    n_p = cfg.num_persistent
+    ht = persistent(p["persistent"], h, cfg)  # Eq. 29
+    y = lmm_block(p["lmm"], ht, cfg.with_(num_persistent=0))  # Eq. 30
+    o = y + attention_block(p["attn"], rms(p["attn_norm"]["g"], y),
+                            window_rule(cfg.window, n_p), cfg)  # Eq. 31
+    return o[n_p:]
+
+
+def mac_block(p, h, cfg, order="paper"):
+    """Eqs. 21-25 segment by segment.
+
+    ``order="paper"``: retrieve with M_{t-1}, attend, store y_t, read M_t(y_t) and gate.
+    Two wrong orders, for the test that must tell them apart: ``"store_first"`` writes the
+    segment's *input* into the memory before retrieving and attending, and ``"store_input"``
+    keeps the paper's order but writes the input S^(t) instead of y_t.
+    """
+    x = rms(p["norm"]["g"], h)
+    T, C, n_p = len(x), cfg.segment_len, cfg.num_persistent
+    mem, attn = p["memory"], p["attn"]
+    qx = l2n(silu(conv_proj(mem["qkv"]["q"], x)))
+    Qx, Kx, Vx = (conv_proj(attn["qkv"][n], x) for n in ("q", "k", "v"))
+    state = MemoryState.initial(mem["M0"])
+    written = []  # the stream the memory has been written with (its convs run along it)
+    outs = []
+    for s in range(0, T, C):
+        seg = list(range(s, min(s + C, T)))
+        n = len(seg)
+        if order == "store_first":
+            _, state = memory_stream(mem, x[seg], cfg, state)
+        h_mem = np.array([memory_forward(state.params, qx[t]) for t in seg])  # Eq. 21
+        h_mem = rms(p["memory_tokens"]["g"], h_mem)
+        pre = np.concatenate([p["persistent"]["P"], h_mem]) if n_p else h_mem
+        Q, K, V = (np.concatenate([pre @ attn["qkv"][name]["lin"]["W"], z[seg]])
+                   for name, z in zip("qkv", (Qx, Kx, Vx)))  # Eq. 22
+
+        def visible(i, j, n=n):
+            if j < n_p:
+                return True
+            if j < n_p + n:  # memory token m = j - n_p
+                m = j - n_p
+                row = i - n_p - n if i >= n_p + n else i - n_p
+                return (not cfg.memory_causal) or i < n_p or row >= m
+            return i >= n_p + n and j <= i  # causal inside the segment
+
+        y = x[seg] + attention_rows(Q, K, V, visible, cfg.num_heads)[n_p + n:] @ attn["W_O"]["W"]
+        if order == "store_first":
+            m = np.array([memory_forward(state.params, q) for q in memory_qkv(mem, y)[0]])
+        else:
+            src = x[seg] if order == "store_input" else y  # Eq. 24 writes y_t
+            written.append(src)
+            stream = np.concatenate(written)
+            # run the memory over the whole written stream so the convs see its history;
+            # only this segment's tokens are new writes
+            before = MemoryState.initial(mem["M0"])
+            if len(stream) > n:
+                _, before = memory_stream(mem, stream[:-n], cfg, before)
+            q, k, v = (z[-n:] for z in memory_qkv(mem, stream))
+            a, e, th = (g[-n:] for g in gates(mem["gates"], stream, cfg))
+            ms, st = [], before
+            for t in range(n):
+                st = memory_step(st, k[t], v[t], alpha=a[t], eta=e[t], theta=th[t],
+                                 max_grad_norm=cfg.surprise_clip or None)
+                ms.append(memory_forward(st.params, q[t]))  # M*_t(y_t), Eq. 25
+            state = st
+            m = np.array(ms)
+        outs.append(combine(p["combine"], y, m))  # Eq. 25
+    return h + np.concatenate(outs) @ p["W_O"]["W"]
+
+
+def swa_block(p, h, cfg):
+    return h + attention_block(p["attn"], rms(p["norm"]["g"], h), window_rule(cfg.window, 0), cfg)
+
+
+def transformer_block(p, h, cfg):
+    return h + attention_block(p["attn"], rms(p["norm"]["g"], h), window_rule(None, 0), cfg)
+
+
+def _linear_qkv(p, x):
+    q = l2n(silu(conv_proj(p["qkv"]["q"], x)))
+    k = l2n(silu(conv_proj(p["qkv"]["k"], x)))
+    return q, k, silu(conv_proj(p["qkv"]["v"], x))
+
+
+def _gated_out(p, y, x):
+    o = rms(p["out"]["gate"]["norm"]["g"], y) * sigmoid(x @ p["out"]["gate"]["W_g"])
+    return o @ p["out"]["W_O"]["W"]
+
+
+def linear_attention_block(p, h, cfg):
+    x = rms(p["norm"]["g"], h)
+    q, k, v = _linear_qkv(p, x)
+    M = np.zeros((k.shape[1], v.shape[1]))
+    ys = []
+    for t in range(len(x)):  # Eqs. 4-5: M_t = M_{t-1} + k_t^T v_t, y_t = q_t M_t
+        M = M + np.outer(k[t], v[t])
+        ys.append(q[t] @ M)
+    return h + _gated_out(p, np.array(ys), x)
+
+
+def gated_delta_block(p, h, cfg):
+    x = rms(p["norm"]["g"], h)
+    q, k, v = _linear_qkv(p, x)
+    beta = sigmoid(x @ p["w_beta"] + p["b_beta"])
+    alpha = sigmoid(x @ p["w_alpha"] + p["b_alpha"])
+    return h + _gated_out(p, gated_delta_rule(q, k, v, beta, alpha), x)
+
+
+BLOCKS = {"lmm": lmm_block, "mac": mac_block, "mag": mag_block, "mal": mal_block,
+          "swa": swa_block, "transformer": transformer_block,
+          "linear_attention": linear_attention_block, "gated_delta": gated_delta_block}
+
+
+def naive_forward(params, tokens, cfg, **block_kwargs):
+    """Logits (T, V) for one sequence of int tokens (T,)."""
+    assert cfg.chunk_size == 1
+    h = params["embed"]["E"][tokens]
+    for layer in params["layers"]:
+        h = BLOCKS[cfg.model](layer["mixer"], h, cfg, **block_kwargs)
+        if "ffn" in layer:
+            f = layer["ffn"]
+            h = h + gelu(rms(f["norm"]["g"], h) @ f["W1"]["W"]) @ f["W2"]["W"]
+    return rms(params["head"]["norm"]["g"], h) @ params["head"]["W"]["W"]

@@ -1,0 +1,180 @@
+"""The outer loop: cross-entropy, AdamW with clipping, schedule, checkpoints, determinism."""
+
+import numpy as np
+import pytest
+
+from minititans.models import Model, ModelConfig, ravel
+from minititans.tasks import MQARTask, NeedleTask
+from minititans.training import (
+    TrainConfig,
+    TrainState,
+    adamw_step,
+    cross_entropy,
+    evaluate,
+    learning_rate,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
+
+SMALL = dict(d_model=8, num_heads=2, memory_depth=1, chunk_size=1, window=4, segment_len=4,
+             num_persistent=2, ffn_expansion=1)
+
+
+def small(model="lmm", **changes):
+    return Model(ModelConfig(model=model, vocab_size=32, **{**SMALL, **changes}))
+
+
+def test_cross_entropy_matches_a_plain_loop():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 3, 5))
+    targets = rng.integers(0, 5, (2, 3))
+    mask = np.array([[True, False, True], [False, False, True]])
+    want = []
+    for b in range(2):
+        for t in range(3):
+            if mask[b, t]:
+                z = logits[b, t]
+                want.append(-(z[targets[b, t]] - np.log(np.sum(np.exp(z)))))
+    assert cross_entropy(logits, targets, mask) == pytest.approx(np.mean(want), rel=1e-12)
+
+
+def test_warmup_then_cosine_schedule():
+    cfg = TrainConfig(steps=110, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert learning_rate(0, cfg) == pytest.approx(0.1)
+    assert learning_rate(9, cfg) == pytest.approx(1.0)
+    assert learning_rate(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert learning_rate(110, cfg) == pytest.approx(0.1)
+
+
+def test_adamw_step_clips_and_matches_the_formula():
+    cfg = TrainConfig(steps=10, warmup=0, lr=0.5, clip_norm=1.0, weight_decay=0.1)
+    p = np.array([1.0, -2.0])
+    g = np.array([3.0, 4.0])  # norm 5 -> clipped to (0.6, 0.8)
+    state, norm = adamw_step(TrainState(p, np.zeros(2), np.zeros(2), 0), g, cfg)
+    assert norm == pytest.approx(5.0)
+    gc = g / 5.0
+    m_hat = gc  # first step: bias correction undoes (1 - beta)
+    v_hat = gc**2
+    want = p - 0.5 * (m_hat / (np.sqrt(v_hat) + cfg.eps) + 0.1 * p)
+    np.testing.assert_allclose(state.params, want, rtol=1e-12)
+    assert state.step == 1
+
+
+def test_a_tiny_training_run_lowers_the_loss():
+    model = small("swa")
+    cfg = TrainConfig(steps=30, batch_size=8, lr=1e-2, warmup=5, seed=0)
+    _, _, history = train(model, MQARTask(12, num_keys=8, num_values=4), cfg, progress=False)
+    first = np.mean([h["loss"] for h in history[:5]])
+    last = np.mean([h["loss"] for h in history[-5:]])
+    assert last < first - 0.2
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = small("mac")
+    cfg = TrainConfig(steps=2, batch_size=2, warmup=1)
+    params, state, _ = train(model, NeedleTask("pk", 10), cfg, progress=False)
+    path = save_checkpoint(tmp_path / "ck.npz", state, model, cfg)
+    with np.load(path, allow_pickle=False) as f:
+        assert set(f.files) == {"params", "m", "v", "step", "__meta__"}  # configs in __meta__
+    state2, model2, cfg2, params2 = load_checkpoint(path)
+    assert model2 == model and cfg2 == cfg and state2.step == 2
+    for a, b in ((state.params, state2.params), (state.m, state2.m), (state.v, state2.v)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ravel(params)[0], ravel(params2)[0])
+
+
+def test_resume_from_checkpoint_equals_training_straight_through(tmp_path):
+    model = small("lmm")
+    task = NeedleTask("pk", 10, "anywhere")
+    cfg = TrainConfig(steps=6, batch_size=3, warmup=2, seed=3)
+    _, straight, h_straight = train(model, task, cfg, progress=False)
+    path = tmp_path / "run.npz"
+    _, cut, _ = train(model, task, cfg, checkpoint=path, until=3, progress=False)
+    assert cut.step == 3
+    _, resumed, h_resumed = train(model, task, cfg, resume=path, progress=False)
+    assert resumed.step == 6
+    np.testing.assert_array_equal(resumed.params, straight.params)
+    np.testing.assert_array_equal(resumed.m, straight.m)
+    np.testing.assert_array_equal(resumed.v, straight.v)
+    assert [h["loss"] for h in h_resumed] == [h["loss"] for h in h_straight[3:]]
+
+
+def test_training_is_deterministic_and_evaluate_is_seeded():
+    model = small("swa")
+    cfg = TrainConfig(steps=3, batch_size=2, warmup=1, seed=5)
+    task = NeedleTask("pk", 12)
+    p1, s1, _ = train(model, task, cfg, progress=False)
+    p2, s2, _ = train(model, task, cfg, progress=False)
+    np.testing.assert_array_equal(s1.params, s2.params)
+    assert evaluate(model, p1, task, num_samples=8) == evaluate(model, p2, task, num_samples=8)
+
+
+def _cli(argv):
+    import argparse
+
+    from minititans.needle import add_parser
+
+    parser = argparse.ArgumentParser(prog="minititans")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.mark.parametrize("command", ["needle", "train", "ablate"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        _cli([command, "--help"])
+    assert e.value.code == 0
+    assert f"usage: minititans {command}" in capsys.readouterr().out
+
+
+def test_train_command_writes_a_checkpoint_and_resumes_it(tmp_path, capsys):
+    import json
+
+    ck = tmp_path / "ck.npz"
+    common = ["--task", "mqar", "--length", "12", "--eval-samples", "4", "--quiet",
+              "--backend", "reference"]
+    assert _cli(["train", "--model", "swa", "--steps", "2", "--checkpoint", str(ck),
+                 "--config", "d_model=8,num_heads=1", *common]) == 0
+    state, model, cfg, _ = load_checkpoint(ck)
+    assert state.step == 2 and model.config.d_model == 8
+    assert _cli(["train", "--resume", str(ck), "--steps", "3", "--out", str(tmp_path),
+                 *common]) == 0
+    assert "length    12" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["train"]["model"] == "SWA" and len(results["train"]["rows"]) == 1
+
+
+def test_table2_needle_experiment_returns_the_results_shape(tmp_path):
+    from minititans.needle import NeedleSettings, run_needle_demo
+
+    settings = NeedleSettings(models=("swa", "lmm"), window=6, eval_samples=4,
+                              eval_multiples=(1, 2), backend="reference",
+                              model=dict(d_model=8, num_heads=1, memory_depth=1, chunk_size=4),
+                              train=dict(steps=2, batch_size=2, lr=1e-2, warmup=1))
+    result = run_needle_demo(tmp_path, progress=False, settings=settings, workers=1)
+    assert set(result) == {"window", "train_length", "chance", "rows"}
+    assert result["window"] == 6 and result["train_length"] == 12 and result["chance"] == 0.1
+    assert [(r["model"], r["length"]) for r in result["rows"]] == [
+        ("SWA", 6), ("SWA", 12), ("LMM", 6), ("LMM", 12)]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in result["rows"])
+    assert (tmp_path / "needle.png").exists()
+    import json
+
+    assert json.loads((tmp_path / "results.json").read_text())["needle"] == result
+
+
+def test_table5_ablation_experiment_reports_mean_and_spread():
+    from minititans.needle import AblationSettings, ablation_experiment
+
+    settings = AblationSettings(task="mqar", train_length=8, eval_length=8, seeds=(0, 1),
+                                eval_samples=4, rows=("LMM", "w/o momentum"),
+                                train=dict(steps=1, batch_size=2, lr=1e-2, warmup=1),
+                                backend="reference")
+    result = ablation_experiment(settings, progress=False, workers=1)
+    assert [r["model"] for r in result["rows"]] == ["LMM", "w/o momentum"]
+    for r in result["rows"]:
+        assert len(r["accuracies"]) == 2
+        assert r["mean"] == pytest.approx(np.mean(r["accuracies"]))
+        assert r["std"] == pytest.approx(np.std(r["accuracies"]))
