@@ -149,6 +149,8 @@ def causal_attention(q, k, v, window=None, prefix: int = 0):
         raise ValueError(f"v must have shape {q_.shape[:-1] + ('d_v',)}, got {v_.shape}")
     T, d = q_.shape[-2:]
     mask = attention_mask(T, window=window, prefix=prefix)  # (T, T)
+    if T == 0:  # an empty sequence attends to nothing (and a max over no keys is undefined)
+        return np.zeros(q_.shape[:-1] + v_.shape[-1:], dtype=np.result_type(q_, k_, v_))
     scores = np.matmul(q, np.swapaxes(k, -1, -2)) / math.sqrt(d)  # (..., T, T)
     scores = np.where(mask, scores, -np.inf)
     # softmax is shift-invariant; subtracting the row max keeps exp() <= 1

@@ -36,6 +36,12 @@ def _dtype(dtype):
     return dtype
 
 
+def _check_eps(eps):
+    # a negative eps takes the square root of a negative number for a small row: NaN
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, onp.floating)) or not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+
+
 def init_linear(rng, d_in: int, d_out: int, bias: bool = False, *, dtype=onp.float64):
     r"""A projection $x W (+ b)$, $W \sim \mathcal{N}(0, 1/d_{in})$, $b = 0$.
 
@@ -78,6 +84,7 @@ def l2_normalize(x, eps: float = 1e-6):
     Returns:
         ``(..., d)``.
     """
+    _check_eps(eps)
     check_array("x", x)
     return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + eps)
 
@@ -149,6 +156,7 @@ def rms_norm(p, x, eps: float = NORM_EPS):
     Returns:
         ``(..., d)``.
     """
+    _check_eps(eps)
     check_array("x", x, last_dim=onp.shape(p["g"])[0])
     return p["g"] * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
 
@@ -169,6 +177,7 @@ def layer_norm(p, x, eps: float = NORM_EPS):
     Returns:
         ``(..., d)``.
     """
+    _check_eps(eps)
     check_array("x", x, last_dim=onp.shape(p["g"])[0])
     mu = np.mean(x, axis=-1, keepdims=True)
     var = np.mean((x - mu) ** 2, axis=-1, keepdims=True)

@@ -143,7 +143,8 @@ def causal_attention(q, k, v, window=None, prefix: int = 0):
     w = 0 if window is None else check_int("window", window, minimum=1)
     dtype = np.result_type(q_, k_, v_)
     dv = v_.shape[-1]
-    Q, K, V = (as_kernel_array(x.reshape((-1,) + x.shape[-2:]), dtype)
+    n = math.prod(lead)  # not -1: a reshape cannot infer it when T = 0
+    Q, K, V = (as_kernel_array(x.reshape((n,) + x.shape[-2:]), dtype)
                for x in (q_, k_, v_))
     out = np.empty(Q.shape[:2] + (dv,), dtype=dtype)
     if out.size:
@@ -241,10 +242,11 @@ def linear_attention_recurrent(q, k, v, feature_map: str = "identity", normalize
             raise ValueError(f"state must be (M, z) of shapes {lead + (d, dv)} and "
                              f"{lead + (d,)}, got {M.shape} and {z.shape}")
         dtype = np.result_type(dtype, M, z)
-    Q, K, V = (as_kernel_array(x.reshape((-1,) + x.shape[-2:]), dtype)
+    n = math.prod(lead)  # not -1: a reshape cannot infer it when T = 0
+    Q, K, V = (as_kernel_array(x.reshape((n,) + x.shape[-2:]), dtype)
                for x in (q_, k_, v_))
-    Ms = np.array(M, dtype=dtype).reshape((-1, d, dv))  # copies: the state is not mutated
-    zs = np.array(z, dtype=dtype).reshape((-1, d))
+    Ms = np.array(M, dtype=dtype).reshape((n, d, dv))  # copies: the state is not mutated
+    zs = np.array(z, dtype=dtype).reshape((n, d))
     y = np.zeros(Q.shape[:2] + (dv,), dtype=dtype)
     if T and Q.shape[0]:
         _linear_recurrent(Q, K, V, FEATURE_MAPS.index(feature_map), bool(normalize), Ms, zs, y)

@@ -13,6 +13,7 @@ turns the update into linear attention), Huber, and $\ell_p$.
 from __future__ import annotations
 
 import autograd.numpy as np
+import numpy as onp
 from autograd import grad
 
 from .._checks import check_array, check_choice
@@ -23,6 +24,11 @@ LOSSES = ("l2", "dot", "huber", "lp")
 
 def check_loss(loss: str, p: float, delta: float) -> None:
     check_choice("loss", loss, LOSSES)
+    for name, val in (("p", p), ("delta", delta)):
+        if isinstance(val, bool) or not isinstance(val, (int, float, onp.integer, onp.floating)):
+            raise TypeError(f"{name} must be a float, got {val!r}")
+        if not onp.isfinite(val):
+            raise ValueError(f"{name} must be finite, got {val!r}")
     if loss == "lp" and not (p >= 1.0):
         raise ValueError(f"p must be >= 1 for the lp loss, got {p!r}")
     if loss == "huber" and not (delta > 0.0):

@@ -102,6 +102,31 @@ def spec_of(params) -> MemoryParams:
     return value
 
 
+def check_params(params, *, name: str = "params", finite: bool = True) -> MemoryParams:
+    """Check that ``params`` is a usable memory: its weights chain and are float arrays.
+
+    A hand-built or loaded :class:`MemoryParams` may not fit together (a layer whose fan-in
+    is not the previous fan-out, a 1-D or integer weight, an unknown activation, a residual
+    form that is not square). Both backends would fail deep inside, or, for the numba
+    kernel, silently compute with the wrong shapes; this says which weight is wrong.
+    """
+    spec = spec_of(params)
+    if len(spec) == 0:
+        raise ValueError(f"{name} must hold at least one weight matrix, got none")
+    check_choice(f"{name}.activation", spec.activation, tuple(ACTIVATIONS))
+    prev = None
+    for i, w in enumerate(spec):
+        W = check_array(f"{name}[{i}]", w, ndim=2, finite=finite)
+        if prev is not None and W.shape[0] != prev:
+            raise ValueError(f"{name}[{i}] must have {prev} rows (the previous layer's width), "
+                             f"got shape {W.shape}")
+        prev = W.shape[1]
+    if spec.residual_norm and spec.d_in != spec.d_out:
+        raise ValueError(f"{name} with residual_norm=True needs d_in == d_out, got "
+                         f"d_in={spec.d_in}, d_out={spec.d_out}")
+    return spec
+
+
 def init_memory(rng, d_in: int, d_out: int, depth: int = 2, expansion: int = 4,
                 activation: str = "gelu", residual_norm: bool = False, *,
                 init: str = "normal", dtype=np.float64) -> MemoryParams:
@@ -179,7 +204,7 @@ def memory_forward(params, x):
     Returns:
         ``(..., d_out)``.
     """
-    spec = spec_of(params)
+    spec = check_params(params, finite=False)
     check_array("x", x, last_dim=spec.d_in)
     return _run(params, x, lambda h, W: h @ W)
 

@@ -34,6 +34,8 @@ from .update import (
     MemoryState,
     apply_update,
     check_finite,
+    check_max_grad_norm,
+    check_state,
     clip_by_norm,
 )
 
@@ -62,16 +64,13 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
     Returns:
         ``(out, state)``: ``out`` ``(T, d_out)`` and the final MemoryState.
     """
-    if not isinstance(state, MemoryState):
-        raise TypeError(f"state must be a MemoryState, got {type(state).__name__}")
-    spec = spec_of(state.params)
+    spec = check_state(state)
     check_choice("read", read, READS)
     check_choice("backend", backend, BACKENDS)
     check_choice("on_nonfinite", on_nonfinite, ("raise", "warn"))
     check_loss(loss, p, delta)
     b = check_int("chunk_size", chunk_size, minimum=1)
-    if max_grad_norm is not None and not (float(max_grad_norm) > 0):
-        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+    check_max_grad_norm(max_grad_norm)
     K = check_array("keys", keys, ndim=2, last_dim=spec.d_in)
     V = check_array("values", values, ndim=2, last_dim=spec.d_out)
     Q = check_array("queries", queries, ndim=2, last_dim=spec.d_in)

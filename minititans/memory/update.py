@@ -20,7 +20,7 @@ from autograd.tracer import getval
 
 from .._checks import check_array, check_choice, check_gate
 from .loss import check_loss, surprise
-from .models import MemoryParams, spec_of
+from .models import MemoryParams, check_params, spec_of
 
 
 class MemoryDivergenceError(FloatingPointError):
@@ -55,9 +55,31 @@ class MemoryState:
             raise ValueError(f"momentum shapes {ms} do not match params shapes {ps}")
 
 
+def check_state(state) -> MemoryParams:
+    """Check a MemoryState's weights and momentum (float, finite, chained); return the spec."""
+    if not isinstance(state, MemoryState):
+        raise TypeError(f"state must be a MemoryState, got {type(state).__name__}")
+    spec = check_params(state.params, name="state.params")
+    check_params(state.momentum, name="state.momentum")
+    return spec
+
+
 def tree_norm(tree) -> float:
     """Global Euclidean norm of all the weights (a plain float)."""
     return float(onp.sqrt(sum(onp.sum(onp.square(getval(w))) for w in tree)))
+
+
+def check_max_grad_norm(max_grad_norm):
+    """None, or a real number > 0 (inf allowed: no clipping)."""
+    if max_grad_norm is None:
+        return None
+    raw = getval(max_grad_norm)
+    arr = onp.asarray(raw)
+    if isinstance(raw, bool) or arr.ndim or arr.dtype.kind not in "fiu":
+        raise TypeError(f"max_grad_norm must be a float > 0 or None, got {raw!r}")
+    if not float(raw) > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None, got {raw!r}")
+    return max_grad_norm
 
 
 def clip_by_norm(u, max_norm):
@@ -113,10 +135,9 @@ def memory_step(state: MemoryState, k, v, *, alpha, eta, theta, loss: str = "l2"
     Returns:
         The new MemoryState $(\mathcal{M}_t, S_t)$.
     """
-    if not isinstance(state, MemoryState):
-        raise TypeError(f"state must be a MemoryState, got {type(state).__name__}")
-    spec = spec_of(state.params)
+    spec = check_state(state)
     check_loss(loss, p, delta)
+    check_max_grad_norm(max_grad_norm)
     check_choice("on_nonfinite", on_nonfinite, ("raise", "warn"))
     check_array("k", k, ndim=1, last_dim=spec.d_in)
     check_array("v", v, ndim=1, last_dim=spec.d_out)

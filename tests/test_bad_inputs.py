@@ -1,0 +1,437 @@
+"""Bad input across the whole public API: a ValueError/TypeError that names the argument.
+
+The memory basics (wrong widths, gate ranges, chunk_size, read, loss, ...) are in
+tests/test_memory_validation.py; this table covers the rest of the API and, for
+``memory_scan``, runs every case on both backends: the numba wrapper must raise the same
+message as the reference (no numba typing error, no IndexError, no silent NaN). Empty and
+one-token sequences, non-contiguous and read-only arrays must *work*; they are at the end.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+import minititans as mt
+from minititans import layers
+from minititans.cli import main as cli_main
+from minititans.io import load_memory_state, save_arrays, save_memory_state
+from minititans.kernels import attention as nb_attention
+from minititans.models import Model, ModelConfig
+from minititans.tasks import MQARTask, NeedleTask, make_task
+from minititans.training import (
+    TrainConfig,
+    init_state,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
+
+RNG = np.random.default_rng(0)
+P = mt.init_memory(RNG, 3, 2, depth=2, expansion=2)
+S0 = mt.MemoryState.initial(P)
+K, V, Q = RNG.standard_normal((5, 3)), RNG.standard_normal((5, 2)), RNG.standard_normal((5, 3))
+GATES = dict(alpha=0.1, eta=0.9, theta=0.1)
+MP = mt.MemoryParams
+
+
+def state_of(weights, activation="gelu", residual=False):
+    return mt.MemoryState.initial(MP(weights, activation, residual))
+
+
+# --- memory_scan, both backends ----------------------------------------------------------
+
+SCAN_CASES = [
+    # (description, arguments that replace the good ones, exception, message regex)
+    ("state from a wider memory (keys width changed)",
+     dict(state=mt.MemoryState.initial(mt.init_memory(RNG, 4, 2))), ValueError,
+     r"keys must have last dimension 4"),
+    ("state whose layers do not chain", dict(state=state_of([np.ones((3, 4)), np.ones((5, 2))])),
+     ValueError, r"state.params\[1\] must have 4 rows"),
+    ("integer weights", dict(state=state_of([np.ones((3, 2), dtype=int)])), TypeError,
+     r"state.params\[0\] must be a float32 or float64 array"),
+    ("float16 weights", dict(state=state_of([np.ones((3, 2), np.float16)])), TypeError,
+     r"state.params\[0\] must be a float32 or float64 array, got dtype float16"),
+    ("1-D weight", dict(state=state_of([np.ones(3)])), ValueError,
+     r"state.params\[0\] must have 2 dimensions"),
+    ("batched (3-D) weights", dict(state=state_of([np.ones((1, 3, 2))])), ValueError,
+     r"state.params\[0\] must have 2 dimensions"),
+    ("no weights at all", dict(state=state_of([])), ValueError,
+     "state.params must hold at least one weight matrix"),
+    ("NaN in the initial weights", dict(state=state_of([np.full((3, 2), np.nan)])), ValueError,
+     r"state.params\[0\] contains NaN or inf"),
+    ("inf in the momentum", dict(state=mt.MemoryState(P, P.like(np.full_like(w, np.inf)
+                                                                 for w in P))),
+     ValueError, r"state.momentum\[0\] contains NaN or inf"),
+    ("unknown activation on hand-built params", dict(state=state_of(list(P), "relu")),
+     ValueError, "state.params.activation must be one of"),
+    ("residual form that is not square", dict(state=state_of(list(P), "gelu", True)),
+     ValueError, "residual_norm=True needs d_in == d_out"),
+    ("keys wrong width, empty sequence", dict(keys=np.zeros((0, 4)), values=V[:0],
+                                              queries=Q[:0]), ValueError, "keys must have last"),
+    ("boolean keys", dict(keys=np.ones((5, 3), bool)), TypeError, "keys must be a float32"),
+    ("complex queries", dict(queries=np.ones((5, 3), complex)), TypeError, "queries must be"),
+    ("object values", dict(values=np.empty((5, 2), object)), TypeError, "values must be"),
+    ("scalar keys", dict(keys=np.float64(1.0)), ValueError, "keys must have 2 dimensions"),
+    ("NaN in queries", dict(queries=np.full((5, 3), np.nan)), ValueError,
+     "queries contains NaN"),
+    ("float16 gate", dict(alpha=np.zeros(5, np.float16)), TypeError,
+     "alpha must be a float or a float array, got dtype float16"),
+    ("gate of shape (T, 1)", dict(theta=np.zeros((5, 1))), ValueError,
+     r"theta must be a float or have shape \(5,\)"),
+    ("gate as a string", dict(eta="0.9"), TypeError, "eta must be a float"),
+    ("complex gate", dict(alpha=0.1 + 0j), TypeError, "alpha must be a float"),
+    ("inf gate", dict(theta=np.array([0.1, 0.1, np.inf, 0.1, 0.1])), ValueError,
+     "theta contains NaN or inf"),
+    ("max_grad_norm a string", dict(max_grad_norm="big"), TypeError,
+     "max_grad_norm must be a float > 0 or None"),
+    ("max_grad_norm NaN", dict(max_grad_norm=float("nan")), ValueError, "max_grad_norm must be"),
+    ("max_grad_norm negative", dict(max_grad_norm=-1.0), ValueError, "max_grad_norm must be"),
+    ("chunk_size True", dict(chunk_size=True), TypeError, "chunk_size must be an int"),
+    ("chunk_size negative", dict(chunk_size=-3), ValueError, "chunk_size must be >= 1"),
+    ("lp exponent a string", dict(loss="lp", p="3"), TypeError, "p must be a float"),
+    ("lp exponent NaN", dict(loss="lp", p=float("nan")), ValueError, "p must be finite"),
+    ("huber delta inf", dict(loss="huber", delta=float("inf")), ValueError,
+     "delta must be finite"),
+    ("read None", dict(read=None), ValueError, "read must be one of"),
+]
+
+
+def _scan(backend, **over):
+    args = dict(state=S0, keys=K, values=V, queries=Q, **GATES)
+    args.update(over)
+    state, keys, values, queries = (args.pop(n) for n in ("state", "keys", "values", "queries"))
+    return mt.memory_scan(state, keys, values, queries, backend=backend, **args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("what,over,exc,match", SCAN_CASES, ids=[c[0] for c in SCAN_CASES])
+def test_memory_scan_bad_input_same_error_on_both_backends(what, over, exc, match, backend):
+    with pytest.raises(exc, match=match) as err:
+        _scan(backend, **over)
+    # the numba wrapper raises exactly the reference's error, not a variant of it
+    with pytest.raises(exc) as ref:
+        _scan("reference", **over)
+    assert str(err.value) == str(ref.value)
+
+
+# --- the rest of the API -----------------------------------------------------------------
+
+q4 = RNG.standard_normal((5, 4))
+v3 = RNG.standard_normal((5, 3))
+CFG = ModelConfig(model="lmm", vocab_size=8, d_model=8, num_heads=2, segment_len=4, window=4,
+                  chunk_size=2, num_persistent=2)
+MODEL = Model(CFG)
+PARAMS = MODEL.init(np.random.default_rng(0))
+TCFG = TrainConfig(steps=1, batch_size=1)
+TASK = NeedleTask(length=16)
+
+
+def _ckpt_of(model, tmp):
+    return save_checkpoint(tmp / "c.npz", init_state(model, TCFG), model, TCFG)
+
+
+API_CASES = [
+    # memory helpers
+    ("memory_forward with chained-wrong params",
+     lambda: mt.memory_forward(MP([np.ones((3, 4)), np.ones((5, 2))]), K), ValueError,
+     r"params\[1\] must have 4 rows"),
+    ("memory_step with NaN weights",
+     lambda: mt.memory_step(state_of([np.full((3, 2), np.nan)]), K[0], V[0][:2], **GATES),
+     ValueError, r"state.params\[0\] contains NaN"),
+    ("memory_step max_grad_norm string",
+     lambda: mt.memory_step(S0, K[0], V[0], max_grad_norm="x", **GATES), TypeError,
+     "max_grad_norm"),
+    ("MemoryState with mismatched momentum",
+     lambda: mt.MemoryState(P, P.like(np.zeros((2, 2)) for _ in P)), ValueError,
+     "momentum shapes"),
+    ("compute_gates width", lambda: mt.compute_gates(mt.init_gates(RNG, 4), np.ones((3, 5))),
+     ValueError, "x must have last dimension 4"),
+    ("compute_gates theta_max 0",
+     lambda: mt.compute_gates(mt.init_gates(RNG, 4), np.ones((3, 4)), theta_max=0), ValueError,
+     "theta_max must be > 0"),
+    ("init_gates eta_init 1", lambda: mt.init_gates(RNG, 4, eta_init=1.0), ValueError,
+     r"eta_init must be in \(0, 1\)"),
+    # attention (both implementations)
+    *[(f"{name} integer q", lambda f=f: f(q4.astype(int), q4, v3), TypeError,
+       "q must be a float32 or float64 array")
+      for name, f in (("attention", mt.causal_attention),
+                      ("numba attention", nb_attention.causal_attention))],
+    *[(f"{name} float16 k", lambda f=f: f(q4, q4.astype(np.float16), v3), TypeError,
+       "k must be a float32 or float64 array, got dtype float16")
+      for name, f in (("attention", mt.causal_attention),
+                      ("numba attention", nb_attention.causal_attention))],
+    *[(f"{name} 1-D q", lambda f=f: f(q4[0], q4[0], v3[0]), ValueError,
+       r"q must have shape \(..., T, d\)")
+      for name, f in (("attention", mt.causal_attention),
+                      ("numba attention", nb_attention.causal_attention))],
+    *[(f"{name} v rows", lambda f=f: f(q4, q4, v3[:4]), ValueError, "v must have shape")
+      for name, f in (("attention", mt.causal_attention),
+                      ("numba attention", nb_attention.causal_attention))],
+    *[(f"{name} window 0", lambda f=f: f(q4, q4, v3, window=0), ValueError,
+       "window must be >= 1")
+      for name, f in (("attention", mt.causal_attention),
+                      ("numba attention", nb_attention.causal_attention))],
+    *[(f"{name} prefix > T", lambda f=f: f(q4, q4, v3, prefix=9), ValueError,
+       "prefix must be <= the sequence length 5")
+      for name, f in (("attention", mt.causal_attention),
+                      ("numba attention", nb_attention.causal_attention))],
+    ("multi-head: d not divisible", lambda: mt.multi_head_attention(q4, q4, v3, 3), ValueError,
+     "divisible by num_heads=3"),
+    ("attention_mask T float", lambda: mt.attention_mask(3.0), TypeError, "T must be an int"),
+    # linear attention and the delta rule (both implementations)
+    *[(f"{name} unknown feature map", lambda f=f: f(q4, q4, v3, feature_map="relu"),
+       ValueError, "feature_map must be one of")
+      for name, f in (("linear attention", mt.linear_attention_recurrent),
+                      ("numba linear attention", nb_attention.linear_attention_recurrent))],
+    *[(f"{name} state of another width",
+       lambda f=f: f(q4, q4, v3, state=(np.zeros((3, 3)), np.zeros(4))), ValueError,
+       r"state must be \(M, z\) of shapes")
+      for name, f in (("linear attention", mt.linear_attention_recurrent),
+                      ("numba linear attention", nb_attention.linear_attention_recurrent))],
+    *[(f"{name} beta wrong length", lambda f=f: f(q4, q4, v3, np.ones(4)), ValueError,
+       r"beta must be a float or have shape \(5,\)")
+      for name, f in (("delta rule", mt.delta_rule), ("numba delta rule",
+                                                       nb_attention.delta_rule))],
+    *[(f"{name} 3-D q", lambda f=f: f(q4[None], q4[None], v3[None], 0.5), ValueError,
+       "q must have 2 dimensions")
+      for name, f in (("delta rule", mt.delta_rule), ("numba delta rule",
+                                                       nb_attention.delta_rule))],
+    *[(f"{name} integer state", lambda f=f: f(q4, q4, v3, 0.5, state=np.zeros((4, 3), int)),
+       TypeError, "state must be a float32 or float64 array")
+      for name, f in (("delta rule", mt.delta_rule), ("numba delta rule",
+                                                       nb_attention.delta_rule))],
+    *[(f"{name} alpha > 1", lambda f=f: f(q4, q4, v3, 0.5, 1.5), ValueError,
+       "alpha must be <= 1")
+      for name, f in (("gated delta rule", mt.gated_delta_rule),
+                      ("numba gated delta rule", nb_attention.gated_delta_rule))],
+    # layers
+    ("init_linear rng is a seed", lambda: layers.init_linear(0, 3, 3), TypeError, "rng"),
+    ("linear wrong width", lambda: layers.linear(layers.init_linear(RNG, 4, 3), np.ones((2, 5))),
+     ValueError, "x must have last dimension 4"),
+    ("l2_normalize integer x", lambda: layers.l2_normalize(np.ones(3, int)), TypeError,
+     "x must be a float32"),
+    ("l2_normalize eps negative", lambda: layers.l2_normalize(np.zeros(3), eps=-1e-6),
+     ValueError, "eps must be a float >= 0"),
+    ("rms_norm eps negative",
+     lambda: layers.rms_norm(layers.init_rms_norm(RNG, 4), np.zeros((2, 4)), eps=-1.0),
+     ValueError, "eps must be a float >= 0"),
+    ("layer_norm width",
+     lambda: layers.layer_norm(layers.init_layer_norm(RNG, 4), np.ones((2, 3))), ValueError,
+     "x must have last dimension 4"),
+    ("depthwise_conv state shape",
+     lambda: layers.depthwise_conv(layers.init_depthwise_conv(RNG, 4, 3), np.ones((5, 4)),
+                                   state=np.ones((3, 4))), ValueError,
+     r"state must have shape \(2, 4\)"),
+    ("prepend_persistent 1-D x",
+     lambda: layers.prepend_persistent(layers.init_persistent(RNG, 2, 4), np.ones(4)),
+     ValueError, r"x must have shape \(..., T, 4\)"),
+    ("init_rms_norm float16", lambda: layers.init_rms_norm(RNG, 4, dtype=np.float16), TypeError,
+     "dtype must be float32 or float64"),
+    # model configs
+    ("config memory_activation relu", lambda: ModelConfig(memory_activation="relu"), ValueError,
+     "memory_activation must be one of"),
+    ("config momentum a string", lambda: ModelConfig(momentum="yes"), TypeError,
+     "momentum must be True or False"),
+    ("config theta_init a string", lambda: ModelConfig(theta_init="0.02"), TypeError,
+     "theta_init must be a float"),
+    ("config vocab_size float", lambda: ModelConfig(vocab_size=32.0), TypeError,
+     "vocab_size must be an int"),
+    ("config heads do not divide", lambda: ModelConfig(d_model=10, num_heads=3), ValueError,
+     "num_heads=3"),
+    ("config unknown JSON field", lambda: ModelConfig.from_json('{"foo": 1}'), ValueError,
+     "unknown config fields: foo"),
+    # model apply
+    ("apply tokens outside the vocab", lambda: MODEL.apply(PARAMS, np.array([0, 8])),
+     ValueError, r"tokens must be in \[0, 8\)"),
+    ("apply negative tokens", lambda: MODEL.apply(PARAMS, np.array([-1, 2])), ValueError,
+     "tokens must be in"),
+    ("apply float tokens", lambda: MODEL.apply(PARAMS, np.zeros(4)), TypeError,
+     "tokens must be integers, got dtype float64"),
+    ("apply bool tokens", lambda: MODEL.apply(PARAMS, np.array([True, False])), TypeError,
+     "tokens must be integers"),
+    ("apply empty sequence", lambda: MODEL.apply(PARAMS, np.zeros(0, int)), ValueError,
+     r"tokens must have shape \(T,\) or \(B, T\)"),
+    ("apply empty batch", lambda: MODEL.apply(PARAMS, np.zeros((0, 3), int)), ValueError,
+     r"with B, T >= 1"),
+    ("apply 3-D tokens", lambda: MODEL.apply(PARAMS, np.zeros((1, 1, 3), int)), ValueError,
+     "tokens must have shape"),
+    ("apply params of a wider model",
+     lambda: MODEL.apply(Model(CFG.with_(d_model=16)).init(RNG), np.zeros(3, int)), ValueError,
+     "params do not fit config"),
+    ("apply params of a depth-1 memory",
+     lambda: MODEL.apply(Model(CFG.with_(memory_depth=1)).init(RNG), np.zeros(3, int)),
+     ValueError, "params do not fit config"),
+    ("apply params of a larger vocab",
+     lambda: MODEL.apply(Model(CFG.with_(vocab_size=16)).init(RNG), np.zeros(3, int)),
+     ValueError, "params do not fit config"),
+    ("apply params not a dict", lambda: MODEL.apply([], np.zeros(3, int)), TypeError,
+     "params must be the dict returned by init"),
+    ("numba model, params of another config",
+     lambda: Model(CFG.with_(backend="numba")).apply(Model(CFG.with_(d_model=16)).init(RNG),
+                                                     np.zeros(3, int)),
+     ValueError, "params do not fit config"),
+    ("init rng is a seed", lambda: MODEL.init(0), TypeError, "rng must be a numpy"),
+    # tasks
+    ("needle placement", lambda: NeedleTask(placement="late"), ValueError,
+     "placement must be one of"),
+    ("needle sample batch 0", lambda: TASK.sample(RNG, 0), ValueError,
+     "batch_size must be >= 1"),
+    ("mqar too short", lambda: MQARTask(length=2), ValueError, "length must be >= 4"),
+    ("make_task float length", lambda: make_task("needle-pk", 64.0), TypeError,
+     "length must be an int"),
+    # training
+    ("TrainConfig beta1 = 1", lambda: TrainConfig(beta1=1.0), ValueError,
+     r"beta1 must be in \[0, 1\)"),
+    ("TrainConfig eps 0", lambda: TrainConfig(eps=0.0), ValueError, "eps must be > 0"),
+    ("TrainConfig clip_norm negative", lambda: TrainConfig(clip_norm=-1.0), ValueError,
+     "clip_norm must be >= 0"),
+    ("TrainConfig min_lr_ratio 2", lambda: TrainConfig(min_lr_ratio=2.0), ValueError,
+     "min_lr_ratio must be in"),
+    ("TrainConfig lr a string", lambda: TrainConfig(lr="0.1"), TypeError, "lr must be a float"),
+    ("train a config, not a model", lambda: train(CFG, TASK, TCFG, progress=False), TypeError,
+     "model must be a Model"),
+    ("train a dict of settings", lambda: train(MODEL, TASK, {"steps": 1}, progress=False),
+     TypeError, "cfg must be a TrainConfig"),
+    ("train a task name", lambda: train(MODEL, "needle", TCFG, progress=False), TypeError,
+     "task must have a sample"),
+    ("train resume from an int", lambda: train(MODEL, TASK, TCFG, resume=5, progress=False),
+     TypeError, "resume must be a TrainState or a checkpoint path"),
+    ("train task vocab larger than the model",
+     lambda: train(Model(CFG.with_(vocab_size=4)), TASK, TCFG, progress=False), ValueError,
+     r"tokens must be in \[0, 4\)"),
+]
+
+
+@pytest.mark.parametrize("what,call,exc,match", API_CASES, ids=[c[0] for c in API_CASES])
+def test_api_bad_input_raises_a_clear_error(what, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# --- checkpoints and memory-state files ----------------------------------------------------
+
+def test_checkpoint_loaded_into_another_config_is_refused(tmp_path):
+    path = _ckpt_of(MODEL, tmp_path)
+    other = Model(CFG.with_(d_model=16))
+    with pytest.raises(ValueError, match="another config"):
+        train(other, TASK, TCFG, resume=path, progress=False)
+
+
+def test_checkpoint_of_another_model_is_not_written(tmp_path):
+    state = init_state(MODEL, TCFG)
+    with pytest.raises(ValueError, match="another model's state"):
+        save_checkpoint(tmp_path / "c.npz", state, Model(CFG.with_(d_model=16)), TCFG)
+    assert not (tmp_path / "c.npz").exists()
+
+
+def test_file_of_the_other_kind_is_refused(tmp_path):
+    ckpt = _ckpt_of(MODEL, tmp_path)
+    mem = save_memory_state(tmp_path / "m.npz", S0)
+    with pytest.raises(ValueError, match="holds a 'checkpoint', expected a 'memory_state'"):
+        load_memory_state(ckpt)
+    with pytest.raises(ValueError, match="holds a 'memory_state', expected a 'checkpoint'"):
+        load_checkpoint(mem)
+
+
+def test_loaded_memory_state_fed_to_a_scan_of_another_width(tmp_path):
+    state = load_memory_state(save_memory_state(tmp_path / "m.npz", S0))
+    for backend in ("reference", "numba"):
+        with pytest.raises(ValueError, match="keys must have last dimension 3"):
+            mt.memory_scan(state, np.ones((2, 4)), np.ones((2, 2)), np.ones((2, 4)),
+                           backend=backend, **GATES)
+
+
+def test_save_arrays_refuses_object_arrays(tmp_path):
+    with pytest.raises(TypeError, match=r"arrays\['a'\] is an object array"):
+        save_arrays(tmp_path / "x.npz", {"a": np.array([None])}, kind="x")
+
+
+# --- the command line ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,match", [
+    (["recall", "--d", "0"], "--d must be >= 1"),
+    (["recall", "--sizes", "4", "0"], "--sizes values must be >= 1"),
+    (["recall", "--d", "x"], "invalid int value"),
+    (["train", "--model", "gpt"], "invalid choice"),
+    (["bench", "--bogus"], "unrecognized arguments"),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_cli_bad_arguments_exit_with_usage(argv, match, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(argv)
+    assert info.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,exc,match", [
+    (["train", "--config", "bogus=1", "--steps", "1"], ValueError,
+     "--config has unknown ModelConfig fields: bogus"),
+    (["train", "--config", "d_model=x", "--steps", "1"], TypeError, "d_model must be an int"),
+    (["train", "--lr", "-1", "--steps", "1"], ValueError, "lr must be > 0"),
+    (["train", "--length", "0", "--steps", "1"], ValueError, "length must be >= 6"),
+    (["train", "--config", "memory_activation=relu", "--steps", "1"], ValueError,
+     "memory_activation must be one of"),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_cli_bad_values_raise_a_clear_error(argv, exc, match):
+    with pytest.raises(exc, match=match):
+        cli_main(argv)
+
+
+# --- edge cases that must work ------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_empty_and_one_token_scans_work(backend, chunk):
+    out, state = mt.memory_scan(S0, K[:0], V[:0], Q[:0], chunk_size=chunk, backend=backend,
+                                **GATES)
+    assert out.shape == (0, 2) and state is S0
+    out, state = mt.memory_scan(S0, K[:1], V[:1], Q[:1], chunk_size=chunk, backend=backend,
+                                **GATES)
+    manual = mt.memory_step(S0, K[0], V[0], **GATES)
+    np.testing.assert_allclose(out[0], mt.memory_forward(manual.params, Q[0]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_non_contiguous_read_only_and_mixed_precision_inputs_work(backend):
+    Kr = np.asfortranarray(K)
+    Kr.setflags(write=False)
+    Vw = np.repeat(V, 2, axis=1)[:, ::2]  # a strided view
+    Qr = Q[::-1][::-1]
+    alpha = np.broadcast_to(0.1, (5,))  # read-only, stride 0
+    ref, s_ref = mt.memory_scan(S0, K, V, Q, backend="reference", **GATES)
+    out, s = mt.memory_scan(S0, Kr, Vw, Qr, backend=backend, alpha=alpha, eta=0.9, theta=0.1)
+    np.testing.assert_allclose(out, ref, rtol=1e-12)
+    for a, b in zip(s.params, s_ref.params):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    # a float32 state with float64 inputs computes in float64, like the reference
+    s32 = mt.MemoryState.initial(P.like(w.astype(np.float32) for w in P))
+    out32, _ = mt.memory_scan(s32, K, V, Q, backend=backend, **GATES)
+    assert out32.dtype == np.float64 and np.all(np.isfinite(out32))
+
+
+@pytest.mark.parametrize("f", [mt.causal_attention, nb_attention.causal_attention],
+                         ids=["reference", "numba"])
+def test_attention_of_empty_and_one_token_sequences(f):
+    assert f(q4[:0], q4[:0], v3[:0]).shape == (0, 3)
+    assert f(np.zeros((2, 0, 4)), np.zeros((2, 0, 4)), np.zeros((2, 0, 3))).shape == (2, 0, 3)
+    np.testing.assert_allclose(f(q4[:1], q4[:1], v3[:1]), v3[:1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("f", [mt.linear_attention_recurrent,
+                               nb_attention.linear_attention_recurrent],
+                         ids=["reference", "numba"])
+def test_linear_attention_of_an_empty_sequence_returns_the_state(f):
+    y, (M, z) = f(q4[:0], q4[:0], v3[:0])
+    assert y.shape == (0, 3) and M.shape == (4, 3) and not M.any() and z.shape == (4,)
+
+
+def test_model_apply_one_token_and_uint8_tokens():
+    logits = MODEL.apply(PARAMS, np.zeros(1, np.uint8))
+    assert logits.shape == (1, 8) and np.all(np.isfinite(logits))
+
+
+def test_cli_config_json_is_checked(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"not_a_field": 1}))
+    with pytest.raises(ValueError, match="not_a_field"):
+        cli_main(["train", "--config", str(cfg), "--steps", "1"])
