@@ -96,3 +96,31 @@ def check_gate(name: str, gate, T: int, *, low=0.0, high=None):
     if high is not None and vals.size and vals.max() > high:
         raise ValueError(f"{name} must be <= {high}, got a maximum of {vals.max():.6g}")
     return out
+
+
+def check_qkv(q, k, v):
+    """Queries, keys and values of (linear) attention: ``(..., T, d)``, ``(..., T, d)``,
+    ``(..., T, d_v)`` float arrays. Returns their plain values ``(q, k, v)``."""
+    q_ = check_array("q", q)
+    k_ = check_array("k", k)
+    v_ = check_array("v", v)
+    if q_.ndim < 2:
+        raise ValueError(f"q must have shape (..., T, d), got shape {q_.shape}")
+    if k_.shape != q_.shape:
+        raise ValueError(f"k must have the shape of q {q_.shape}, got {k_.shape}")
+    if v_.ndim != q_.ndim or v_.shape[:-1] != q_.shape[:-1]:
+        raise ValueError(f"v must have shape {q_.shape[:-1] + ('d_v',)}, got {v_.shape}")
+    return q_, k_, v_
+
+
+def check_qkv_rows(q, k, v):
+    """Queries, keys, values of a recurrence over one sequence: ``(T, d)``, ``(T, d)``,
+    ``(T, d_v)``. Returns their plain values ``(q, k, v)``."""
+    q_ = check_array("q", q, ndim=2)
+    k_ = check_array("k", k, ndim=2)
+    v_ = check_array("v", v, ndim=2)
+    if k_.shape != q_.shape:
+        raise ValueError(f"k must have the shape of q {q_.shape}, got {k_.shape}")
+    if v_.shape[0] != q_.shape[0]:
+        raise ValueError(f"v must have {q_.shape[0]} rows like q, got shape {v_.shape}")
+    return q_, k_, v_

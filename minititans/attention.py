@@ -20,7 +20,7 @@ import math
 import autograd.numpy as np
 import numpy as onp
 
-from ._checks import check_array, check_int
+from ._checks import check_array, check_int, check_qkv
 
 
 def attention_mask(T: int, window=None, prefix: int = 0):
@@ -138,15 +138,7 @@ def causal_attention(q, k, v, window=None, prefix: int = 0):
     Returns:
         ``(..., T, d_v)``, in the dtype of the inputs.
     """
-    q_ = check_array("q", q)
-    k_ = check_array("k", k)
-    v_ = check_array("v", v)
-    if q_.ndim < 2:
-        raise ValueError(f"q must have shape (..., T, d), got shape {q_.shape}")
-    if k_.shape != q_.shape:
-        raise ValueError(f"k must have the shape of q {q_.shape}, got {k_.shape}")
-    if v_.ndim != q_.ndim or v_.shape[:-1] != q_.shape[:-1]:
-        raise ValueError(f"v must have shape {q_.shape[:-1] + ('d_v',)}, got {v_.shape}")
+    q_, k_, v_ = check_qkv(q, k, v)
     T, d = q_.shape[-2:]
     mask = attention_mask(T, window=window, prefix=prefix)  # (T, T)
     if T == 0:  # an empty sequence attends to nothing (and a max over no keys is undefined)

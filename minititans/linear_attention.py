@@ -18,7 +18,7 @@ from __future__ import annotations
 import autograd.numpy as np
 import numpy as onp
 
-from ._checks import check_array, check_choice, check_gate, value_of
+from ._checks import check_array, check_choice, check_gate, check_qkv, check_qkv_rows, value_of
 
 FEATURE_MAPS = ("identity", "elu1")
 
@@ -37,15 +37,7 @@ def apply_feature_map(x, feature_map: str = "identity"):
 
 
 def _check_qkv(q, k, v):
-    q_ = check_array("q", q)
-    k_ = check_array("k", k)
-    v_ = check_array("v", v)
-    if q_.ndim < 2:
-        raise ValueError(f"q must have shape (..., T, d), got shape {q_.shape}")
-    if k_.shape != q_.shape:
-        raise ValueError(f"k must have the shape of q {q_.shape}, got {k_.shape}")
-    if v_.ndim != q_.ndim or v_.shape[:-1] != q_.shape[:-1]:
-        raise ValueError(f"v must have shape {q_.shape[:-1] + ('d_v',)}, got {v_.shape}")
+    q_, _, v_ = check_qkv(q, k, v)
     return q_, v_
 
 
@@ -139,13 +131,7 @@ def _gate_dtype(gate, dtype):
 
 def _delta_scan(q, k, v, beta, alpha, state, return_state, gated):
     """The token loop shared by both gate placements (so they differ in one line only)."""
-    q_ = check_array("q", q, ndim=2)
-    k_ = check_array("k", k, ndim=2)
-    v_ = check_array("v", v, ndim=2)
-    if k_.shape != q_.shape:
-        raise ValueError(f"k must have the shape of q {q_.shape}, got {k_.shape}")
-    if v_.shape[0] != q_.shape[0]:
-        raise ValueError(f"v must have {q_.shape[0]} rows like q, got shape {v_.shape}")
+    q_, k_, v_ = check_qkv_rows(q, k, v)
     T, d = q_.shape
     d_v = v_.shape[1]
     dtype = onp.result_type(q_, k_, v_)

@@ -31,7 +31,7 @@ import numba
 import numpy as np
 from autograd.tracer import getval
 
-from .._checks import check_array, check_choice, check_gate, check_int
+from .._checks import check_array, check_choice, check_gate, check_int, check_qkv, check_qkv_rows
 from ..linear_attention import FEATURE_MAPS
 from ._jit import kernel, parallel_kernel
 from .mlp import as_kernel_array, fast_exp
@@ -127,15 +127,7 @@ def causal_attention(q, k, v, window=None, prefix: int = 0):
     Returns:
         ``(..., T, d_v)`` in the common dtype. Not differentiable (see the module docstring).
     """
-    q_ = check_array("q", q)
-    k_ = check_array("k", k)
-    v_ = check_array("v", v)
-    if q_.ndim < 2:
-        raise ValueError(f"q must have shape (..., T, d), got shape {q_.shape}")
-    if k_.shape != q_.shape:
-        raise ValueError(f"k must have the shape of q {q_.shape}, got {k_.shape}")
-    if v_.ndim != q_.ndim or v_.shape[:-1] != q_.shape[:-1]:
-        raise ValueError(f"v must have shape {q_.shape[:-1] + ('d_v',)}, got {v_.shape}")
+    q_, k_, v_ = check_qkv(q, k, v)
     *lead, T, d = q_.shape
     prefix = check_int("prefix", prefix, minimum=0)
     if prefix > T:
@@ -217,15 +209,7 @@ def linear_attention_recurrent(q, k, v, feature_map: str = "identity", normalize
         ``(y (..., T, d_v), (M_T, z_T))``.
     """
     check_choice("feature_map", feature_map, FEATURE_MAPS)
-    q_ = check_array("q", q)
-    k_ = check_array("k", k)
-    v_ = check_array("v", v)
-    if q_.ndim < 2:
-        raise ValueError(f"q must have shape (..., T, d), got shape {q_.shape}")
-    if k_.shape != q_.shape:
-        raise ValueError(f"k must have the shape of q {q_.shape}, got {k_.shape}")
-    if v_.ndim != q_.ndim or v_.shape[:-1] != q_.shape[:-1]:
-        raise ValueError(f"v must have shape {q_.shape[:-1] + ('d_v',)}, got {v_.shape}")
+    q_, k_, v_ = check_qkv(q, k, v)
     *lead, T, d = q_.shape
     dv = v_.shape[-1]
     lead = tuple(lead)
@@ -288,13 +272,7 @@ def _delta_loop(q, k, v, beta, alpha, gated, W, y):
 
 
 def _delta(q, k, v, beta, alpha, state, return_state, gated):
-    q_ = check_array("q", q, ndim=2)
-    k_ = check_array("k", k, ndim=2)
-    v_ = check_array("v", v, ndim=2)
-    if k_.shape != q_.shape:
-        raise ValueError(f"k must have the shape of q {q_.shape}, got {k_.shape}")
-    if v_.shape[0] != q_.shape[0]:
-        raise ValueError(f"v must have {q_.shape[0]} rows like q, got shape {v_.shape}")
+    q_, k_, v_ = check_qkv_rows(q, k, v)
     T, d = q_.shape
     dv = v_.shape[1]
     dtype = np.result_type(q_, k_, v_)
