@@ -238,8 +238,10 @@ def prepend_persistent(p, x):
     x_ = check_array("x", x, last_dim=d)
     if x_.ndim < 2:
         raise ValueError(f"x must have shape (..., T, {d}), got shape {x_.shape}")
-    P = np.broadcast_to(p["P"], x_.shape[:-2] + (n, d))  # (..., N_p, d)
-    return np.concatenate([P, x], axis=-2)
+    lead = x_.shape[:-2]
+    # reshape first: autograd can broadcast_to over axes of size 1, not over new leading axes
+    P = np.broadcast_to(np.reshape(p["P"], (1,) * len(lead) + (n, d)), lead + (n, d))
+    return np.concatenate([P, x], axis=-2)  # (..., N_p + T, d)
 
 
 def residual(f, x):

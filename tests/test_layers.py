@@ -209,3 +209,11 @@ def test_sec44_layers_bad_inputs():
         init_persistent(rng(), -1, 3)
     with pytest.raises(TypeError, match="dtype must be float32 or float64"):
         init_rms_norm(rng(), 3, dtype=np.float16)
+
+
+def test_eq19_prepend_persistent_is_differentiable_over_a_batch(rng):
+    p = init_persistent(rng, 2, 3)
+    x = rng.standard_normal((4, 5, 3))
+    check_grads(lambda P: prepend_persistent({"P": P}, x), modes=["rev"], order=1)(p["P"])
+    out = prepend_persistent(p, x)
+    np.testing.assert_array_equal(out[:, :2], np.broadcast_to(p["P"], (4, 2, 3)))

@@ -11,9 +11,7 @@ The memory is written and read token by token (read after write), so the block i
 
 from __future__ import annotations
 
-import autograd.numpy as np
-
-from ..layers import rms_norm
+from ..layers import prepend_persistent, rms_norm
 from .blocks import (
     gated_output,
     init_gated_output,
@@ -30,16 +28,10 @@ def init_layer(rng, cfg) -> dict:
 
 
 def with_persistent(p, x, cfg):
-    """Eq. (19): prepend the persistent tokens to ``x`` ``(B, T, d)`` (none if N_p = 0).
-
-    :func:`minititans.layers.prepend_persistent` with the batch broadcast written so
-    autograd can differentiate it (``broadcast_to`` over new leading axes it cannot).
-    """
+    """Eq. (19): prepend the persistent tokens to ``x`` ``(B, T, d)`` (none if N_p = 0)."""
     if not cfg.num_persistent:
         return x
-    B = x.shape[0]
-    P = np.broadcast_to(p["P"][None], (B,) + p["P"].shape)  # (B, N_p, d)
-    return np.concatenate([P, x], axis=1)
+    return prepend_persistent(p, x)  # (B, N_p + T, d)
 
 
 def layer(p, h, cfg):
