@@ -133,25 +133,13 @@ def _row_deltas(flat, shapes, offsets, zoff, hoff, residual, loss_kind, p, delta
     ``y`` is the row's output $\mathcal{M}(x)$; $\delta_L$ is $\partial\ell/\partial y$ (through
     the LayerNorm when ``residual``), then $\delta_i = (W_{i+1}\delta_{i+1}) \odot \sigma'(z_i)$.
     """
-    t = y.dtype.type
     L = shapes.shape[0]
     dL = D[zoff[L - 1]:zoff[L]]
     d = dL.shape[0]
     for j in range(d):
         dL[j] = loss_grad(y[j], v[j], loss_kind, p, delta)
     if residual:
-        zL = z[zoff[L - 1]:zoff[L]]
-        mu = ln[0]
-        rstd = ln[1]
-        gm = t(0.0)
-        gzm = t(0.0)
-        for j in range(d):
-            gm += dL[j]
-            gzm += dL[j] * (zL[j] - mu) * rstd
-        gm /= t(d)
-        gzm /= t(d)
-        for j in range(d):
-            dL[j] = rstd * (dL[j] - gm - (zL[j] - mu) * rstd * gzm)
+        _ln_backward_row(z[zoff[L - 1]:zoff[L]], ln, dL)
     for i in range(L - 1, 0, -1):
         dprev = D[zoff[i - 1]:zoff[i]]
         # δ_i = (W_{i+1} δ_{i+1}) ⊙ σ'(z_i): a gemv, the one reduction of the token
