@@ -127,3 +127,31 @@ def plot_capacity(sizes, curves: dict, *, d: int, ax=None, ylabel="relative reca
         ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return ax
+def plot_needle(result: dict, ax=None):
+    """Accuracy against evaluation length, one line per model; the window and chance marked."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    for m in dict.fromkeys(r["model"] for r in result["rows"]):
+        pts = sorted((r["length"], r["accuracy"]) for r in result["rows"] if r["model"] == m)
+        xs, ys = zip(*pts)
+        ax.plot(xs, [100 * y for y in ys], marker="o", label=m,
+                linestyle="--" if m == "SWA" else "-")
+    ax.axhline(100 * result["chance"], color="gray", linewidth=1, linestyle=":")
+    ax.text(result["window"], 100 * result["chance"] + 2, " chance", color="gray")
+    ax.axvline(result["window"], color="black", linewidth=0.8, alpha=0.5)
+    ax.set_xscale("log", base=2)
+    lengths = sorted({r["length"] for r in result["rows"]})
+    ax.set_xticks(lengths, [f"{n}\n({n // result['window']}w)" for n in lengths])
+    ax.minorticks_off()
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("passkey accuracy (%)")
+    ax.set_title(f"Passkey retrieval beyond a {result['window']}-token window "
+                 f"(trained at {result['train_length']})")
+    ax.legend(fontsize=8)
+    ax.figure.tight_layout()
+    return ax.figure
+
+

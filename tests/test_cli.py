@@ -5,7 +5,7 @@ import json
 import pytest
 
 from minititans.cli import main
-from minititans.recall import LEAST_SQUARES, format_recall_table, recall_experiment
+from minititans.experiments.recall import LEAST_SQUARES, format_recall_table, recall_experiment
 
 
 def test_recall_demo_writes_plot_and_results(tmp_path, capsys):

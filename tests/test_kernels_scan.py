@@ -363,9 +363,10 @@ def test_kernels_match_reference_with_numba_disable_jit():
 
 
 def test_bench_counts_22_d_h_flops_and_formats_a_table():
-    from minititans import bench
+    from minititans import bench, cli
+    from minititans.bench.kernels import scan_flops_per_token
 
-    assert bench.scan_flops_per_token([(64, 256), (256, 64)]) == 22 * 64 * 256
+    assert scan_flops_per_token([(64, 256), (256, 64)]) == 22 * 64 * 256
     result = dict(machine=dict(cpu="x", cores=2, python="3", numpy="2", numba="0"),
                   peak_gflops=dict(float32=100.0, float64=50.0),
                   rows=[dict(kernel="memory_scan", config="d=64 h=256 depth=2 chunk=1",
@@ -377,9 +378,6 @@ def test_bench_counts_22_d_h_flops_and_formats_a_table():
     assert result["goals"][0]["met"] is True and result["goals"][1]["met"] is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        import argparse
 
-        parser = argparse.ArgumentParser()
-        bench.add_parser(parser.add_subparsers())
-        args = parser.parse_args(["bench", "--quick", "--out", "x.json"])
-        assert args.quick and str(args.out) == "x.json" and args.func is bench.run_from_args
+        args = cli.build_parser().parse_args(["bench", "--quick", "--out", "x.json"])
+        assert args.quick and str(args.out) == "x.json" and args.func is cli.run_bench_command

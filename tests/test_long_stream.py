@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import minititans as mt
-from minititans.bench import STREAM_GATES, _stream_call_inputs
+from minititans.bench.stream import STREAM_GATES, _stream_call_inputs
 from minititans.memory.update import tree_norm
 
 D, CALL, CALLS = 32, 2_000, 10

@@ -111,13 +111,9 @@ def test_training_is_deterministic_and_evaluate_is_seeded():
 
 
 def _cli(argv):
-    import argparse
+    from minititans.cli import build_parser
 
-    from minititans.needle import add_parser
-
-    parser = argparse.ArgumentParser(prog="minititans")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
@@ -147,7 +143,7 @@ def test_train_command_writes_a_checkpoint_and_resumes_it(tmp_path, capsys):
 
 
 def test_table2_needle_experiment_returns_the_results_shape(tmp_path):
-    from minititans.needle import NeedleSettings, run_needle_demo
+    from minititans.experiments.needle import NeedleSettings, run_needle_demo
 
     settings = NeedleSettings(models=("swa", "lmm"), window=6, eval_samples=4,
                               eval_multiples=(1, 2), backend="reference",
@@ -166,7 +162,7 @@ def test_table2_needle_experiment_returns_the_results_shape(tmp_path):
 
 
 def test_table5_ablation_experiment_reports_mean_and_spread():
-    from minititans.needle import AblationSettings, ablation_experiment
+    from minititans.experiments.ablation import AblationSettings, ablation_experiment
 
     settings = AblationSettings(task="mqar", train_length=8, eval_length=8, seeds=(0, 1),
                                 eval_samples=4, rows=("LMM", "w/o momentum"),

@@ -19,10 +19,10 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
-from ._checks import check_int
-from .memory.models import memory_forward
-from .memory.presets import PRESETS
-from .memory.update import MemoryDivergenceError
+from .._checks import check_int
+from ..memory.models import memory_forward
+from ..memory.presets import PRESETS
+from ..memory.update import MemoryDivergenceError
 
 # The memories compared by the demo: (label, rule).
 DEMO_RULES = (

@@ -1,0 +1,47 @@
+"""The one process pool every experiment runs its jobs through.
+
+A job is one model trained with one seed; each is deterministic given its arguments, so the
+results do not depend on how many workers run them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+from tqdm.auto import tqdm
+
+from ..training import numba_available
+
+# workers are forked where the platform allows it, so a script calling an experiment needs
+# no ``if __name__ == "__main__"`` guard (which "spawn" and "forkserver" would require)
+_CONTEXT = multiprocessing.get_context(
+    "fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+
+
+def default_workers(n_jobs: int) -> int:
+    """As many workers as cores, at most one per job."""
+    return max(1, min(n_jobs, os.cpu_count() or 1))
+
+
+def run_jobs(fn, jobs: list, *, desc: str, progress: bool = True,
+             workers: int | None = None) -> list:
+    """``[fn(job) for job in jobs]``, in ``workers`` processes (default: one per core).
+
+    ``fn`` must be a module-level function (it is pickled by name). Results come back in
+    the order of ``jobs``; a progress bar counts finished jobs.
+    """
+    workers = workers or default_workers(len(jobs))
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_CONTEXT) as pool:
+            return list(tqdm(pool.map(fn, jobs), total=len(jobs), desc=desc,
+                             disable=not progress, leave=False))
+    return [fn(j) for j in tqdm(jobs, desc=desc, disable=not progress, leave=False)]
+
+
+def resolve_backend(backend: str) -> str:
+    """``"auto"`` -> ``"numba"`` when its gradient works here, else ``"reference"``."""
+    if backend == "auto":
+        return "numba" if numba_available() else "reference"
+    return backend
