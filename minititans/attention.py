@@ -10,7 +10,7 @@ which is ``softmax(scores masked by attention_mask(T)) @ V``. The two restrictio
 the architectures of Section 4 are mask options: ``window=w`` (sliding-window attention,
 MAG Eq. 27 and MAL Eq. 31: token $i$ sees $i - w < j \le i$) and ``prefix=p`` (the $N_p$
 persistent tokens of Eq. 19, visible to every token whatever the window). :func:`mac_mask`
-and :func:`mag_mask` are the masks of the paper's Figure 3; :func:`plot_mask` draws them.
+and :func:`sliding_window_mask` are the masks of the paper's Figure 3; :func:`plot_mask` draws them.
 """
 
 from __future__ import annotations
@@ -88,12 +88,12 @@ def mac_mask(num_persistent: int, num_memory: int, segment_len: int, *,
     return mask
 
 
-def mag_mask(num_persistent: int, T: int, window: int):
-    r"""The attention mask of MAG (and MAL) over $[p] \,\|\, x$: a sliding window plus the prefix.
+def sliding_window_mask(num_persistent: int, T: int, window: int):
+    r"""The sliding-window mask with the persistent prefix: MAG's Eq. 27 and MAL's Eq. 31.
 
-    Eq. 27's SW-Attn$^*$: every token sees the $N_p$ persistent tokens and the ``window`` most
-    recent tokens of $\tilde x$ (itself included). This is :func:`attention_mask` with
-    ``prefix = N_p`` on the extended sequence.
+    SW-Attn$^*$ over $[p_1 \dots p_{N_p}] \,\|\, x$: every token sees the $N_p$ persistent
+    tokens and the ``window`` most recent tokens of the extended sequence (itself
+    included). This is :func:`attention_mask` with ``prefix = N_p`` on the extended sequence.
 
     Returns:
         Boolean array ``(N_p + T, N_p + T)``.
@@ -101,6 +101,9 @@ def mag_mask(num_persistent: int, T: int, window: int):
     n_p = check_int("num_persistent", num_persistent, minimum=0)
     T = check_int("T", T, minimum=0)
     return attention_mask(n_p + T, window=window, prefix=n_p)
+
+
+mag_mask = sliding_window_mask  # the name notebook 08 and older pages use
 
 
 def plot_mask(mask, ax=None, title=None):
@@ -120,27 +123,33 @@ def plot_mask(mask, ax=None, title=None):
     return ax
 
 
-def causal_attention(q, k, v, window=None, prefix: int = 0):
+def causal_attention(q, k, v, window=None, prefix: int = 0, *, mask=None):
     r"""Titans Eq. (2): causal softmax attention, optionally windowed, with a visible prefix.
 
     $$y_i = \sum_{j \in \mathcal{V}(i)}
             \mathrm{softmax}_j\!\Big(\frac{q_i k_j^\top}{\sqrt d}\Big) v_j$$
 
-    where $\mathcal{V}(i)$ is row $i$ of :func:`attention_mask` ``(T, window, prefix)`` and
-    $d$ is ``q.shape[-1]``. The softmax subtracts each row's maximum, so logits of $10^4$
-    stay finite. Every row sees at least itself, so no row is empty.
+    where $\mathcal{V}(i)$ is row $i$ of :func:`attention_mask` ``(T, window, prefix)``, or
+    of ``mask`` when one is given (MAC's :func:`mac_mask`), and $d$ is ``q.shape[-1]``. The
+    softmax subtracts each row's maximum, so logits of $10^4$ stay finite. Every row must
+    see at least one key (the default masks let every row see itself).
 
     Args:
         q, k: ``(..., T, d)``; leading axes (batch, heads) are carried along.
         v: ``(..., T, d_v)``.
         window, prefix: see :func:`attention_mask`.
+        mask: ``None``, or a boolean ``(T, T)`` array used instead of ``window`` and
+            ``prefix`` (which must then be left at their defaults).
 
     Returns:
         ``(..., T, d_v)``, in the dtype of the inputs.
     """
     q_, k_, v_ = check_qkv(q, k, v)
     T, d = q_.shape[-2:]
-    mask = attention_mask(T, window=window, prefix=prefix)  # (T, T)
+    if mask is None:
+        mask = attention_mask(T, window=window, prefix=prefix)  # (T, T)
+    else:
+        mask = _check_mask(mask, (T, T), window, prefix)
     if T == 0:  # an empty sequence attends to nothing (and a max over no keys is undefined)
         return np.zeros(q_.shape[:-1] + v_.shape[-1:], dtype=np.result_type(q_, k_, v_))
     scores = np.matmul(q, np.swapaxes(k, -1, -2)) / math.sqrt(d)  # (..., T, T)
@@ -149,6 +158,18 @@ def causal_attention(q, k, v, window=None, prefix: int = 0):
     e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
     weights = e / np.sum(e, axis=-1, keepdims=True)
     return np.matmul(weights, v)  # (..., T, d_v)
+
+
+def _check_mask(mask, shape, window, prefix):
+    if window is not None or prefix != 0:
+        raise ValueError("pass either mask or window/prefix, not both")
+    m = onp.asarray(mask)
+    if m.dtype != bool or m.shape != shape:
+        raise ValueError(f"mask must be a boolean array of shape {shape}, got {m.dtype} "
+                         f"{m.shape}")
+    if m.size and not m.any(axis=-1).all():
+        raise ValueError("mask must let every query row see at least one key")
+    return m
 
 
 def split_heads(x, num_heads: int):
@@ -171,7 +192,8 @@ def merge_heads(x):
     return np.reshape(np.swapaxes(x, -2, -3), tuple(lead) + (T, H * dh))
 
 
-def multi_head_attention(q, k, v, num_heads: int, window=None, prefix: int = 0):
+def multi_head_attention(q, k, v, num_heads: int, window=None, prefix: int = 0, *,
+                         mask=None):
     r"""Eq. (2) in each of ``num_heads`` heads, concatenated: $[y^{(1)} \| \dots \| y^{(H)}]$.
 
     ``q``, ``k``, ``v`` are already projected (Eq. 1); head $h$ uses channels
@@ -179,9 +201,10 @@ def multi_head_attention(q, k, v, num_heads: int, window=None, prefix: int = 0):
 
     Args:
         q, k: ``(..., T, d)``; v: ``(..., T, d_v)``, both widths divisible by ``num_heads``.
+        window, prefix, mask: as in :func:`causal_attention` (one mask for every head).
 
     Returns:
         ``(..., T, d_v)``.
     """
     heads = [split_heads(x, num_heads) for x in (q, k, v)]  # (..., H, T, d_h)
-    return merge_heads(causal_attention(*heads, window=window, prefix=prefix))
+    return merge_heads(causal_attention(*heads, window=window, prefix=prefix, mask=mask))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import autograd.numpy as np
 
 from ..activations import sigmoid
-from ..attention import attention_mask
 from ..layers import rms_norm
 from ..linear_attention import gated_delta_rule, linear_attention
 from .blocks import (
@@ -32,14 +31,12 @@ def init_attention_layer(rng, cfg) -> dict:
 
 def swa_layer(p, h, cfg):
     """Sliding-window attention (Eq. 2 with ``window``): token i sees i - w < j <= i."""
-    mask = attention_mask(h.shape[1], window=cfg.window)
-    return h + attention(p["attn"], rms_norm(p["norm"], h), mask, cfg)
+    return h + attention(p["attn"], rms_norm(p["norm"], h), cfg, window=cfg.window)
 
 
 def transformer_layer(p, h, cfg):
     """Full causal attention (Eq. 2)."""
-    mask = attention_mask(h.shape[1])
-    return h + attention(p["attn"], rms_norm(p["norm"], h), mask, cfg)
+    return h + attention(p["attn"], rms_norm(p["norm"], h), cfg)
 
 
 def init_linear_layer(rng, cfg) -> dict:

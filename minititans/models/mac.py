@@ -22,7 +22,7 @@ from __future__ import annotations
 import autograd.numpy as np
 
 from ..activations import silu
-from ..attention import mac_mask
+from ..attention import mac_mask, multi_head_attention
 from ..layers import init_linear, l2_normalize, linear, rms_norm
 from ..memory import memory_forward
 from .blocks import (
@@ -33,7 +33,6 @@ from .blocks import (
     init_norm,
     init_persistent_tokens,
     initial_states,
-    masked_attention,
     memory_core,
     proj,
 )
@@ -78,7 +77,8 @@ def layer(p, h, cfg):
         # Eq. 23: y_t = Attn(S̃) at the segment's positions, with the residual connection
         # of Section 4.4 (so y_t still carries the token it stands at)
         y = x[:, seg] + linear(attn["W_O"],
-                               masked_attention(Q, K, V, mask, cfg.num_heads)[:, n_p + n:])
+                               multi_head_attention(Q, K, V, cfg.num_heads,
+                                                    mask=mask)[:, n_p + n:])
         # Eq. 24: M_t = M_{t-1}(y_t), then M*_t(y_t) read token by token (read after write)
         m, states, conv_states = memory_core(mem, y, cfg, states, conv_states)  # (B, n, d)
         outs.append(combine(p["combine"], y, m))  # Eq. 25: o_t = y_t ⊗ M*_t(y_t)

@@ -11,7 +11,6 @@ are dropped at the end.
 
 from __future__ import annotations
 
-from ..attention import mag_mask
 from ..layers import rms_norm
 from .blocks import attention, init_attention, init_norm, init_persistent_tokens
 from .lmm import init_layer as init_lmm_layer
@@ -31,6 +30,7 @@ def layer(p, h, cfg):
     n_p = cfg.num_persistent
     h_tilde = with_persistent(p["persistent"], h, cfg)  # Eq. 29: (B, N_p + T, d)
     y = lmm_layer(p["lmm"], h_tilde, cfg.with_(num_persistent=0))  # Eq. 30, residual inside
-    mask = mag_mask(n_p, y.shape[1] - n_p, cfg.window)
-    o = y + attention(p["attn"], rms_norm(p["attn_norm"], y), mask, cfg)  # Eq. 31
+    # Eq. 31: SW-Attn with the persistent prefix visible (sliding_window_mask)
+    o = y + attention(p["attn"], rms_norm(p["attn_norm"], y), cfg, window=cfg.window,
+                      prefix=n_p)
     return o[:, n_p:]
