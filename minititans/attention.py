@@ -171,11 +171,16 @@ def causal_attention(q, k, v, window=None, prefix: int = 0, *, mask=None):
         if T_q == 0:
             return np.zeros(q_.shape[:-1] + v_.shape[-1:], dtype=np.result_type(q_, k_, v_))
         return _attend(q, k, v, mask)
-    mask = attention_mask(T_k, window=window, prefix=prefix, num_queries=T_q)  # (T_q, T_k)
     if T_q == 0:  # an empty sequence attends to nothing (and a max over no keys is undefined)
+        attention_mask(T_k, window=window, prefix=prefix)  # still check the arguments
         return np.zeros(q_.shape[:-1] + v_.shape[-1:], dtype=np.result_type(q_, k_, v_))
     if window is None or T_k <= 2 * (_BLOCK + window + prefix):
+        mask = attention_mask(T_k, window=window, prefix=prefix, num_queries=T_q)  # (T_q, T_k)
         return _attend(q, k, v, mask)
+    window = check_int("window", window, minimum=1)
+    prefix = check_int("prefix", prefix, minimum=0)
+    if prefix > T_k:
+        raise ValueError(f"prefix must be <= the sequence length {T_k}, got {prefix}")
     # the banded form: each block of queries against the prefix and its run of keys
     outs = []
     for i0 in range(0, T_q, _BLOCK):
