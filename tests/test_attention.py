@@ -64,6 +64,32 @@ def test_eq2_causal_attention_matches_naive_loop(window, prefix):
                                rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("window,prefix", [(5, 0), (7, 3), (1, 2), (30, 1)])
+def test_eq2_banded_window_for_long_sequences_matches_naive_loop(window, prefix):
+    """Past 2 (64 + w + p) tokens the window is computed in blocks of 64 queries."""
+    q, k, v = qkv(T=200, d=3, d_v=2, seed=4)
+    np.testing.assert_allclose(causal_attention(q, k, v, window=window, prefix=prefix),
+                               naive_causal_attention(q, k, v, window, prefix),
+                               rtol=RTOL, atol=ATOL)
+
+
+def test_eq2_banded_window_gradient():
+    q, k, v = qkv(T=150, d=2, d_v=2, seed=5)
+    check_grads(lambda q, k, v: causal_attention(q, k, v, 3, 1), modes=["rev"], order=1)(q, k, v)
+
+
+@pytest.mark.parametrize("window,prefix,T", [(None, 0, 9), (3, 2, 9), (4, 1, 200)])
+def test_eq2_kv_cache_queries_are_the_last_rows(window, prefix, T):
+    """k, v longer than q: the queries stand at the last positions (a cache holds the rest)."""
+    q, k, v = qkv(T=T, seed=6)
+    full = naive_causal_attention(q, k, v, window, prefix)
+    for n in (1, 4, T - prefix):
+        np.testing.assert_allclose(causal_attention(q[-n:], k, v, window, prefix), full[-n:],
+                                   rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(attention_mask(T, window, prefix, num_queries=4),
+                                  attention_mask(T, window, prefix)[-4:])
+
+
 @pytest.mark.parametrize("window,prefix", SETTINGS)
 def test_eq2_causal_attention_is_causal(window, prefix):
     q, k, v = qkv()

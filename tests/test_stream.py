@@ -154,8 +154,20 @@ def count_boxes(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("model", ["swa", "transformer", "linear_attention", "gated_delta"])
+def test_forward_only_baselines_build_no_autograd_graph(model, monkeypatch):
+    """Plain arrays in, plain NumPy all the way (no box); the Titans' reference memory
+    takes its inner gradient (Eq. 8) with autograd, so for them see the numba test below."""
+    m, params, tokens = setup(tiny(model))
+    calls = count_boxes(monkeypatch)
+    got, _ = run_pieces(m, params, tokens, [5, 8])
+    assert not calls
+    monkeypatch.undo()
+    assert max_diff(got, m.apply(params, tokens)) < EXACT
+
+
 @pytest.mark.skipif(not numba_available(), reason="needs numba")
-@pytest.mark.parametrize("model", ["lmm", "mac", "mag", "mal"])
+@pytest.mark.parametrize("model", ["lmm", "mac", "mag", "mal", "swa"])
 def test_forward_only_numba_path_builds_no_graph_and_equals_the_differentiable_one(
         model, monkeypatch):
     cfg = tiny(model, chunk_size=2)
@@ -181,15 +193,16 @@ def test_forward_only_numba_path_builds_no_graph_and_equals_the_differentiable_o
     assert max_diff(seen["logits"], whole) < 1e-12
 
 
-@pytest.mark.parametrize("model", ["swa", "mal"])
-def test_windowed_models_evaluate_16384_tokens_without_a_T_by_T_matrix(model):
+@pytest.mark.parametrize("model,backend", [("swa", "reference"), ("swa", "numba"),
+                                           ("mal", "numba")])
+def test_windowed_models_evaluate_16384_tokens_without_a_T_by_T_matrix(model, backend):
     """A float64 (T, T) matrix at T = 16,384 is 2 GB (its boolean mask 268 MB); the banded
-    attention needs a few MB. Checked by the peak of traced allocations."""
-    if model == "mal" and not numba_available():
-        pytest.skip("the reference memory scan is too slow for 16,384 tokens in a test")
+    attention (or its numba twin) needs a few MB. Checked by the peak of traced allocations."""
+    if backend == "numba" and not numba_available():
+        pytest.skip("needs numba")
     cfg = tiny(model, d_model=4, num_heads=1, num_layers=1, ffn_expansion=0, window=8,
                chunk_size=16, theta_init=0.02, theta_max=0.1, surprise_clip=1.0,
-               backend="numba" if model == "mal" else "reference")
+               backend=backend)
     m = Model(cfg)
     params = m.init(np.random.default_rng(0))
     tokens = np.random.default_rng(1).integers(0, 12, 16384)
