@@ -309,3 +309,34 @@ def test_generate_bad_inputs_name_the_argument():
         m.generate(params, np.array([0, 12]), 3, rng)
     with pytest.raises(ValueError, match="prompt must have shape"):
         m.generate(params, np.zeros((1, 0), dtype=int), 3, rng)
+
+
+def exactness_table(T=160, seed=0, backend="reference"):
+    """max |stream in pieces - apply| per model, for the tiny config and the defaults."""
+    rng = np.random.default_rng(seed)
+    cuts = sorted(rng.choice(np.arange(1, T), 7, replace=False))
+    splits = {"1 token": [1] * T, "random cuts": [int(n) for n in np.diff([0, *cuts, T])],
+              "halves": [T // 2, T - T // 2]}
+    rows = []
+    for model in MODEL_NAMES:
+        # clipped surprise: with a random M_0 (see setup) a long sequence can diverge
+        for label, cfg in (("tiny, chunk 3", tiny(model, chunk_size=3, surprise_clip=1.0,
+                                                   backend=backend)),
+                           ("defaults", ModelConfig(model=model, vocab_size=12,
+                                                    surprise_clip=1.0, backend=backend))):
+            m, params, tokens = setup(cfg, T=T)
+            whole = m.apply(params, tokens)
+            diffs = {k: max_diff(run_pieces(m, params, tokens, s)[0], whole)
+                     for k, s in splits.items()}
+            rows.append((model, label, diffs))
+    return splits, rows
+
+
+if __name__ == "__main__":  # python tests/test_stream.py [numba]
+    import sys
+
+    splits, rows = exactness_table(backend=sys.argv[1] if len(sys.argv) > 1 else "reference")
+    print("random cuts:", splits["random cuts"])
+    print(f"{'model':18s} {'config':14s} " + " ".join(f"{k:>12s}" for k in splits))
+    for model, label, diffs in rows:
+        print(f"{model:18s} {label:14s} " + " ".join(f"{v:12.1e}" for v in diffs.values()))
