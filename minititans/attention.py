@@ -57,7 +57,7 @@ def attention_mask(T: int, window=None, prefix: int = 0, *, num_queries=None):
 
 
 def _visible(rows, cols, window, prefix):
-    """The mask of :func:`attention_mask` for query positions ``rows`` and key positions ``cols``."""
+    """:func:`attention_mask` for query positions ``rows`` and key positions ``cols``."""
     i, j = rows[:, None], cols[None, :]
     mask = j <= i  # (len(rows), len(cols))
     if window is not None:

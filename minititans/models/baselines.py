@@ -93,7 +93,10 @@ def linear_layer_state(p, cfg, batch_size, t) -> dict:
 
 
 def _linear_attention_chunks(q, k, v, M, size=64):
-    r"""Eqs. 4-5 from $M_0$ = ``M`` ``(B, d, d_v)``, in chunks: $y = qM + \mathrm{tril}(qk^\top)v$."""
+    r"""Eqs. 4-5 from $M_0$ = ``M`` ``(B, d, d_v)``, in chunks of ``size`` tokens.
+
+    Per chunk: $y = q M + \mathrm{tril}(q k^\top) v$, then $M \leftarrow M + k^\top v$.
+    """
     ys = []
     for s in range(0, q.shape[1], size):
         c = slice(s, s + size)

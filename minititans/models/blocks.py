@@ -15,7 +15,6 @@ one recurrence per sequence, loops over the batch.
 
 from __future__ import annotations
 
-
 import autograd.numpy as np
 import numpy as onp
 from autograd.tracer import Box
