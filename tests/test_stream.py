@@ -269,7 +269,7 @@ def test_sampling_follows_softmax_of_logits_over_temperature_within_top_k():
     rng = np.random.default_rng(0)
     n = 40000
     for temperature, top_k in [(1.0, None), (0.5, None), (2.0, 3)]:
-        draws = np.array([sample(logits, rng, temperature, top_k)[0] for _ in range(n)])
+        draws = sample(np.repeat(logits, n, axis=0), rng, temperature, top_k)  # n rows
         z = logits[0] / temperature
         if top_k is not None:
             z = np.where(z >= np.sort(z)[-top_k], z, -np.inf)
