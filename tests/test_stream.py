@@ -15,7 +15,7 @@ import pytest
 from autograd import grad
 from naive_models import NaiveDecoder
 
-from minititans.models import MODEL_NAMES, Model, ModelConfig, ravel, sample, tree_leaves
+from minititans.models import MODEL_NAMES, Model, ModelConfig, blocks, ravel, sample, tree_leaves
 from minititans.training import numba_available
 
 TINY = dict(vocab_size=12, d_model=8, num_heads=2, ffn_expansion=2, conv_kernel=3,
@@ -174,6 +174,7 @@ def test_forward_only_numba_path_builds_no_graph_and_equals_the_differentiable_o
     m, params, tokens = setup(cfg)
     ref, _ = run_pieces(m, params, tokens, [5, 8])  # reference backend
     fast = Model(cfg.with_(backend="numba"))
+    monkeypatch.setattr(blocks, "NUMBA_ATTENTION_MIN_KEYS", 0)  # the kernel at any length
     calls = count_boxes(monkeypatch)
     got, _ = run_pieces(fast, params, tokens, [5, 8])
     whole = fast.apply(params, tokens)
