@@ -8,6 +8,7 @@ import pytest
 from autograd.test_util import check_grads
 from naive_attention import naive_causal_attention
 
+from minititans import attention
 from minititans.attention import (
     attention_mask,
     causal_attention,
@@ -64,9 +65,12 @@ def test_eq2_causal_attention_matches_naive_loop(window, prefix):
                                rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("window,prefix", [(5, 0), (7, 3), (1, 2), (30, 1)])
-def test_eq2_banded_window_for_long_sequences_matches_naive_loop(window, prefix):
-    """Past 2 (64 + w + p) tokens the window is computed in blocks of 64 queries."""
+@pytest.mark.parametrize("window,prefix", [(5, 0), (7, 3), (1, 2), (30, 1), (None, 0),
+                                           (None, 3)])
+def test_eq2_banded_window_for_long_sequences_matches_naive_loop(window, prefix, monkeypatch):
+    """Past 2 (64 + w + p) tokens the window is computed in blocks of 64 queries (without a
+    window past _DENSE_MAX scores, lowered here so 200 tokens are enough)."""
+    monkeypatch.setattr(attention, "_DENSE_MAX", 1000)
     q, k, v = qkv(T=200, d=3, d_v=2, seed=4)
     np.testing.assert_allclose(causal_attention(q, k, v, window=window, prefix=prefix),
                                naive_causal_attention(q, k, v, window, prefix),

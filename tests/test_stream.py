@@ -195,10 +195,11 @@ def test_forward_only_numba_path_builds_no_graph_and_equals_the_differentiable_o
 
 
 @pytest.mark.parametrize("model,backend", [("swa", "reference"), ("swa", "numba"),
-                                           ("mal", "numba")])
+                                           ("mal", "numba"), ("linear_attention", "reference")])
 def test_windowed_models_evaluate_16384_tokens_without_a_T_by_T_matrix(model, backend):
     """A float64 (T, T) matrix at T = 16,384 is 2 GB (its boolean mask 268 MB); the banded
-    attention (or its numba twin) needs a few MB. Checked by the peak of traced allocations."""
+    attention (or its numba twin) needs a few MB, and so does linear attention in chunks.
+    Checked by the peak of traced allocations."""
     if backend == "numba" and not numba_available():
         pytest.skip("needs numba")
     cfg = tiny(model, d_model=4, num_heads=1, num_layers=1, ffn_expansion=0, window=8,
