@@ -10,7 +10,8 @@ The public API (DESIGN, and the API pages of the docs), importable as ``mt.NAME`
   ``preset``, ``PRESETS``, ``LOSSES``); saving and loading a memory state
   (``save_memory_state``, ``load_memory_state``);
 * attention (Eqs. 1–2): ``causal_attention``, ``multi_head_attention`` and the masks
-  (``attention_mask``, ``mac_mask`` for Eq. 23, ``mag_mask`` for Eqs. 27 and 31);
+  (``attention_mask``, ``mac_mask`` for Eq. 23, ``sliding_window_mask`` for Eqs. 27 and
+  31);
 * linear attention and the delta rules (Eqs. 3–5, Appendix C): ``linear_attention``,
   ``linear_attention_recurrent``, ``delta_rule``, ``gated_delta_rule``;
 * the models (Section 4): ``Model``, ``ModelConfig``, ``MODEL_NAMES``;
@@ -29,8 +30,8 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _HOMES = {
-    ".attention": ("attention_mask", "causal_attention", "mac_mask", "mag_mask",
-                   "multi_head_attention"),
+    ".attention": ("attention_mask", "causal_attention", "mac_mask", "multi_head_attention",
+                   "sliding_window_mask"),
     ".linear_attention": ("delta_rule", "gated_delta_rule", "linear_attention",
                           "linear_attention_recurrent"),
     ".memory": ("LOSSES", "PRESETS", "MemoryDivergenceError", "MemoryParams", "MemoryRule",
