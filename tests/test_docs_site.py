@@ -162,3 +162,31 @@ def test_no_page_shows_a_warning_or_a_path_of_the_build_machine(site):
             if local.search(el.get("href", "") + el.get("src", "")):
                 problems.append(f"{name}: <{el.name}> links to a local path")
     assert not problems, "\n".join(problems[:40])
+
+
+def test_api_pages_list_the_public_api_and_no_private_name(site):
+    """Each API page lists its modules' public members by name (docs/api/*.md): keep the
+    lists whole — every name of ``minititans.__all__`` has an entry — and free of helpers."""
+    import minititans
+
+    ids, problems = set(), []
+    for name, soup in _pages(site):
+        if not name.startswith("api/"):
+            continue
+        for heading in soup.select(".doc-heading[id]"):
+            ids.add(heading["id"])
+            label = heading.select_one(".doc-object-name:not(.doc-module-name)")
+            if label is not None and label.get_text(strip=True).startswith("_"):
+                problems.append(f"{name}: private {heading['id']}")
+    for public in sorted(minititans.__all__):
+        obj = getattr(minititans, public)
+        if callable(obj) and hasattr(obj, "__qualname__"):  # functions and classes
+            found = f"{obj.__module__}.{obj.__qualname__}" in ids
+        else:  # constants
+            found = any(i.endswith(f".{public}") for i in ids)
+        if not found:
+            problems.append(f"minititans.{public} has no entry on the API pages")
+    for io_name in ("save_memory_state", "load_memory_state"):
+        if f"minititans.io.{io_name}" not in ids:
+            problems.append(f"minititans.io.{io_name} has no entry on the API pages")
+    assert not problems, "\n".join(problems)
