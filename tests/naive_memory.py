@@ -53,8 +53,13 @@ def linear_grad(W, k, v):
 
 
 def naive_token_loop(weights, K, V, Q, alpha, eta, theta, *, activation="gelu",
-                     residual_norm=False, read="after", momentum=None):
-    """Eqs. 13-14 token by token: S_t = η S - θ ∇ℓ(M_{t-1}); M_t = (1-α) M_{t-1} + S_t."""
+                     residual_norm=False, read="after", momentum=None, anchor=None):
+    """Eqs. 13-14 token by token: S_t = η S - θ ∇ℓ(M_{t-1}); M_t = (1-α) M_{t-1} + S_t.
+
+    With ``anchor`` (weights M̄): M_t = M̄ + (1-α)(M_{t-1} - M̄) + S_t.
+    """
+    A = [np.zeros_like(np.asarray(W, dtype=float)) for W in weights] if anchor is None \
+        else [np.array(a, dtype=float) for a in anchor]
     M = [np.array(W, dtype=float) for W in weights]
     S = [np.zeros_like(W) for W in M] if momentum is None else [np.array(s) for s in momentum]
     ys = []
@@ -63,15 +68,17 @@ def naive_token_loop(weights, K, V, Q, alpha, eta, theta, *, activation="gelu",
             ys.append(naive_mlp(M, Q[t], activation, residual_norm))
         g = naive_grad(M, K[t], V[t], activation, residual_norm)
         S = [eta[t] * s - theta[t] * gi for s, gi in zip(S, g)]
-        M = [(1.0 - alpha[t]) * w + s for w, s in zip(M, S)]
+        M = [a + (1.0 - alpha[t]) * (w - a) + s for w, s, a in zip(M, S, A)]
         if read == "after":
             ys.append(naive_mlp(M, Q[t], activation, residual_norm))
     return np.array(ys), M, S
 
 
 def naive_chunked(weights, K, V, Q, alpha, eta, theta, b, *, activation="gelu",
-                  residual_norm=False, read="after"):
+                  residual_norm=False, read="after", anchor=None):
     """Eqs. 16-18 as plain loops: inside a chunk every gradient is taken at M_{t'}."""
+    A = [np.zeros_like(np.asarray(W, dtype=float)) for W in weights] if anchor is None \
+        else [np.array(a, dtype=float) for a in anchor]
     M = [np.array(W, dtype=float) for W in weights]
     S = [np.zeros_like(W) for W in M]
     ys = []
@@ -83,7 +90,7 @@ def naive_chunked(weights, K, V, Q, alpha, eta, theta, b, *, activation="gelu",
                 ys.append(naive_mlp(M, Q[t], activation, residual_norm))
             g = naive_grad(M_chunk_start, K[t], V[t], activation, residual_norm)
             S = [eta[t] * s - theta[t] * gi for s, gi in zip(S, g)]
-            M = [(1.0 - alpha[t]) * w + s for w, s in zip(M, S)]
+            M = [a + (1.0 - alpha[t]) * (w - a) + s for w, s, a in zip(M, S, A)]
             if read == "after":
                 ys.append(naive_mlp(M, Q[t], activation, residual_norm))
     return np.array(ys), M, S
