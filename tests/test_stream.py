@@ -86,8 +86,7 @@ def test_stream_state_does_not_depend_on_the_piece_sizes(model):
     assert max_diff(logits, whole[:, 13:]) < EXACT
 
 
-@pytest.mark.parametrize("model", ["lmm", "mag", "mal", "swa", "transformer",
-                                   "linear_attention", "gated_delta"])
+@pytest.mark.parametrize("model", MODEL_NAMES)
 def test_stream_token_by_token_matches_naive_recurrent_decoder(model):
     """One token per call against a decoder that keeps explicit lists of past keys, conv
     inputs and the MemoryState (memory_step, Eqs. 13-14), written from the equations."""

@@ -15,7 +15,9 @@ from .._checks import check_choice, check_int
 
 MODEL_NAMES = ("lmm", "mac", "mag", "mal", "swa", "transformer", "linear_attention",
                "gated_delta")
+"""The models ``ModelConfig.model`` may name: the four Titans, then the baselines."""
 TITANS = ("lmm", "mac", "mag", "mal")
+"""The Titans of Section 4 (the models with a neural memory)."""
 
 
 @dataclass(frozen=True)
