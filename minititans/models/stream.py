@@ -24,9 +24,12 @@ the whole sequence:
   apply when every piece ends at a segment boundary (a multiple of ``segment_len``), and a
   piece ending inside a segment gives the logits of a sequence that stops there.
 
-With plain arrays (no autograd box) nothing here builds an autograd graph, so
-``backend="numba"`` runs the memory on the numba kernels; windowed attention never forms a
-$T \times T$ matrix (:func:`minititans.attention.causal_attention`).
+With plain arrays (no autograd box) no graph over the parameters is built: the baselines
+run in plain NumPy, the reference memory differentiates only its inner loss (Eq. 8, by
+autograd: that is how the reference defines the surprise), and ``backend="numba"`` runs the
+memory (and windowed attention over 2048 keys or more) on the numba kernels with no
+autograd at all. Windowed attention never forms a $T \times T$ matrix
+(:func:`minititans.attention.causal_attention`).
 """
 
 from __future__ import annotations
