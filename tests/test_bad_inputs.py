@@ -435,3 +435,58 @@ def test_cli_config_json_is_checked(tmp_path):
     cfg.write_text(json.dumps({"not_a_field": 1}))
     with pytest.raises(ValueError, match="not_a_field"):
         cli_main(["train", "--config", str(cfg), "--steps", "1"])
+
+
+# --- issue 14, item 6: arguments that used to be accepted silently ---------------------------
+
+@pytest.mark.parametrize("what,call,exc,match", [
+    ("misspelled loss", lambda: mt.per_token_surprise(P, K, V, "l3"), ValueError,
+     "loss must be one of"),
+    ("lp with p < 1", lambda: mt.per_token_surprise(P, K, V, "lp", p=0.5), ValueError,
+     "p must be >= 1"),
+    ("huber with delta 0", lambda: mt.per_token_surprise(P, K, V, "huber", delta=0.0),
+     ValueError, "delta must be > 0"),
+    ("keys of another width", lambda: mt.per_token_surprise(P, Q[:, :2], V), ValueError,
+     "k must have last dimension 3"),
+    ("1-D keys", lambda: mt.per_token_surprise(P, K[0], V[0]), ValueError,
+     "k must have 2 dimensions"),
+    ("more values than keys", lambda: mt.per_token_surprise(P, K[:3], V), ValueError,
+     "k and v must have the same number of rows"),
+    ("integer values", lambda: mt.per_token_surprise(P, K, V.astype(int)), TypeError,
+     "v must be a float32 or float64 array"),
+    ("params not a MemoryParams", lambda: mt.per_token_surprise([np.ones((3, 2))], K, V),
+     TypeError, "params must be a MemoryParams"),
+    ("residual_norm a string", lambda: mt.init_memory(RNG, 3, 3, residual_norm="no"),
+     TypeError, "residual_norm must be True or False, got 'no'"),
+    ("residual_norm an int", lambda: mt.init_memory(RNG, 3, 3, residual_norm=1),
+     TypeError, "residual_norm must be True or False"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_per_token_surprise_and_init_memory_check_their_arguments(what, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_per_token_surprise_of_each_loss_is_the_stack_of_single_token_surprises():
+    # the checks must not change the result: u_i = ∇ℓ(M; k_i, v_i) for every loss
+    for loss in mt.LOSSES:
+        u = mt.per_token_surprise(P, K, V, loss)
+        for i in range(K.shape[0]):
+            one = mt.surprise(P, K[i:i + 1], V[i:i + 1], loss)
+            for a, b in zip(u, one):
+                np.testing.assert_allclose(a[i], b, rtol=1e-12, atol=1e-14)
+
+
+def test_init_memory_accepts_numpy_bools_for_residual_norm():
+    params = mt.init_memory(np.random.default_rng(0), 3, 3, residual_norm=np.True_)
+    assert params.residual_norm is True
+
+
+@pytest.mark.parametrize("scalar", [np.float32, np.float64, float])
+def test_model_config_float_fields_accept_numpy_scalars_alike(scalar):
+    cfg = ModelConfig(theta_init=scalar(0.05), theta_max=scalar(0.5), alpha_init=scalar(0.25),
+                      num_heads=np.int64(2))
+    assert type(cfg.theta_init) is float and type(cfg.num_heads) is int
+    assert cfg.theta_init == pytest.approx(0.05, rel=1e-7) and cfg.alpha_init == 0.25
+    assert ModelConfig.from_json(cfg.to_json()) == cfg  # serialises like a Python float
+    with pytest.raises(TypeError, match="theta_init must be a float"):
+        ModelConfig(theta_init=np.True_)
