@@ -490,3 +490,265 @@ def test_model_config_float_fields_accept_numpy_scalars_alike(scalar):
     assert ModelConfig.from_json(cfg.to_json()) == cfg  # serialises like a Python float
     with pytest.raises(TypeError, match="theta_init must be a float"):
         ModelConfig(theta_init=np.True_)
+
+
+# --- issue 14, item 7: every loaded array is checked against the recorded model -------------
+
+def _rewrite(path, change_arrays=None, change_meta=None):
+    """Rewrite a saved file with some arrays or metadata keys changed (None deletes one)."""
+    from minititans.io import load_arrays
+
+    kind = "checkpoint" if "checkpoint" in path.name else "memory_state"
+    arrays, meta = load_arrays(path, kind=kind)
+    for source, changes in ((arrays, change_arrays or {}), (meta, change_meta or {})):
+        for key, value in changes.items():
+            if value is None:
+                source.pop(key, None)
+            else:
+                source[key] = value(source[key]) if callable(value) else value
+    out = path.with_name("bad_" + path.name)
+    save_arrays(out, arrays, kind=kind, meta=meta)
+    return out
+
+
+CHECKPOINT_CASES = [
+    # (description, array changes, metadata changes, message regex)
+    ("m of the wrong shape", dict(m=lambda m: m[:-3]), {}, r"array 'm' must have shape"),
+    ("v of the wrong shape", dict(v=lambda v: np.concatenate([v, v])), {},
+     r"array 'v' must have shape"),
+    ("params of the wrong shape", dict(params=lambda p: p[:10]), {},
+     r"array 'params' has shape \(10,\)"),
+    ("integer params", dict(params=lambda p: p.astype(np.int64)), {},
+     r"array 'params' must be float32 or float64, got dtype int64"),
+    ("complex params", dict(params=lambda p: p.astype(complex)), {},
+     r"array 'params' must be float32 or float64, got dtype complex128"),
+    ("string params", dict(params=lambda p: p.astype(str)), {},
+     r"array 'params' must be float32 or float64, got dtype <U"),
+    ("NaN params", dict(params=lambda p: np.where(np.arange(p.size) == 3, np.nan, p)), {},
+     r"array 'params' contains NaN or inf"),
+    ("inf in m", dict(m=lambda m: m + np.inf), {}, r"array 'm' contains NaN or inf"),
+    ("negative v", dict(v=lambda v: v - 1.0), {}, r"array 'v' \(Adam's second moment\) has "
+     "negative"),
+    ("negative step", dict(step=np.int64(-1)), {}, r"array 'step' = -1 must be in \[0, 1\]"),
+    ("step past the schedule", dict(step=np.int64(5)), {}, r"array 'step' = 5 must be in"),
+    ("float step", dict(step=np.float64(1.0)), {}, r"array 'step' must be an integer scalar"),
+    ("step a vector", dict(step=np.zeros(2, np.int64)), {},
+     r"array 'step' must be an integer scalar"),
+    ("missing m", dict(m=None), {}, r"missing the array 'm'"),
+    ("an extra array", dict(extra=np.ones(2)), {}, r"unexpected arrays \['extra'\]"),
+    ("missing model_config", {}, dict(model_config=None), r"missing the metadata key "
+     "'model_config'"),
+    ("missing train_config", {}, dict(train_config=None), r"missing the metadata key "
+     "'train_config'"),
+    ("model_config a string", {}, dict(model_config="lmm"), r"'model_config' = 'lmm'; "
+     "expected a JSON object"),
+    ("model_config with an unknown field", {}, dict(model_config=lambda c: {**c, "dmodel": 8}),
+     r"'model_config' that is not a valid ModelConfig: unknown config fields: dmodel"),
+    ("model_config with a bad value", {}, dict(model_config=lambda c: {**c, "d_model": "8"}),
+     r"'model_config' that is not a valid ModelConfig: d_model must be an int"),
+    ("train_config with an unknown field", {}, dict(train_config=lambda c: {**c, "lr0": 1}),
+     r"'train_config' that is not a valid TrainConfig"),
+    ("train_config with a bad value", {}, dict(train_config=lambda c: {**c, "lr": -1.0}),
+     r"'train_config' that is not a valid TrainConfig: lr must be > 0"),
+    ("unknown task", {}, dict(task="needle-x"), r"bad metadata 'task'/'length'"),
+    ("length zero", {}, dict(length=0), r"bad metadata 'task'/'length': length must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("what,arrays,meta,match", CHECKPOINT_CASES,
+                         ids=[c[0] for c in CHECKPOINT_CASES])
+def test_checkpoint_arrays_and_metadata_are_validated_on_load(what, arrays, meta, match,
+                                                              tmp_path):
+    good = save_checkpoint(tmp_path / "checkpoint.npz", init_state(MODEL, TCFG), MODEL, TCFG,
+                           task_name="needle-pk", length=16)
+    bad = _rewrite(good, arrays, meta)
+    with pytest.raises(ValueError, match=match):
+        load_checkpoint(bad)
+    # resuming from it is refused the same way, before any training step
+    with pytest.raises(ValueError, match=match):
+        train(MODEL, TASK, TCFG, resume=bad, progress=False)
+
+
+def test_checkpoint_records_its_task_and_length(tmp_path):
+    from minititans.training import checkpoint_task
+
+    model = Model(CFG.with_(vocab_size=TASK.vocab_size))
+    path = tmp_path / "run.npz"
+    train(model, TASK, TrainConfig(steps=2, batch_size=1), checkpoint=path, until=1,
+          progress=False, task_name="needle-pk")
+    assert checkpoint_task(path) == ("needle-pk", 16)
+    # resuming it on another task (or another length) is refused
+    with pytest.raises(ValueError, match="trained on 'needle-pk' at length 16, not 'mqar'"):
+        train(model, MQARTask(16), TrainConfig(steps=2, batch_size=1),
+              resume=path, progress=False, task_name="mqar")
+    with pytest.raises(ValueError, match="at length 16, not 'needle-pk' at length 20"):
+        train(model, NeedleTask(length=20), TrainConfig(steps=2, batch_size=1), resume=path,
+              progress=False, task_name="needle-pk")
+    # and a different training config is named in a warning
+    with pytest.warns(RuntimeWarning, match="differs from the checkpoint's in lr, seed"):
+        train(model, TASK, TrainConfig(steps=2, batch_size=1, lr=0.5, seed=4), resume=path,
+              progress=False, task_name="needle-pk")
+
+
+def test_checkpoint_save_refuses_moments_of_the_wrong_shape(tmp_path):
+    state = init_state(MODEL, TCFG)
+    bad = type(state)(state.params, state.m[:-1], state.v, 0)
+    with pytest.raises(ValueError, match=r"state.m must have shape"):
+        save_checkpoint(tmp_path / "c.npz", bad, MODEL, TCFG)
+    with pytest.raises(ValueError, match="task_name must be one of"):
+        save_checkpoint(tmp_path / "c.npz", state, MODEL, TCFG, task_name="needle")
+    assert not (tmp_path / "c.npz").exists()
+
+
+P2 = mt.init_memory(np.random.default_rng(1), 3, 3, depth=2, expansion=2, residual_norm=True)
+
+MEMORY_FILE_CASES = [
+    ("depth-1 metadata over depth-2 weights", {}, dict(depth=1),
+     r"holds arrays \['S1', 'W1'\] that its metadata \(depth 1\) does not describe"),
+    ("depth-3 metadata over depth-2 weights", {}, dict(depth=3), r"missing arrays \['W2', "
+     "'S2'\\] \\(its metadata says depth 3\\)"),
+    ("depth a string", {}, dict(depth="2"), r"metadata 'depth' = '2'; expected an int >= 1"),
+    ("depth missing", {}, dict(depth=None), r"missing the metadata key 'depth'"),
+    ("unknown activation", {}, dict(activation="relu"), r"metadata 'activation' = 'relu'"),
+    ("residual_norm a string", {}, dict(residual_norm="no"),
+     r"metadata 'residual_norm' = 'no'; expected true or false"),
+    ("momentum of another shape", dict(S1=lambda s: s[:, :2]), {},
+     r"array 'S1' must have shape \(6, 3\)"),
+    ("weights that do not chain", dict(W1=lambda w: w[:5]), {},
+     r"array 'W1' must have 6 rows"),
+    ("integer weights", dict(W0=lambda w: w.astype(int)), {},
+     r"array 'W0' must be float32 or float64"),
+    ("complex momentum", dict(S0=lambda s: s.astype(complex)), {},
+     r"array 'S0' must be float32 or float64"),
+    ("NaN weights", dict(W1=lambda w: w * np.nan), {}, r"array 'W1' contains NaN"),
+    ("a vector for a weight", dict(W0=lambda w: w[0], S0=lambda s: s[0]), {},
+     r"array 'W0' must be a matrix"),
+    ("residual form that is not square", dict(W1=lambda w: w[:, :2], S1=lambda s: s[:, :2]),
+     {}, r"residual_norm is true but the memory maps 3 to 2 channels"),
+]
+
+
+@pytest.mark.parametrize("what,arrays,meta,match", MEMORY_FILE_CASES,
+                         ids=[c[0] for c in MEMORY_FILE_CASES])
+def test_memory_state_file_whose_metadata_disagrees_with_its_arrays_is_refused(
+        what, arrays, meta, match, tmp_path):
+    good = save_memory_state(tmp_path / "m.npz", mt.MemoryState.initial(P2))
+    with pytest.raises(ValueError, match=match):
+        load_memory_state(_rewrite(good, arrays, meta))
+
+
+def test_unreadable_metadata_is_a_value_error(tmp_path):
+    np.savez(tmp_path / "x.npz", W0=np.ones((2, 2)), __meta__=np.array("[1, 2]"))
+    with pytest.raises(ValueError, match="metadata that is not a JSON object"):
+        load_memory_state(tmp_path / "x.npz")
+    np.savez(tmp_path / "y.npz", W0=np.ones((2, 2)), __meta__=np.array("{depth"))
+    with pytest.raises(ValueError, match="unreadable metadata"):
+        load_memory_state(tmp_path / "y.npz")
+
+
+# --- issue 14, item 9: saves never replace what is not a regular file; stale temps go -------
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)  # the process has exited: its id is (almost surely) free
+
+
+def test_save_refuses_a_symlink_and_leaves_link_and_target_alone(tmp_path):
+    target = save_memory_state(tmp_path / "real.npz", S0)
+    before = target.read_bytes()
+    link = tmp_path / "link.npz"
+    link.symlink_to(target)
+    with pytest.raises(ValueError, match="link.npz is a symbolic link; refusing to replace it"):
+        save_memory_state(link, mt.MemoryState.initial(P2))
+    assert link.is_symlink() and target.read_bytes() == before
+    dangling = tmp_path / "dangling.npz"
+    dangling.symlink_to(tmp_path / "nowhere.npz")
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        save_arrays(dangling, {"x": np.ones(2)}, kind="x")
+    assert dangling.is_symlink() and not (tmp_path / "nowhere.npz").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.npz", "link.npz",
+                                                          "real.npz"]
+
+
+def test_save_refuses_a_directory_and_a_fifo(tmp_path):
+    import os
+    import stat
+
+    (tmp_path / "d.npz").mkdir()
+    with pytest.raises(ValueError, match="d.npz is a directory"):
+        save_checkpoint(tmp_path / "d.npz", init_state(MODEL, TCFG), MODEL, TCFG)
+    fifo = tmp_path / "f.npz"
+    os.mkfifo(fifo)  # a non-regular file we may create without root (like a device node)
+    with pytest.raises(ValueError, match="f.npz is not a regular file"):
+        save_memory_state(fifo, S0)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    with pytest.raises(ValueError, match="results.json is a directory"):
+        from minititans.io import update_results_json
+
+        (tmp_path / "out" / "results.json").mkdir(parents=True)
+        update_results_json(tmp_path / "out", "x", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "f.npz", "out"]
+
+
+def test_stale_temporaries_of_a_killed_save_are_removed_at_the_next_save(tmp_path):
+    import os
+    import time
+
+    path = save_memory_state(tmp_path / "m.npz", S0)
+    dead, alive = _dead_pid(), os.getppid()
+    stale = tmp_path / f"m.npz.{dead}-abcd1234.tmp"  # what a killed save leaves
+    running = tmp_path / f"m.npz.{alive}-efgh5678.tmp"  # a save still in progress
+    legacy_old = tmp_path / "m.npz.x1y2z3w4.tmp"  # older naming, hours old
+    legacy_new = tmp_path / "m.npz.q1r2s3t4.tmp"  # older naming, just written
+    other = tmp_path / f"n.npz.{dead}-abcd1234.tmp"  # another target's: not ours to touch
+    for p in (stale, running, legacy_old, legacy_new, other):
+        p.write_bytes(b"partial")
+    hours_ago = time.time() - 3 * 3600
+    os.utime(legacy_old, (hours_ago, hours_ago))
+    save_memory_state(path, mt.MemoryState.initial(P2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["m.npz", running.name, legacy_new.name, other.name])
+    assert load_memory_state(path).params.depth == 2
+
+
+def test_save_killed_mid_write_keeps_the_old_file_and_the_next_save_cleans_up(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = save_memory_state(tmp_path / "m.npz", S0)
+    before = path.read_bytes()
+    ready = tmp_path / "ready"
+    script = f"""
+import time, numpy as np, minititans as mt
+from minititans.io import save_memory_state
+def slow_savez(f, **arrays):
+    f.write(b"PK partial archive")
+    f.flush()
+    open({str(ready)!r}, "w").close()
+    time.sleep(60)
+np.savez = slow_savez
+st = mt.MemoryState.initial(mt.init_memory(np.random.default_rng(0), 3, 3, depth=1))
+save_memory_state({str(path)!r}, st)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 60
+        while not ready.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the child never reached the write"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = [p.name for p in tmp_path.glob("m.npz.*.tmp")]
+    assert len(left) == 1 and path.read_bytes() == before  # old file intact, one temp left
+    save_memory_state(path, mt.MemoryState.initial(P2))
+    assert list(tmp_path.glob("m.npz.*.tmp")) == []
+    assert load_memory_state(path).params.depth == 2
