@@ -363,20 +363,6 @@ def test_cli_bad_arguments_exit_with_usage(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,exc,match", [
-    (["train", "--config", "bogus=1", "--steps", "1"], ValueError,
-     "--config has unknown ModelConfig fields: bogus"),
-    (["train", "--config", "d_model=x", "--steps", "1"], TypeError, "d_model must be an int"),
-    (["train", "--lr", "-1", "--steps", "1"], ValueError, "lr must be > 0"),
-    (["train", "--length", "0", "--steps", "1"], ValueError, "length must be >= 6"),
-    (["train", "--config", "memory_activation=relu", "--steps", "1"], ValueError,
-     "memory_activation must be one of"),
-], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
-def test_cli_bad_values_raise_a_clear_error(argv, exc, match):
-    with pytest.raises(exc, match=match):
-        cli_main(argv)
-
-
 # --- edge cases that must work ------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["reference", "numba"])
@@ -428,13 +414,6 @@ def test_linear_attention_of_an_empty_sequence_returns_the_state(f):
 def test_model_apply_one_token_and_uint8_tokens():
     logits = MODEL.apply(PARAMS, np.zeros(1, np.uint8))
     assert logits.shape == (1, 8) and np.all(np.isfinite(logits))
-
-
-def test_cli_config_json_is_checked(tmp_path):
-    cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"not_a_field": 1}))
-    with pytest.raises(ValueError, match="not_a_field"):
-        cli_main(["train", "--config", str(cfg), "--steps", "1"])
 
 
 # --- issue 14, item 6: arguments that used to be accepted silently ---------------------------
@@ -752,3 +731,195 @@ save_memory_state({str(path)!r}, st)
     save_memory_state(path, mt.MemoryState.initial(P2))
     assert list(tmp_path.glob("m.npz.*.tmp")) == []
     assert load_memory_state(path).params.depth == 2
+
+
+# --- issue 14, items 12-13: every flag of train/ablate/recall/bench checked before any work ---
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Make the heavy part of each command fail loudly: a usage error must come first."""
+    import minititans.bench
+    import minititans.experiments.ablation
+    import minititans.experiments.recall
+    import minititans.training
+
+    def started(*args, **kwargs):
+        raise AssertionError("the command started its work before checking its flags")
+
+    monkeypatch.setattr(minititans.training, "train", started)
+    monkeypatch.setattr(minititans.experiments.ablation, "ablation_experiment", started)
+    monkeypatch.setattr(minititans.experiments.recall, "recall_experiment", started)
+    monkeypatch.setattr(minititans.bench, "run_bench", started)
+    monkeypatch.setattr(minititans.bench, "run_stream", started)
+
+
+def _usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main([str(a) for a in argv])
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+FILE = "pyproject.toml"  # an existing regular file (tests run from the repository root)
+USAGE_CASES = [
+    # (argv, text the error must contain: the flag and what was expected)
+    (["train", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["train", "--steps", "-1"], "--steps must be >= 1, got -1"),
+    (["train", "--eval-samples", "0"], "--eval-samples must be >= 1"),
+    (["train", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["train", "--window", "0"], "--window must be >= 1"),
+    (["train", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["train", "--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["train", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["train", "--lr", "0"], "--lr must be a finite number > 0"),
+    (["train", "--lr", "-1"], "--lr must be a finite number > 0"),
+    (["train", "--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+    (["train", "--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint"),
+    (["train", "--length", "1000000000"], "--length must be <= 16384, got 1000000000"),
+    (["train", "--length", "0"], "--length must be >= 1"),
+    (["train", "--length", "3"], "--length 3 does not fit the task needle-pk: length must be"),
+    (["train", "--eval-lengths", "32", "0"], "--eval-lengths must be >= 1, got 0"),
+    (["train", "--eval-lengths", "20000"], "--eval-lengths must be <= 16384"),
+    (["train", "--out", FILE], f"--out {FILE} exists and is not a directory"),
+    (["train", "--checkpoint", "tests"], "--checkpoint tests exists and is not a regular file"),
+    (["train", "--config", "backend=cuda"], "--config backend='cuda' conflicts with --backend"),
+    (["train", "--config", "model=mac"], "--config model='mac' conflicts with --model"),
+    (["train", "--model", "mac", "--config", "model=mag"], "conflicts with --model"),
+    (["train", "--config", "vocab_size=3"], "--config vocab_size=3 conflicts with --task"),
+    (["train", "--window", "8", "--config", "window=4"], "--config window=4 conflicts with "
+     "--window"),
+    (["train", "--config", "dmodel=24"], "--config has unknown ModelConfig fields: dmodel "
+     "(did you mean d_model?)"),
+    (["train", "--config", "bogus=1"], "--config has unknown ModelConfig fields: bogus"),
+    (["train", "--config", '{"d_model": }'], "--config: not valid JSON"),
+    (["train", "--config", "[1, 2]"], "--config: must be a JSON object"),
+    (["train", "--config", "d_model"], "--config: items must be key=value, got 'd_model'"),
+    (["train", "--config", "missing.json"], "--config: no such file: missing.json"),
+    (["train", "--config", "d_model=x"], "--config: d_model must be an int, got 'x'"),
+    (["train", "--config", "memory_activation=relu"], "--config: memory_activation must be"),
+    (["train", "--config", "d_model=10,num_heads=3"], "--config: d_model=10 must be "
+     "divisible"),
+    (["ablate", "--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["ablate", "--steps", "0"], "--steps must be >= 1"),
+    (["ablate", "--workers", "0"], "--workers must be >= 1"),
+    (["ablate", "--length", "1000000000"], "--length must be <= 16384"),
+    (["ablate", "--eval-length", "0"], "--eval-length must be >= 1"),
+    (["ablate", "--length", "2"], "--length 2 does not fit the task mqar"),
+    (["ablate", "--out", FILE], f"--out {FILE} exists and is not a directory"),
+    (["recall", "--seed", "-1"], "--seed must be >= 0"),
+    (["recall", "--out", FILE], f"--out {FILE} exists and is not a directory"),
+    (["bench", "--stream", "--tokens", "0"], "--tokens must be >= 1, got 0"),
+    (["bench", "--stream", "--depth", "0"], "--depth must be >= 1, got 0"),
+    (["bench", "--out", "tests"], "--out tests exists and is not a regular file"),
+]
+
+
+@pytest.mark.parametrize("argv,match", USAGE_CASES, ids=[" ".join(c[0]) for c in USAGE_CASES])
+def test_cli_flag_checked_before_any_work(argv, match, no_work, capsys):
+    err = _usage_error(argv, capsys)
+    assert match in err
+    assert f"usage: minititans {argv[0]}" in err  # the subcommand's own usage line
+
+
+def test_cli_config_file_and_results_json_are_checked_before_work(tmp_path, no_work, capsys):
+    bad = tmp_path / "c.json"
+    bad.write_text("{not json")
+    assert "is not a readable JSON file" in _usage_error(["train", "--config", bad], capsys)
+    bad.write_text(json.dumps({"not_a_field": 1}))
+    assert "unknown ModelConfig fields: not_a_field" in _usage_error(
+        ["train", "--config", bad], capsys)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("[truncated")
+    for cmd in ("train", "ablate", "recall"):
+        assert "results.json exists but is not readable JSON" in _usage_error(
+            [cmd, "--out", out], capsys)
+
+
+@pytest.fixture(scope="module")
+def mqar_checkpoint(tmp_path_factory):
+    """A two-step run of a tiny SWA on MQAR of length 12, with its checkpoint."""
+    path = tmp_path_factory.mktemp("ck") / "ck.npz"
+    assert cli_main(["train", "--task", "mqar", "--length", "12", "--model", "swa",
+                     "--steps", "2", "--config", "d_model=8,num_heads=1", "--checkpoint",
+                     str(path), "--eval-samples", "2", "--quiet", "--backend",
+                     "reference"]) == 0
+    return path
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--task", "needle-pk"], "--task needle-pk conflicts with the checkpoint"),
+    (["--length", "16"], "--length 16 conflicts with the checkpoint"),
+    (["--model", "lmm"], "--model lmm conflicts with the checkpoint"),
+    (["--config", "d_model=16"], "--config d_model=16 conflicts with the checkpoint"),
+    (["--config", "dmodel=16"], "unknown ModelConfig fields: dmodel"),
+    (["--config", "backend=cuda"], "--config backend='cuda' conflicts with the backend of "
+     "this run ('reference')"),
+    (["--lr", "0.5"], "--lr 0.5 conflicts with the checkpoint"),
+    (["--seed", "3"], "--seed 3 conflicts with the checkpoint"),
+    (["--batch-size", "4"], "--batch-size 4 conflicts with the checkpoint"),
+    (["--window", "8"], "--window 8 conflicts with the checkpoint"),
+    (["--steps", "1"], "--steps 1 is below the checkpoint's step 2"),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_cli_resume_refuses_flags_that_disagree_with_the_checkpoint(flags, match, no_work,
+                                                                    mqar_checkpoint, capsys):
+    err = _usage_error(["train", "--resume", mqar_checkpoint, *flags], capsys)
+    assert match in err
+
+
+def test_cli_resume_continues_the_recorded_task_and_agreeing_flags_are_fine(
+        mqar_checkpoint, tmp_path, capsys):
+    import shutil
+
+    from minititans.training import checkpoint_task
+
+    ck = tmp_path / "ck.npz"
+    shutil.copy(mqar_checkpoint, ck)
+    assert checkpoint_task(ck) == ("mqar", 12)
+    # no --task/--length: the checkpoint's (the defaults would be needle-pk at 32)
+    assert cli_main(["train", "--resume", str(ck), "--checkpoint", str(ck), "--steps", "3",
+                     "--model", "swa", "--lr", "0.01", "--eval-samples", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "on mqar (length 12)" in out and "length    12:" in out
+    state, _, cfg, _ = load_checkpoint(ck)
+    assert state.step == 3 and cfg.steps == 3 and checkpoint_task(ck) == ("mqar", 12)
+    # another backend is allowed, and said
+    assert cli_main(["train", "--resume", str(ck), "--backend", "numba", "--eval-samples",
+                     "2", "--quiet"]) == 0
+    assert "resumes with the numba backend; the checkpoint was written with reference" in \
+        capsys.readouterr().err
+
+
+def test_cli_resume_of_a_checkpoint_without_a_task_needs_task_and_length(tmp_path, capsys):
+    path = _rewrite(save_checkpoint(tmp_path / "old_checkpoint.npz", init_state(MODEL, TCFG),
+                                    MODEL, TCFG), {}, dict(task=None, length=None))
+    assert "does not record its task" in _usage_error(["train", "--resume", path], capsys)
+    assert "--resume: " in _usage_error(["train", "--resume", tmp_path / "none.npz"], capsys)
+
+
+def test_cli_ctrl_c_during_train_names_the_last_checkpoint_and_exits_130(tmp_path, monkeypatch,
+                                                                         capsys):
+    import minititans.training
+
+    real_step = minititans.training.adamw_step
+    calls = []
+
+    def interrupted_step(state, g, cfg):
+        calls.append(state.step)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the third step
+        return real_step(state, g, cfg)
+
+    monkeypatch.setattr(minititans.training, "adamw_step", interrupted_step)
+    ck = tmp_path / "run.npz"
+    argv = ["train", "--task", "mqar", "--length", "12", "--model", "swa", "--steps", "5",
+            "--config", "d_model=8,num_heads=1", "--eval-samples", "2", "--quiet",
+            "--backend", "reference"]
+    assert cli_main([*argv, "--checkpoint", str(ck), "--checkpoint-every", "1"]) == 130
+    err = capsys.readouterr().err
+    assert f"the last checkpoint is {ck} (step 2)" in err
+    assert f"minititans train --resume {ck}" in err
+    assert load_checkpoint(ck)[0].step == 2
+    calls.clear()
+    assert cli_main(argv) == 130
+    assert "no checkpoint was written" in capsys.readouterr().err
