@@ -178,6 +178,22 @@ def init_state(model: Model, cfg: TrainConfig) -> TrainState:
     return TrainState(flat, onp.zeros_like(flat), onp.zeros_like(flat), 0)
 
 
+def _check_train_state(state: TrainState, model: Model, cfg: TrainConfig) -> TrainState:
+    """A TrainState passed as ``resume``: the checks :func:`load_checkpoint` makes on a file."""
+    n = ravel(model.init(onp.random.default_rng(0)))[0].size
+    for name in ("params", "m", "v"):
+        arr = onp.asarray(getattr(state, name))
+        if arr.dtype not in (onp.float32, onp.float64) or arr.shape != (n,):
+            raise ValueError(f"resume.{name} must be a float vector of shape ({n},) for this "
+                             f"model, got dtype {arr.dtype} and shape {arr.shape}")
+        if not onp.all(onp.isfinite(arr)):
+            raise ValueError(f"resume.{name} contains NaN or inf")
+    step = check_int("resume.step", state.step, minimum=0)
+    if step > cfg.steps:
+        raise ValueError(f"resume.step = {step} is past cfg.steps = {cfg.steps}")
+    return state
+
+
 def _check_task_record(task_name, length) -> None:
     from .tasks import TASKS
 
@@ -321,7 +337,7 @@ def train(model: Model, task, cfg: TrainConfig, *, resume=None, checkpoint=None,
     if resume is None:
         state = init_state(model, cfg)
     elif isinstance(resume, TrainState):
-        state = resume
+        state = _check_train_state(resume, model, cfg)
     else:
         state, saved_model, saved_cfg, _, saved_task, saved_length = _read_checkpoint(resume)
         if saved_model.config != model.config:

@@ -923,3 +923,18 @@ def test_cli_ctrl_c_during_train_names_the_last_checkpoint_and_exits_130(tmp_pat
     calls.clear()
     assert cli_main(argv) == 130
     assert "no checkpoint was written" in capsys.readouterr().err
+
+
+def test_resume_from_a_train_state_in_memory_is_checked_like_a_file():
+    from minititans.training import TrainState
+
+    good = init_state(MODEL, TCFG)
+    for bad, match in [
+        (TrainState(good.params, good.m[:-2], good.v, 0), r"resume.m must be a float vector"),
+        (TrainState(good.params.astype(int), good.m, good.v, 0), "resume.params must be a float"),
+        (TrainState(good.params, good.m, good.v * np.nan, 0), "resume.v contains NaN"),
+        (TrainState(good.params, good.m, good.v, -1), "resume.step must be >= 0"),
+        (TrainState(good.params, good.m, good.v, 9), "resume.step = 9 is past cfg.steps = 1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            train(MODEL, TASK, TCFG, resume=bad, progress=False)
