@@ -8,6 +8,7 @@ one-token sequences, non-contiguous and read-only arrays must *work*; they are a
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -760,7 +761,9 @@ def _usage_error(argv, capsys):
     return capsys.readouterr().err
 
 
-FILE = "pyproject.toml"  # an existing regular file (tests run from the repository root)
+HERE = Path(__file__).resolve().parent
+FILE = str(HERE.parent / "pyproject.toml")  # an existing regular file
+DIR = str(HERE)  # an existing directory
 USAGE_CASES = [
     # (argv, text the error must contain: the flag and what was expected)
     (["train", "--steps", "0"], "--steps must be >= 1, got 0"),
@@ -781,7 +784,7 @@ USAGE_CASES = [
     (["train", "--eval-lengths", "32", "0"], "--eval-lengths must be >= 1, got 0"),
     (["train", "--eval-lengths", "20000"], "--eval-lengths must be <= 16384"),
     (["train", "--out", FILE], f"--out {FILE} exists and is not a directory"),
-    (["train", "--checkpoint", "tests"], "--checkpoint tests exists and is not a regular file"),
+    (["train", "--checkpoint", DIR], f"--checkpoint {DIR} exists and is not a regular file"),
     (["train", "--config", "backend=cuda"], "--config backend='cuda' conflicts with --backend"),
     (["train", "--config", "model=mac"], "--config model='mac' conflicts with --model"),
     (["train", "--model", "mac", "--config", "model=mag"], "conflicts with --model"),
@@ -810,11 +813,13 @@ USAGE_CASES = [
     (["recall", "--out", FILE], f"--out {FILE} exists and is not a directory"),
     (["bench", "--stream", "--tokens", "0"], "--tokens must be >= 1, got 0"),
     (["bench", "--stream", "--depth", "0"], "--depth must be >= 1, got 0"),
-    (["bench", "--out", "tests"], "--out tests exists and is not a regular file"),
+    (["bench", "--out", DIR], f"--out {DIR} exists and is not a regular file"),
 ]
 
 
-@pytest.mark.parametrize("argv,match", USAGE_CASES, ids=[" ".join(c[0]) for c in USAGE_CASES])
+@pytest.mark.parametrize("argv,match", USAGE_CASES,
+                         ids=[" ".join(Path(a).name if "/" in a else a for a in c[0])
+                              for c in USAGE_CASES])
 def test_cli_flag_checked_before_any_work(argv, match, no_work, capsys):
     err = _usage_error(argv, capsys)
     assert match in err
