@@ -12,7 +12,6 @@ from minititans.attention import (
     attention_mask,
     causal_attention,
     mac_mask,
-    mag_mask,
     merge_heads,
     multi_head_attention,
     plot_mask,
@@ -162,12 +161,11 @@ def test_eq23_mac_mask_full_prefix_and_memory_causal_segment():
     assert mc[:, :2].all()
 
 
-def test_eq27_mag_mask_is_sliding_window_plus_prefix():
-    """Eqs. 27 and 31 share one mask (MAG and MAL); ``mag_mask`` is its older name."""
+def test_eq27_sliding_window_mask_is_window_plus_prefix():
+    """Eqs. 27 and 31 share one mask (MAG and MAL): the window plus the persistent prefix."""
     m = sliding_window_mask(num_persistent=2, T=6, window=3)
     np.testing.assert_array_equal(m, attention_mask(8, window=3, prefix=2))
     assert m[7, :2].all() and not m[7, 4] and m[7, 5:].all()
-    assert mag_mask is sliding_window_mask
 
 
 def test_eq2_explicit_mask_equals_window_and_prefix_and_mac_mask_matches_naive():
@@ -195,7 +193,7 @@ def test_eq2_explicit_mask_equals_window_and_prefix_and_mac_mask_matches_naive()
 def test_plot_mask_draws_the_mask():
     import matplotlib.pyplot as plt
 
-    m = mag_mask(2, 6, 3)
+    m = sliding_window_mask(2, 6, 3)
     ax = plot_mask(m, title="MAG")
     np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), m)
     assert ax.get_title() == "MAG"
