@@ -113,7 +113,6 @@ def sliding_window_mask(num_persistent: int, T: int, window: int):
     return attention_mask(n_p + T, window=window, prefix=n_p)
 
 
-mag_mask = sliding_window_mask  # the name notebook 08 and older pages use
 
 
 def plot_mask(mask, ax=None, title=None):
