@@ -31,8 +31,15 @@ import numba
 import numpy as np
 from autograd.tracer import getval
 
-from .._checks import check_array, check_choice, check_gate, check_int, check_qkv, check_qkv_rows
-from ..linear_attention import FEATURE_MAPS
+from .._checks import (
+    FEATURE_MAPS,
+    check_array,
+    check_choice,
+    check_gate,
+    check_int,
+    check_qkv,
+    check_qkv_rows,
+)
 from ._jit import kernel, parallel_kernel
 from .mlp import as_kernel_array, fast_exp
 

@@ -19,18 +19,15 @@ chunk boundary).
 
 from __future__ import annotations
 
-import warnings
-
 import autograd.numpy as np
 import numpy as onp
 from autograd.tracer import getval
 
-from .._checks import check_array, check_choice, check_gate, check_int
+from .._checks import check_array, check_choice, check_gate, check_int, report_divergence
 from .loss import check_loss, per_token_surprise, surprise
 from .models import forward_per_token, memory_forward, spec_of
 from .parallel_scan import linear_recurrence
 from .update import (
-    MemoryDivergenceError,
     MemoryState,
     apply_update,
     check_finite,
@@ -170,8 +167,5 @@ def _check_chunk(M_all, start, on_nonfinite):
         ok &= onp.all(onp.isfinite(getval(w)), axis=(1, 2))
     if ok.all():
         return True
-    first = start + int(onp.argmin(ok))
-    if on_nonfinite == "raise":
-        raise MemoryDivergenceError(first)
-    warnings.warn(str(MemoryDivergenceError(first)), RuntimeWarning, stacklevel=3)
+    report_divergence(start + int(onp.argmin(ok)), on_nonfinite)
     return False
