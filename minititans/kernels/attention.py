@@ -41,7 +41,8 @@ from .._checks import (
     check_qkv_rows,
 )
 from ._jit import kernel, parallel_kernel
-from .mlp import as_kernel_array, fast_exp
+from .layout import as_kernel_array
+from .scalars import fast_exp
 
 _BLOCK = 64  # queries per block of the windowed attention
 
