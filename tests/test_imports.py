@@ -5,6 +5,7 @@ in it counts: at the top, inside functions, under ``if``/``try``; relative impor
 resolved against the module's package. Two graphs must be acyclic: the modules, and the
 top-level units (``memory``, ``kernels``, ``models``, ... and the single-file modules), so
 that for example ``memory`` ↔ ``kernels`` is a cycle even when no single module pair is.
+The same walk checks that no function takes more than 12 positional parameters.
 """
 
 import ast
@@ -147,3 +148,15 @@ def test_low_level_parts_import_nothing_above_them(low):
              "minititans.linear_attention", "minititans.layers", "minititans.training"}
     units = unit_graph(import_graph())
     assert not units[low] & above, f"{low} imports {sorted(units[low] & above)}"
+
+
+def test_no_function_takes_more_than_12_positional_parameters():
+    # the kernels group their arguments in named tuples (minititans/kernels/layout.py)
+    wide = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                count = len(node.args.posonlyargs) + len(node.args.args)
+                if count > 12:
+                    wide.append(f"{path.relative_to(PACKAGE)}:{node.lineno} ({count})")
+    assert not wide, "functions with more than 12 positional parameters: " + ", ".join(wide)
