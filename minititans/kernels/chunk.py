@@ -351,7 +351,7 @@ def chunk_vjp(M0, S0, Mbar, Sbar, spec, seq, tape, t0, gout, grads, co):
         np.dot(di, layer(Sbar, shapes, offsets, i).T, tape_view(DS, boff[i], n, f))
         _rowdot(xm, di, mU)
         _rowdot(xs, di, sU)
-    # 3. gate products of the cotangents, then the gates (Eqs. 13-14 backwards)
+    # 3. gate products of the cotangents, then the gates (Eqs. 13–14 backwards)
     aR, cR = np.empty((n, n), M0.dtype), np.empty((n, n), M0.dtype)
     aM, cM, cS = np.empty(n, M0.dtype), np.empty(n, M0.dtype), np.empty(n, M0.dtype)
     _backward_coefficients(seq.alpha, seq.eta, t0, n, spec.read_after, aR, aM, cR, cM, cS)
