@@ -25,8 +25,13 @@ from __future__ import annotations
 from collections import namedtuple
 
 import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.core.imputils import impl_ret_borrowed
+from numba.extending import intrinsic
+from numba.np.arrayobj import make_array, populate_array
 
-from ._jit import kernel
+from ._jit import kernel, specialise
 
 ALIGN_BYTES = 64  # one cache line / one AVX-512 register: aligned rows load in one piece
 
@@ -123,16 +128,49 @@ def make_spec(shapes, offsets, dtype, act_kind, residual, loss_kind, p, delta, c
                 int(loss_kind), t(p), t(delta), t(clip), bool(read_after))
 
 
+def tape_view(tape, start, n, width):
+    """Rows ``(n, width)`` of a flat C-contiguous ``tape`` from ``start``: a C-contiguous view.
+
+    Inside the kernels this is :func:`_rows_view`, which builds the view directly: numba's
+    general ``reshape`` costs about 35 ns a call, which the per-token loops would pay a few
+    times a token.
+    """
+    return tape[start:start + n * width].reshape((n, width))
+
+
+@intrinsic
+def _rows_view(typingctx, tape, start, n, width):
+    """The view of :func:`tape_view` for a 1-d C-contiguous array (shares its memory)."""
+    if not (isinstance(tape, types.Array) and tape.ndim == 1 and tape.layout == "C"):
+        return None
+    view = tape.copy(ndim=2, layout="C")
+
+    def codegen(context, builder, signature, args):
+        src = make_array(signature.args[0])(context, builder, args[0])
+        start, n, width = (context.cast(builder, v, t, types.intp)
+                           for v, t in zip(args[1:], signature.args[1:]))
+        itemsize = context.get_constant(
+            types.intp, context.get_abi_sizeof(context.get_data_type(tape.dtype)))
+        row_bytes = builder.mul(width, itemsize)
+        out = make_array(view)(context, builder)
+        populate_array(out, data=builder.gep(src.data, [start]),
+                       shape=cgutils.pack_array(builder, [n, width]),
+                       strides=cgutils.pack_array(builder, [row_bytes, itemsize]),
+                       itemsize=itemsize, meminfo=src.meminfo, parent=src.parent)
+        return impl_ret_borrowed(context, builder, view, out._getvalue())
+
+    return view(tape, start, n, width), codegen
+
+
+@specialise(tape_view)
+def _tape_view_impl(tape, start, n, width):
+    return lambda tape, start, n, width: _rows_view(tape, start, n, width)
+
+
 @kernel
 def layer(flat, shapes, offsets, i):
     """$W_i$ as a ``(fan_in, fan_out)`` C-contiguous view into ``flat`` (``(P,)`` or longer)."""
-    return flat[offsets[i]:offsets[i + 1]].reshape((shapes[i, 0], shapes[i, 1]))
-
-
-@kernel
-def tape_view(tape, start, n, width):
-    """Rows ``(n, width)`` of a flat tape starting at ``start`` (a C-contiguous view)."""
-    return tape[start:start + n * width].reshape((n, width))
+    return tape_view(flat, offsets[i], shapes[i, 0], shapes[i, 1])
 
 
 # Loops rather than slice assignments: numba compiles them much faster, and they vectorise.
