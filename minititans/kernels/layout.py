@@ -31,7 +31,7 @@ from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic
 from numba.np.arrayobj import make_array, populate_array
 
-from ._jit import kernel, specialise
+from ._jit import inline_kernel, kernel, specialise
 
 ALIGN_BYTES = 64  # one cache line / one AVX-512 register: aligned rows load in one piece
 
@@ -167,7 +167,7 @@ def _tape_view_impl(tape, start, n, width):
     return lambda tape, start, n, width: _rows_view(tape, start, n, width)
 
 
-@kernel
+@inline_kernel
 def layer(flat, shapes, offsets, i):
     """$W_i$ as a ``(fan_in, fan_out)`` C-contiguous view into ``flat`` (``(P,)`` or longer)."""
     return tape_view(flat, offsets[i], shapes[i, 0], shapes[i, 1])
@@ -198,7 +198,7 @@ def add_rows(src, dst):
             dst[r, j] += src[r, j]
 
 
-@kernel
+@inline_kernel
 def key_rows(seq, tape, t0, n, c, r0):
     """:class:`KeyRows` of the keys ``t0 .. t0 + n - 1``: their tapes are slot ``c`` of the
     chunk tapes and rows ``r0 ..`` of the per-token ones (``c = r0 = t0`` for one token a
@@ -207,7 +207,7 @@ def key_rows(seq, tape, t0, n, c, r0):
                    tape.kln[r0:r0 + n], tape.KP[r0:r0 + n], tape.KD[c], tape.KDH[c])
 
 
-@kernel
+@inline_kernel
 def query_rows(seq, tape, t0, n, c, r0):
     """:class:`QueryRows` of the queries ``t0 .. t0 + n - 1`` (slots as :func:`key_rows`)."""
     return QueryRows(seq.Q[t0:t0 + n], tape.QZ[c], tape.QH[c], tape.QD1[c], tape.qln[r0:r0 + n])

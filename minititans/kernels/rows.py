@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from ._jit import kernel
+from ._jit import inline_kernel, kernel
 from .layout import copy_rows, layer, tape_view
 from .scalars import LN_EPS, hidden, loss_grad
 
@@ -44,7 +44,7 @@ def matmul(X, W, out):
         np.dot(X, W, out)
 
 
-@kernel
+@inline_kernel
 def matmul_t(X, W, out):
     """``out = X Wᵀ`` for ``X`` ``(n, o)``, ``W`` ``(f, o)`` (one row: a BLAS gemv)."""
     if X.shape[0] == 1:
@@ -71,7 +71,7 @@ def memory_forward_rows(W, spec, X, Z, H, HD1, want_d1):
                    want_d1)
 
 
-@kernel
+@inline_kernel
 def output_rows(zL, X, residual, ln, out):
     r"""$\mathcal{M}(x)$ row by row: ``out = z_L``, or ``X + LN(z_L)`` with
     $\mathrm{LN}(z) = (z - \mu)/\sqrt{\mathrm{var} + \epsilon}$ and ``ln[r] = (mu, rstd)``."""
@@ -117,7 +117,7 @@ def layer_norm_backward_rows(z, ln, g, dz):
             dz[r, j] = rstd * (g[r, j] - gm - (z[r, j] - mu) * rstd * gzm)
 
 
-@kernel
+@inline_kernel
 def backprop_rows(W, spec, Z, ln, HD1, D, DH):
     r"""Back-propagate through the memory at ``W``: on entry the last block of the tape ``D``
     holds $\partial\ell/\partial\mathcal{M}(x)$ of ``n = ln.shape[0]`` rows; on return ``D``
@@ -143,7 +143,7 @@ def backprop_rows(W, spec, Z, ln, HD1, D, DH):
                 dprev[r, j] = dh[r, j] * d1[r, j]
 
 
-@kernel
+@inline_kernel
 def surprise_rows(W, spec, key):
     r"""Eq. 8 for every row of ``key`` (:class:`.layout.KeyRows`, forward taped at ``W``):
     $\delta_L = \partial\ell(\mathcal{M}(k), v)/\partial\mathcal{M}(k)$, then
@@ -157,7 +157,7 @@ def surprise_rows(W, spec, key):
     backprop_rows(W, spec, key.Z, key.ln, key.HD1, key.D, key.DH)
 
 
-@kernel
+@inline_kernel
 def clip_scales(spec, X, H, D, unorm2, uscale):
     r"""Per row of the tapes (``X`` ``(n, d_in)``): ``unorm2`` $= \lVert u\rVert^2 =
     \sum_i \lVert h_{i-1}\rVert^2\lVert\delta_i\rVert^2$ (the norm of an outer product is the
@@ -178,7 +178,7 @@ def clip_scales(spec, X, H, D, unorm2, uscale):
         uscale[r] = min(t(1.0), spec.clip / max(math.sqrt(total), t(1e-30)))
 
 
-@kernel
+@inline_kernel
 def all_finite(a):
     """No NaN or inf in the 1-d array ``a``."""
     for i in range(a.shape[0]):
