@@ -18,9 +18,15 @@ from __future__ import annotations
 import autograd.numpy as np
 import numpy as onp
 
-from ._checks import check_array, check_choice, check_gate, check_qkv, check_qkv_rows, value_of
-
-FEATURE_MAPS = ("identity", "elu1")
+from ._checks import (
+    FEATURE_MAPS,
+    check_array,
+    check_choice,
+    check_gate,
+    check_qkv,
+    check_qkv_rows,
+    value_of,
+)
 
 
 def apply_feature_map(x, feature_map: str = "identity"):

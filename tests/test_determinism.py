@@ -35,7 +35,7 @@ def test_reference_backend_is_bit_identical_across_processes(b):
 
 NUMBA = """
 import hashlib, numpy as np, minititans as mt
-from minititans.kernels.scan import numba_memory_scan_batched
+from minititans.memory.scan import numba_memory_scan_batched
 rng = np.random.default_rng(42)
 params = mt.init_memory(rng, 8, 8, depth=2)
 K = rng.standard_normal((2, 40, 8)); K /= np.linalg.norm(K, axis=-1, keepdims=True)

@@ -1,7 +1,7 @@
 """The numba memory scan against the reference: Eqs. 8, 13-14 (token loop), 16-18 (chunked).
 
 Parity is float64 to 1e-10 relative and float32 to 1e-4; the gradients of the inner loss are
-derived by hand in minititans.kernels.mlp and checked here against autograd. A small subset
+derived by hand in minititans.kernels.rows (their own tests: test_kernels_rows.py). A small subset
 also runs with NUMBA_DISABLE_JIT=1 (in a subprocess), so the kernels are checked as plain
 Python too.
 """
@@ -17,9 +17,7 @@ import pytest
 from naive_memory import unit_rows
 
 import minititans as mt
-from minititans.kernels import mlp
-from minititans.kernels.scan import numba_memory_scan_batched
-from minititans.memory.loss import per_token_surprise
+from minititans.memory.scan import numba_memory_scan_batched
 
 TOL = {np.float64: 1e-10, np.float32: 1e-4}
 
@@ -101,7 +99,7 @@ def test_eq16_eq18_numba_chunked_matches_reference(rng, chunk_size, depth, activ
                                                             (3, "silu", False)])
 def test_eq13_eq18_numba_float32_matches_reference(rng, chunk_size, depth, activation,
                                                    residual_norm):
-    # float32 uses the vectorised erf/exp of kernels.mlp: equal to 1e-4
+    # float32 uses the vectorised erf/exp of kernels.scalars: equal to 1e-4
     state, K, V, Q, gates = _case(rng, 20, 16, depth, activation, residual_norm,
                                   dtype=np.float32)
     ref, fast = _both(state, K, V, Q, gates, chunk_size=chunk_size)
@@ -134,72 +132,6 @@ def test_numba_scan_streams_across_calls(rng, chunk_size):
     np.testing.assert_allclose(np.concatenate([out1, out2]), whole[0], rtol=1e-12, atol=1e-14)
     for a, b in zip(end.params, whole[1].params):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
-
-
-@pytest.mark.parametrize("depth,activation,residual_norm,loss", [
-    (1, "gelu", False, "l2"), (1, "silu", True, "lp"), (2, "gelu", True, "huber"),
-    (2, "silu", False, "dot"), (3, "gelu", False, "lp"), (3, "silu", True, "l2")])
-def test_eq8_hand_derived_surprise_matches_autograd(rng, depth, activation, residual_norm, loss):
-    # mlp_forward / mlp_backward / weight_grad give u_i = h_{i-1}ᵀ δ_i for every row
-    n, d = 4, 5
-    params = mt.init_memory(rng, d, d, depth=depth, expansion=2, activation=activation,
-                            residual_norm=residual_norm)
-    X, V = rng.standard_normal((n, d)), rng.standard_normal((n, d))
-    flat, shapes, offsets = mlp.pack_weights(params, np.float64)
-    zoff, hoff = mlp.tape_offsets(shapes, n)
-    Z, D = np.zeros(zoff[-1]), np.zeros(zoff[-1])  # z_1..z_L and δ_1..δ_L
-    H = np.zeros(max(int(hoff[-1]), 1))  # h_1..h_{L-1}
-    ln, out, G, GX = (np.zeros((n, 2)), np.zeros((n, d)), np.zeros((n, d)), np.zeros((n, d)))
-    act = mlp.ACTIVATION_CODES[activation]
-    mlp.mlp_forward(flat, shapes, offsets, act, residual_norm, X, Z, H, ln, out)
-    np.testing.assert_allclose(out, mt.memory_forward(params, X), rtol=1e-12, atol=1e-14)
-    mlp.loss_grad_rows(out, V, mlp.LOSS_CODES[loss], 3.0, 0.5, G)
-    mlp.mlp_backward(flat, shapes, offsets, act, residual_norm, X, Z, H, ln, G, D, GX, False)
-    want = per_token_surprise(params, X, V, loss, p=3.0, delta=0.5)
-    for r in range(n):
-        coef = np.zeros(n)
-        coef[r] = 1.0
-        got = np.zeros_like(flat)
-        mlp.weight_grad(shapes, offsets, X, H, D, coef, np.zeros(n * 4 * d), got)
-        for g, w in zip(mlp.unpack_weights(got, shapes, offsets), want):
-            np.testing.assert_allclose(g, w[r], rtol=1e-10, atol=1e-12)
-
-
-def test_activation_derivatives_and_float32_fast_functions(rng):
-    # σ' and σ'' against central differences; the float32 erf/exp against libm
-    import numba
-
-    x = np.linspace(-6, 6, 101)
-    h = 1e-5
-    for kind in (0, 1):
-        f = np.array([mlp.act(v, kind) for v in x])
-        d1 = np.array([mlp.act_d1(v, kind) for v in x])
-        d2 = np.array([mlp.act_d2(v, kind) for v in x])
-        fp = np.array([mlp.act(v + h, kind) for v in x])
-        fm = np.array([mlp.act(v - h, kind) for v in x])
-        np.testing.assert_allclose(d1, (fp - fm) / (2 * h), atol=1e-8)
-        d1p = np.array([mlp.act_d1(v + h, kind) for v in x])
-        d1m = np.array([mlp.act_d1(v - h, kind) for v in x])
-        np.testing.assert_allclose(d2, (d1p - d1m) / (2 * h), atol=1e-8)
-        assert np.all(np.isfinite(f))
-
-    @numba.njit
-    def fast32(z, e, f):
-        for i in range(z.shape[0]):
-            e[i] = mlp.fast_exp(z[i])
-            f[i] = mlp.fast_erf(z[i])
-
-    z = np.concatenate([np.linspace(-80, 80, 20001), [np.nan, np.inf, -np.inf]]).astype(np.float32)
-    e, f = np.empty_like(z), np.empty_like(z)
-    fast32(z, e, f)
-    with np.errstate(over="ignore"):
-        np.testing.assert_allclose(e[:-3], np.exp(z[:-3].astype(np.float64)), rtol=2e-7)
-    from scipy.special import erf
-
-    np.testing.assert_allclose(f[:-3], erf(z[:-3].astype(np.float64)), atol=5e-7)
-    # NaN stays NaN (the divergence check relies on it), inf maps as it should
-    assert np.isnan(e[-3]) and np.isnan(f[-3])
-    assert e[-2] == np.inf and e[-1] == 0.0 and f[-2] == 1.0 and f[-1] == -1.0
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3])
@@ -302,7 +234,7 @@ def test_batched_scan_reports_divergence_with_its_sequence(rng):
 
 
 def test_numba_scan_under_autograd_goes_to_the_vjp(rng):
-    # a boxed argument is sent to kernels.vjp (or gives a clear NotImplementedError)
+    # a boxed argument is sent to the differentiable primitive of kernels.vjp
     from autograd import grad
 
     state, K, V, Q, gates = _case(rng, 6, 3, 2)
@@ -311,11 +243,7 @@ def test_numba_scan_under_autograd_goes_to_the_vjp(rng):
         out, _ = mt.memory_scan(state, k, V, Q, backend=backend, **gates)
         return (out**2).sum()
 
-    try:
-        got = grad(total)(K, "numba")
-    except NotImplementedError as exc:
-        assert "backend='reference'" in str(exc)
-        return
+    got = grad(total)(K, "numba")
     np.testing.assert_allclose(got, grad(total)(K, "reference"), rtol=1e-8, atol=1e-10)
 
 

@@ -13,7 +13,7 @@ from autograd.test_util import check_grads
 from naive_memory import unit_rows
 
 import minititans as mt
-from minititans.kernels.vjp import numba_memory_scan_differentiable
+from minititans.memory.scan import numba_memory_scan
 from minititans.memory.update import MemoryDivergenceError
 
 CONFIGS = [  # (depth, activation, residual_norm)
@@ -60,8 +60,7 @@ def _reference(**options):
 def _numba(**options):
     options = {"chunk_size": 1, "read": "after", "loss": "l2", "p": 3.0, "delta": 1.0,
                "max_grad_norm": None, "on_nonfinite": "raise", **options}
-    return lambda state, K, V, Q, a, e, th: numba_memory_scan_differentiable(
-        state, K, V, Q, a, e, th, **options)
+    return lambda state, K, V, Q, a, e, th: numba_memory_scan(state, K, V, Q, a, e, th, **options)
 
 
 def _all_grads(f, problem):
@@ -187,51 +186,3 @@ def test_vjp_is_first_order_only(rng):
     f = _objective(rng, problem, _numba())
     with pytest.raises(NotImplementedError, match="backend='reference'"):
         grad(lambda K: anp.sum(grad(f)(K, *problem[1:]) ** 2))(problem[0])
-
-
-@pytest.mark.parametrize("activation,residual_norm,loss", [("gelu", True, "l2"),
-                                                           ("silu", False, "huber")])
-def test_eq8_surprise_hessian_vector_product_matches_autograd(rng, activation, residual_norm,
-                                                             loss):
-    # the building block of the VJP: ∇_{W,k,v} Σ_r ⟨ū_r, ∇_W ℓ(W; k_r, v_r)⟩ (Eqs. 8, 12)
-    from minititans.kernels.mlp import ACTIVATION_CODES, LOSS_CODES, loss_grad_rows, pack_weights
-    from minititans.kernels.mlp_backward import mlp_deltas, mlp_hvp_rows, output_rows
-    from minititans.kernels.vjp_chunk import _rows_forward
-    from minititans.memory.loss import per_token_surprise
-
-    n, d = 4, 3
-    params = mt.init_memory(rng, d, d, depth=3, expansion=2, activation=activation,
-                            residual_norm=residual_norm)
-    K, V = rng.standard_normal((n, d)), rng.standard_normal((n, d))
-    U = [rng.standard_normal((n,) + w.shape) for w in params]  # one ū per row
-
-    def pairing(params, K, V):
-        u = per_token_surprise(params, K, V, loss, delta=0.5)
-        return sum(anp.sum(ui * ci) for ui, ci in zip(u, U))
-
-    want = grad(pairing, [0, 1, 2])(params, K, V)
-    W, shapes, offsets = pack_weights(list(params), np.float64)
-    widths, fans = shapes[:, 1], shapes[:, 0]
-    Z, D = np.zeros(n * widths.sum()), np.zeros(n * widths.sum())
-    H, HD1, DH = (np.zeros(max(n * widths[:-1].sum(), 1)) for _ in range(3))
-    ln, pred, G = np.zeros((n, 2)), np.zeros((n, d)), np.zeros((n, d))
-    _rows_forward(W, shapes, offsets, ACTIVATION_CODES[activation], K, Z, H, HD1)
-    output_rows(Z[-n * d:].reshape(n, d), K, residual_norm, ln, pred)
-    loss_grad_rows(pred, V, LOSS_CODES[loss], 3.0, 0.5, G)
-    mlp_deltas(W, shapes, offsets, residual_norm, Z, ln, HD1, G, D, DH)
-    # the products of ū_r with the rows entering each layer and with its deltas
-    xs = [K] + [H[n * widths[:i].sum():n * widths[:i + 1].sum()].reshape(n, widths[i])
-                for i in range(len(params) - 1)]
-    ds = [D[n * widths[:i].sum():n * widths[:i + 1].sum()].reshape(n, widths[i])
-          for i in range(len(params))]
-    A = np.concatenate([np.einsum("ra,rab->rb", x, u).ravel() for x, u in zip(xs, U)])
-    B = np.concatenate([np.einsum("rb,rab->ra", dl, u).ravel() for dl, u in zip(ds, U)])
-    assert A.size == Z.size and B.size == n * fans.sum()
-    Wbar, Kbar, Vbar = np.zeros_like(W), np.zeros((n, d)), np.zeros((n, d))
-    mlp_hvp_rows(W, shapes, offsets, ACTIVATION_CODES[activation], residual_norm,
-                 LOSS_CODES[loss], 3.0, 0.5, K, V, Z, H, D, DH, HD1, ln, pred, A, B, Wbar, Kbar,
-                 Vbar)
-    for got, w in zip(np.split(Wbar, offsets[1:-1]), want[0]):
-        np.testing.assert_allclose(got.reshape(w.shape), w, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(Kbar, want[1], rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(Vbar, want[2], rtol=1e-10, atol=1e-12)

@@ -108,7 +108,7 @@ def batch_row(chunk, T, dtype):
     """Two sequences with ``numba.prange`` on two threads against the same on one thread."""
     import numba
 
-    from ..kernels.scan import numba_memory_scan_batched
+    from ..memory.scan import numba_memory_scan_batched
 
     state, k, v, q, gates = _scan_inputs(HEADLINE["d"], HEADLINE["depth"], HEADLINE["expansion"],
                                          T, dtype, B=2)

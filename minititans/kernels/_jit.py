@@ -14,6 +14,8 @@ All kernels are compiled with :func:`kernel`, so the options below hold everywhe
   over the contiguous output axis and does ``y[j] += a * W[i, j]`` (no reduction across
   ``j``). Reductions that LLVM cannot vectorise in strict IEEE order are few and short, or
   are done by BLAS (``np.dot``, single calls on whole chunks).
+* small helpers that the per-token loops call a few times a token are inlined by numba
+  (:func:`inline_kernel`): a call with array arguments costs tens of nanoseconds.
 * the time loop of every scan is serial; only independent sequences run in parallel
   (:func:`parallel_kernel`, ``numba.prange`` over the batch axis).
 
@@ -32,6 +34,12 @@ JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def kernel(fn):
     """Compile ``fn`` as a serial nopython kernel with :data:`JIT_OPTIONS`."""
     return numba.njit(**JIT_OPTIONS)(fn)
+
+
+def inline_kernel(fn):
+    """:func:`kernel` for a small helper that numba inlines into its callers (the per-token
+    loops call some a few times a token; a call with array arguments costs tens of ns)."""
+    return numba.njit(inline="always", **JIT_OPTIONS)(fn)
 
 
 def parallel_kernel(fn):

@@ -1,7 +1,7 @@
 r"""Numba twins of the other hot loops: sliding-window attention, linear attention, the delta rule.
 
-Twins of :func:`minititans.attention.causal_attention` (Titans Eq. 2 with ``window`` and
-``prefix``), :func:`minititans.linear_attention.linear_attention_recurrent` (Eqs. 4-5) and
+Twins of :func:`minititans.attention.causal_attention` (Eq. 2 with ``window`` and
+``prefix``), :func:`minititans.linear_attention.linear_attention_recurrent` (Eqs. 4–5) and
 :func:`minititans.linear_attention.delta_rule` /
 :func:`~minititans.linear_attention.gated_delta_rule` (Appendix C), with the same names,
 arguments and results, and a parity test each.
@@ -31,10 +31,18 @@ import numba
 import numpy as np
 from autograd.tracer import getval
 
-from .._checks import check_array, check_choice, check_gate, check_int, check_qkv, check_qkv_rows
-from ..linear_attention import FEATURE_MAPS
+from .._checks import (
+    FEATURE_MAPS,
+    check_array,
+    check_choice,
+    check_gate,
+    check_int,
+    check_qkv,
+    check_qkv_rows,
+)
 from ._jit import kernel, parallel_kernel
-from .mlp import as_kernel_array, fast_exp
+from .layout import as_kernel_array
+from .scalars import fast_exp
 
 _BLOCK = 64  # queries per block of the windowed attention
 
@@ -114,7 +122,7 @@ def _window_attention(q, k, v, window, prefix, out):
 
 
 def causal_attention(q, k, v, window=None, prefix: int = 0):
-    r"""Titans Eq. (2), windowed, with a visible prefix: the twin of
+    r"""Eq. 2, windowed, with a visible prefix: the twin of
     :func:`minititans.attention.causal_attention` (same arguments, same result).
 
     $$y_i = \sum_{j \in \mathcal{V}(i)} \mathrm{softmax}_j(q_i k_j^\top / \sqrt d)\, v_j,\quad
@@ -144,7 +152,7 @@ def causal_attention(q, k, v, window=None, prefix: int = 0):
     return out.reshape(tuple(lead) + (T, dv))
 
 
-# --- linear attention, recurrent form (Eqs. 4-5) -------------------------------------------
+# --- linear attention, recurrent form (Eqs. 4–5) -------------------------------------------
 
 
 @kernel
@@ -160,7 +168,7 @@ def _phi(x, feature_map, out):
 
 @kernel
 def _linear_recurrent_one(q, k, v, feature_map, normalize, M, z, y):
-    """Eqs. 4-5 for one head, in place on ``M`` ``(d, d_v)`` and ``z`` ``(d,)``; writes ``y``."""
+    """Eqs. 4–5 for one head, in place on ``M`` ``(d, d_v)`` and ``z`` ``(d,)``; writes ``y``."""
     T, d = q.shape
     dv = v.shape[1]
     t_ = q.dtype.type
@@ -194,7 +202,7 @@ def _linear_recurrent(q, k, v, feature_map, normalize, M, z, y):
 
 def linear_attention_recurrent(q, k, v, feature_map: str = "identity", normalize: bool = False,
                                state=None):
-    r"""Titans Eqs. (4)-(5) as a recurrence: the twin of
+    r"""Eqs. 4–5 as a recurrence: the twin of
     :func:`minititans.linear_attention.linear_attention_recurrent`.
 
     $$M_t = M_{t-1} + \phi(k_t)^\top v_t,\quad z_t = z_{t-1} + \phi(k_t),\quad

@@ -19,18 +19,15 @@ chunk boundary).
 
 from __future__ import annotations
 
-import warnings
-
 import autograd.numpy as np
 import numpy as onp
-from autograd.tracer import getval
+from autograd.tracer import getval, isbox
 
-from .._checks import check_array, check_choice, check_gate, check_int
+from .._checks import check_array, check_choice, check_gate, check_int, report_divergence
 from .loss import check_loss, per_token_surprise, surprise
 from .models import forward_per_token, memory_forward, spec_of
 from .parallel_scan import linear_recurrence
 from .update import (
-    MemoryDivergenceError,
     MemoryState,
     apply_update,
     check_finite,
@@ -87,11 +84,6 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
     if T == 0:
         return onp.zeros((0, spec.d_out), dtype=dtype), state
     if backend == "numba":
-        if state.anchor is not None:
-            raise ValueError("backend='numba' does not support an anchored MemoryState yet "
-                             "(forgetting towards the anchor); use backend='reference'")
-        from ..kernels.scan import numba_memory_scan
-
         return numba_memory_scan(state, keys, values, queries, *gates, chunk_size=b, read=read,
                                  loss=loss, p=p, delta=delta, max_grad_norm=max_grad_norm,
                                  on_nonfinite=on_nonfinite)
@@ -178,8 +170,123 @@ def _check_chunk(M_all, start, on_nonfinite):
         ok &= onp.all(onp.isfinite(getval(w)), axis=(1, 2))
     if ok.all():
         return True
-    first = start + int(onp.argmin(ok))
-    if on_nonfinite == "raise":
-        raise MemoryDivergenceError(first)
-    warnings.warn(str(MemoryDivergenceError(first)), RuntimeWarning, stacklevel=3)
+    report_divergence(start + int(onp.argmin(ok)), on_nonfinite)
     return False
+
+
+def _refuse_anchor(state):
+    if state.anchor is not None:
+        raise ValueError("backend='numba' does not support an anchored MemoryState yet "
+                         "(forgetting towards the anchor); use backend='reference'")
+
+
+def numba_memory_scan(state, keys, values, queries, alpha, eta, theta, *, chunk_size=1,
+                      read="after", loss="l2", p=3.0, delta=1.0, max_grad_norm=None,
+                      on_nonfinite="raise", checkpoint_every=None):
+    r"""``memory_scan(..., backend="numba")``: Eqs. 13–18 by the kernels of
+    :mod:`minititans.kernels`, on a MemoryState.
+
+    Arguments are those of :func:`memory_scan`, checked there (the state, the chunk size,
+    ``read`` and the inner loss are checked here too, for direct calls); the gates are
+    arrays ``(T,)``. Any argument may be an autograd box: the scan is then the kernels'
+    differentiable primitive, whose ``checkpoint_every`` (tokens between stored states, a
+    multiple of ``chunk_size``; None: about $\sqrt{T}$) trades memory for recomputation.
+
+    Returns:
+        ``(out (T, d_out), MemoryState)`` in the common dtype, like the reference.
+    """
+    spec = check_state(state)
+    _refuse_anchor(state)
+    check_choice("read", read, READS)
+    check_choice("on_nonfinite", on_nonfinite, ("raise", "warn"))
+    check_loss(loss, p, delta)
+    if onp.shape(getval(keys))[0] == 0:
+        dtype = onp.result_type(*(getval(x) for x in (keys, values, queries, *spec)))
+        return onp.zeros((0, spec.d_out), dtype=dtype), state
+    from ..kernels.scan import numba_scan  # imports numba: only when the backend is used
+
+    out, M, S = numba_scan(
+        list(state.params), list(state.momentum), keys, values, queries, alpha, eta, theta,
+        activation=spec.activation, residual_norm=spec.residual_norm, chunk_size=chunk_size,
+        read=read, loss=loss, p=p, delta=delta, max_grad_norm=max_grad_norm,
+        on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every)
+    return out, MemoryState(spec.like(M), spec.like(S))
+
+
+def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *,
+                              chunk_size=1, read="after", loss="l2", p=3.0, delta=1.0,
+                              max_grad_norm=None, on_nonfinite="raise"):
+    r"""B independent memory scans at once, in parallel over the batch (``numba.prange``).
+
+    Sequence $s$ is exactly ``memory_scan(..., backend="numba")`` on ``keys[s]``, ... from
+    its own initial state; the time loop inside each stays serial. The number of threads is
+    numba's (``numba.set_num_threads``); keep BLAS single-threaded
+    (``OPENBLAS_NUM_THREADS=1``) when ``chunk_size > 1`` so the threads do not oversubscribe
+    the cores.
+
+    Args:
+        state: MemoryState whose weights and momentum have a leading batch axis,
+            ``W_i`` ``(B, fan_in, fan_out)``.
+        keys ``(B, T, d_in)``, values ``(B, T, d_out)``, queries ``(B, T, d_in)``.
+        alpha, eta, theta: ``(B, T)`` arrays (or floats).
+        chunk_size, read, loss, p, delta, max_grad_norm, on_nonfinite: as ``memory_scan``.
+
+    Returns:
+        ``(out (B, T, d_out), MemoryState)`` with final weights and momentum ``(B, ...)``.
+        A divergence raises :class:`MemoryDivergenceError` for the earliest token over all
+        sequences (its message names the sequence).
+    """
+    if not isinstance(state, MemoryState):
+        raise TypeError(f"state must be a MemoryState, got {type(state).__name__}")
+    leaves = (*state.params, *state.momentum, keys, values, queries, alpha, eta, theta)
+    if any(isbox(x) for x in leaves):
+        raise NotImplementedError("the batched numba scan is not differentiable; map "
+                                  "memory_scan over the batch to differentiate")
+    _refuse_anchor(state)
+    spec = state.params
+    weights = [onp.asarray(w) for w in spec]
+    momentum = [onp.asarray(w) for w in state.momentum]
+    K, V, Q = (onp.asarray(x) for x in (keys, values, queries))
+    if K.ndim != 3 or V.ndim != 3 or Q.ndim != 3:
+        raise ValueError("keys, values and queries must have shape (B, T, d), got "
+                         f"{K.shape}, {V.shape} and {Q.shape}")
+    B, T = K.shape[:2]
+    if any(w.ndim != 3 or w.shape[0] != B for w in weights + momentum):
+        raise ValueError(f"state weights and momentum must have a leading batch axis of {B}, "
+                         f"got {[w.shape for w in weights]}")
+    d_in, d_out = weights[0].shape[1], weights[-1].shape[2]
+    if (V.shape[:2] != (B, T) or Q.shape[:2] != (B, T) or K.shape[2] != d_in
+            or Q.shape[2] != d_in or V.shape[2] != d_out):
+        raise ValueError(f"need keys/queries (B, T, {d_in}) and values (B, T, {d_out}), got "
+                         f"{K.shape}, {Q.shape} and {V.shape}")
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+    check_choice("read", read, READS)
+    check_choice("on_nonfinite", on_nonfinite, ("raise", "warn"))
+    check_loss(loss, p, delta)
+    check_max_grad_norm(max_grad_norm)
+    dtype = onp.result_type(K, V, Q, *weights)
+    if dtype not in (onp.float32, onp.float64):
+        raise TypeError(f"inputs must be float32 or float64, got {dtype}")
+    for name, x in (("keys", K), ("values", V), ("queries", Q)):
+        if not onp.all(onp.isfinite(x)):
+            raise ValueError(f"{name} contains NaN or inf")
+    gates = []
+    for name, g, high in (("alpha", alpha, 1.0), ("eta", eta, 1.0), ("theta", theta, None)):
+        try:
+            g = onp.broadcast_to(onp.asarray(g, dtype=dtype), (B, T))
+        except ValueError:
+            raise ValueError(f"{name} must be a float or have shape ({B}, {T}), got shape "
+                             f"{onp.shape(g)}") from None
+        if not onp.all(onp.isfinite(g)):
+            raise ValueError(f"{name} contains NaN or inf")
+        if g.size and (g.min() < 0 or (high is not None and g.max() > high)):
+            bounds = "[0, 1]" if high is not None else ">= 0"
+            raise ValueError(f"{name} must be in {bounds}")
+        gates.append(g)
+    from ..kernels.scan import numba_scan_batched
+
+    out, M, S = numba_scan_batched(
+        weights, momentum, K, V, Q, *gates, activation=spec.activation,
+        residual_norm=spec.residual_norm, chunk_size=chunk_size, read=read, loss=loss, p=p,
+        delta=delta, max_grad_norm=max_grad_norm, on_nonfinite=on_nonfinite)
+    return out, MemoryState(spec.like(M), spec.like(S))

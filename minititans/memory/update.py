@@ -24,27 +24,21 @@ $\bar{\mathcal{M}} = 0$). docs/design-decisions.md says why and what it costs.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import autograd.numpy as np
 import numpy as onp
 from autograd.tracer import getval
 
-from .._checks import check_array, check_choice, check_gate
+from .._checks import (
+    MemoryDivergenceError,  # noqa: F401  (re-exported: minititans.memory.MemoryDivergenceError)
+    check_array,
+    check_choice,
+    check_gate,
+    report_divergence,
+)
 from .loss import check_loss, surprise
 from .models import MemoryParams, check_params, spec_of
-
-
-class MemoryDivergenceError(FloatingPointError):
-    """The memory's weights became NaN or inf; ``token`` is the index of the first bad token."""
-
-    def __init__(self, token: int, detail: str = ""):
-        self.token = token
-        super().__init__(
-            f"memory weights became non-finite at token {token}{detail}; lower theta, raise "
-            "alpha, normalise the keys, or pass max_grad_norm to clip the surprise"
-        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,10 +121,7 @@ def check_finite(params, token: int, on_nonfinite: str) -> bool:
     """
     if all(onp.all(onp.isfinite(getval(w))) for w in params):
         return True
-    err = MemoryDivergenceError(token)
-    if on_nonfinite == "raise":
-        raise err
-    warnings.warn(str(err), RuntimeWarning, stacklevel=3)
+    report_divergence(token, on_nonfinite)
     return False
 
 

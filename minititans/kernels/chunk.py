@@ -1,15 +1,19 @@
-r"""The chunked scan (``chunk_size=b``, Titans Eqs. 16-18) with tapes, and its VJP.
+r"""The chunked scan (``chunk_size=b``, Eqs. 16–18) with an optional tape, and its VJP.
 
-Inside a chunk every surprise is taken at the chunk-start state $(\mathcal{M}_0, S_0)$, so
-the state after token $r$ of the chunk is (:func:`.scan._chunk_coefficients`)
+The twin of ``_chunked`` in :mod:`minititans.memory.scan`. Inside a chunk every surprise is
+taken at the chunk-start state $(\mathcal{M}_0, S_0)$, so the state after token $r$ of the
+chunk is (:func:`chunk_coefficients`)
 
 $$S_r = P_r S_0 - \sum_{l \le r} E_{rl}\,u_l,\qquad
   \mathcal{M}_r = A_r \mathcal{M}_0 + C_r S_0 - \sum_{l\le r} G_{rl}\,u_l ,$$
 
-with $u_l = h_{l}^\top\delta_l$ (per layer) and scalars from the gates. :func:`chunk_forward`
-is :func:`.scan.chunk_loop` (reads and the next state by GEMMs) keeping its tapes.
+with $u_l = h_{l}^\top\delta_l$ (per layer) and scalars from the gates. Reading
+$\mathcal{M}_r$ with the row $x_r$ that enters a layer never materialises $\mathcal{M}_r$:
+$x_r \mathcal{M}_r = A_r x_r \mathcal{M}_0 + C_r x_r S_0 - \sum_l G_{rl}(x_r h_l^\top)\delta_l$,
+three GEMMs per layer (:func:`chunk_reads`); the chunk-end state is two more
+(:func:`chunk_end`). The chunk costs a few GEMMs instead of $b$ passes over the weights.
 
-**The VJP in the same form.** Run backwards, Eqs. 13-14 give for every token $r$ of the chunk
+**The VJP in the same form.** Run backwards, Eqs. 13–14 give for every token $r$ of the chunk
 
 $$\bar{\mathcal{M}}_r = \sum_j a_{rj} R_j + a_r \bar{\mathcal{M}}_{in},\qquad
   \bar S_r = \sum_j c_{rj} R_j + c_r \bar{\mathcal{M}}_{in} + c'_r \bar S_{in},$$
@@ -24,184 +28,221 @@ small matrix product:
   $\langle R_j, \mathcal{M}_0\rangle = \langle x_j \mathcal{M}_0, \bar z_j\rangle$,
   $\langle R_j, u_l\rangle = (x_j\cdot h_l)(\bar z_j\cdot\delta_l)$, ...;
 * the products of $\bar u_r = -\theta_r c_r \bar S_r$ with the key rows that the
-  Hessian-vector product needs (:mod:`.mlp_backward`), e.g.
+  Hessian-vector product needs (:mod:`.hvp`), e.g.
   $h_r \bar S_r = \sum_j c_{rj}(h_r\cdot x_j)\bar z_j + c_r\,h_r\bar{\mathcal{M}}_{in} + \ldots$;
 * the reads: $\bar z\,\mathcal{M}_r^\top = A_r\,\bar z\mathcal{M}_0^\top + C_r\,\bar z S_0^\top
   - \sum_l G_{rl}(\bar z\cdot\delta_l)\,h_l$;
 * the cotangent of the chunk start, $\bar{\mathcal{M}}_0 = (1-\alpha_0)\bar{\mathcal{M}}_0' +
   \bar W_{HVP}$, $\bar S_0 = \eta_0 \bar S_0'$: one GEMM per layer each.
 
-The chunk costs a few GEMMs of its $b$ rows against the weights, like the forward.
 Chunk-start states are recomputed from a checkpoint every ``seg`` tokens (one GEMM per chunk).
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ._jit import kernel
-from .mlp import (
-    _tape_offsets,
+from .hvp import add_weight_cotangent, hvp_rows, hvp_work_size, scale_products
+from .layout import (
+    Coefficients,
+    new_coefficients,
+    add_rows,
+    copy,
+    copy_rows,
+    key_rows,
     layer,
-    layer_norm_backward_rows,
-    loss_grad_rows,
+    query_rows,
     tape_view,
 )
-from .mlp_backward import (
-    add_rows,
-    copy_rows,
-    in_offsets,
-    mlp_deltas,
-    mlp_hvp_rows,
-    mul_rows,
+from .rows import (
+    all_finite,
+    clip_scales,
+    first_bad_token,
+    layer_norm_backward_rows,
+    matmul,
+    memory_forward_rows,
     output_rows,
+    surprise_rows,
 )
-from .replay import all_finite, copy, surprise_norm2
-from .scan import _chunk_coefficients, _hidden
+from .scalars import hidden
 
 
 @kernel
-def _rows_forward(W, shapes, offsets, act_kind, X, Z, H, HD1):
-    """``n`` rows through the memory at ``W``, keeping the tapes ``Z``, ``H``, ``HD1`` (σ')."""
-    n = X.shape[0]
-    L = shapes.shape[0]
-    zoff, hoff = _tape_offsets(shapes, n)
-    for i in range(L):
-        o = shapes[i, 1]
-        xin = X if i == 0 else tape_view(H, hoff[i - 1], n, shapes[i - 1, 1])
-        np.dot(xin, layer(W, shapes, offsets, i), tape_view(Z, zoff[i], n, o))
-        if i < L - 1:
-            _hidden(Z[zoff[i]:zoff[i] + n * o], H[hoff[i]:hoff[i] + n * o],
-                    HD1[hoff[i]:hoff[i] + n * o], act_kind, True)
+def chunk_work_size(shapes, b):
+    """Elements of the ``work`` array of :func:`chunk_reads` and :func:`chunk_end`."""
+    f, o = 0, 0
+    for i in range(shapes.shape[0]):
+        f, o = max(f, shapes[i, 0]), max(o, shapes[i, 1])
+    return max(b * (2 * o + b), 2 * f * (b + o))
 
 
 @kernel
-def _chunk_reads(M0, S0, shapes, offsets, act_kind, Xq, Xk, Hk, Dk, QZ, QH, QD1, coef, Gr):
+def chunk_coefficients(seq, cl, t0, n, read_after, co):
+    r"""The gate products that write every state of a chunk in terms of its start (Eqs. 16, 18).
+
+    With $\theta'_l = \theta_l c_l$ (clip scale $c_l$ = ``cl[l]``) and the surprises $u_l$ all
+    taken at $\mathcal{M}_0$:
+
+    $$S_i = P_i S_0 - \sum_{l \le i} E_{il} u_l,\qquad
+      \mathcal{M}_i = A_i \mathcal{M}_0 + C_i S_0 - \sum_{l\le i} G_{il} u_l$$
+
+    by the recurrences $P_i = \eta_i P_{i-1}$, $E_{il} = \eta_i E_{i-1,l}$ ($E_{ll} = \theta'_l$),
+    $A_i = (1-\alpha_i) A_{i-1}$, $C_i = (1-\alpha_i) C_{i-1} + P_i$,
+    $G_{il} = (1-\alpha_i) G_{i-1,l} + E_{il}$ — products only, no division by $\beta_i$.
+    ``co.coef[:, 0:3] = (P, A, C)`` of row i; ``co.coef[:, 3:5]`` and ``co.Gr`` are the
+    coefficients of the state each token reads: $\mathcal{M}_i$ (after) or $\mathcal{M}_{i-1}$.
+    """
+    E, G, Gr, coef = co.E, co.G, co.Gr, co.coef
+    t_ = E.dtype.type
+    P = t_(1.0)
+    A = t_(1.0)
+    C = t_(0.0)
+    for r in range(n):
+        e = seq.eta[t0 + r]
+        decay = t_(1.0) - seq.alpha[t0 + r]
+        for l_ in range(r):
+            E[r, l_] = e * E[r - 1, l_]
+            G[r, l_] = decay * G[r - 1, l_] + E[r, l_]
+        E[r, r] = seq.theta[t0 + r] * cl[r]
+        G[r, r] = E[r, r]
+        for l_ in range(r + 1, n):
+            E[r, l_] = t_(0.0)
+            G[r, l_] = t_(0.0)
+        if read_after:
+            coef[r, 3] = decay * A
+            coef[r, 4] = decay * C + e * P
+            for l_ in range(n):
+                Gr[r, l_] = G[r, l_]
+        else:
+            coef[r, 3] = A
+            coef[r, 4] = C
+            for l_ in range(n):
+                Gr[r, l_] = G[r - 1, l_] if (r > 0 and l_ < r) else t_(0.0)
+        P = e * P
+        A = decay * A
+        C = decay * C + P
+        coef[r, 0] = P
+        coef[r, 1] = A
+        coef[r, 2] = C
+
+
+@kernel
+def chunk_reads(M0, S0, spec, q, key, co, work, want_d1):
     r"""Every query of the chunk through the state it reads, layer by layer (GEMMs):
     $x_r\mathcal{M}_{\rho(r)} = a_r x_r\mathcal{M}_0 + b_r x_r S_0 - [(G^r\odot x X^\top)\Delta]_r$
-    with ``coef[:, 3:5]`` $= (a, b)$ and ``Gr``; tapes ``QZ``, ``QH``, ``QD1``."""
-    n = Xq.shape[0]
+    with ``co.coef[:, 3:5]`` $= (a, b)$ and ``co.Gr``, into the tapes of ``q``
+    (:class:`.layout.QueryRows`); ``work`` of :func:`chunk_work_size`."""
+    n = q.X.shape[0]
+    shapes = spec.shapes
     L = shapes.shape[0]
-    zoff, hoff = _tape_offsets(shapes, n)
     for i in range(L):
         f, o = shapes[i, 0], shapes[i, 1]
-        xq = Xq if i == 0 else tape_view(QH, hoff[i - 1], n, f)
-        xk = Xk if i == 0 else tape_view(Hk, hoff[i - 1], n, f)
-        zq = tape_view(QZ, zoff[i], n, o)
-        np.dot(xq, layer(M0, shapes, offsets, i), zq)
-        zs = np.dot(xq, layer(S0, shapes, offsets, i))
-        pm = np.dot(xq, xk.T)  # (n, n): x_r · X_l
+        xq = q.X if i == 0 else tape_view(q.H, n * spec.hoff[i - 1], n, f)
+        xk = key.X if i == 0 else tape_view(key.H, n * spec.hoff[i - 1], n, f)
+        zq = tape_view(q.Z, n * spec.zoff[i], n, o)
+        zs, pm = tape_view(work, 0, n, o), tape_view(work, n * o, n, n)
+        zg = tape_view(work, n * (o + n), n, o)
+        matmul(xq, layer(M0, shapes, spec.offsets, i), zq)
+        matmul(xq, layer(S0, shapes, spec.offsets, i), zs)
+        np.dot(xq, xk.T, pm)  # (n, n): x_r · X_l
         for r in range(n):
             for l_ in range(n):
-                pm[r, l_] *= Gr[r, l_]
-        zg = np.dot(pm, tape_view(Dk, zoff[i], n, o))
+                pm[r, l_] *= co.Gr[r, l_]
+        np.dot(pm, tape_view(key.D, n * spec.zoff[i], n, o), zg)
         for r in range(n):
             for j in range(o):
-                zq[r, j] = coef[r, 3] * zq[r, j] + coef[r, 4] * zs[r, j] - zg[r, j]
+                zq[r, j] = co.coef[r, 3] * zq[r, j] + co.coef[r, 4] * zs[r, j] - zg[r, j]
         if i < L - 1:
-            _hidden(QZ[zoff[i]:zoff[i] + n * o], QH[hoff[i]:hoff[i] + n * o],
-                    QD1[hoff[i]:hoff[i] + n * o], act_kind, True)
+            z0, h0 = n * spec.zoff[i], n * spec.hoff[i]
+            hidden(q.Z[z0:z0 + n * o], q.H[h0:h0 + n * o], q.HD1[h0:h0 + n * o], spec.act_kind,
+                   want_d1)
 
 
 @kernel
-def _chunk_end(M0, S0, M1, S1, shapes, offsets, Xk, Hk, Dk, coef, E, G, n):
-    r"""The state after the chunk:
+def chunk_end(M0, S0, M1, S1, spec, key, co, work):
+    r"""The state after the chunk of the rows ``key``:
     $\mathcal{M}_n = A\mathcal{M}_0 + C S_0 - X^\top\mathrm{diag}(G_{n\cdot})\Delta$,
     $S_n = P S_0 - X^\top\mathrm{diag}(E_{n\cdot})\Delta$ (per layer), into ``M1``, ``S1``."""
-    zoff, hoff = _tape_offsets(shapes, n)
+    n = key.X.shape[0]
+    shapes, offsets = spec.shapes, spec.offsets
+    E, G, coef = co.E, co.G, co.coef
     P, A, C = coef[n - 1, 0], coef[n - 1, 1], coef[n - 1, 2]
     for i in range(shapes.shape[0]):
-        f = shapes[i, 0]
-        xk = Xk if i == 0 else tape_view(Hk, hoff[i - 1], n, f)
-        di = tape_view(Dk, zoff[i], n, shapes[i, 1])
-        xg = np.empty((n, f), M0.dtype)
-        xe = np.empty((n, f), M0.dtype)
+        f, o = shapes[i, 0], shapes[i, 1]
+        xk = key.X if i == 0 else tape_view(key.H, n * spec.hoff[i - 1], n, f)
+        di = tape_view(key.D, n * spec.zoff[i], n, o)
+        xg, xe = tape_view(work, 0, n, f), tape_view(work, n * f, n, f)
+        ug, ue = tape_view(work, 2 * n * f, f, o), tape_view(work, 2 * n * f + f * o, f, o)
         for r in range(n):
             for a in range(f):
                 xg[r, a] = G[n - 1, r] * xk[r, a]
                 xe[r, a] = E[n - 1, r] * xk[r, a]
-        ug = np.dot(xg.T, di)
-        ue = np.dot(xe.T, di)
+        np.dot(xg.T, di, ug)
+        np.dot(xe.T, di, ue)
         W0, U0 = layer(M0, shapes, offsets, i), layer(S0, shapes, offsets, i)
         W1, U1 = layer(M1, shapes, offsets, i), layer(S1, shapes, offsets, i)
         for a in range(f):
-            for j in range(shapes[i, 1]):
+            for j in range(o):
                 W1[a, j] = A * W0[a, j] + C * U0[a, j] - ug[a, j]
                 U1[a, j] = P * U0[a, j] - ue[a, j]
 
 
 @kernel
-def _coefficients(alpha, eta, theta, uscale, t0, n, read_after, E, G, Gr, coef):
-    for r in range(E.shape[0]):
-        for l_ in range(E.shape[1]):
-            E[r, l_] = 0
-            G[r, l_] = 0
-            Gr[r, l_] = 0
-    _chunk_coefficients(alpha, eta, theta, uscale[t0:t0 + n], t0, n, read_after, E, G, Gr, coef)
+def chunk_scan(M, S, M1, S1, spec, seq, tape, b, seg, stop, out):
+    r"""Eqs. 16–18: chunks of ``b`` tokens whose surprises share the chunk-start weights, in
+    place on ``M``, ``S`` (flat ``(P,)``); writes ``out`` ``(T, d_out)``.
 
+    ``M1``, ``S1`` (like ``M``) hold every other chunk-end state. ``tape``
+    (:func:`.layout.new_tape` with this ``b``): a full one is filled for the VJP (a slot per
+    chunk, the state every ``seg`` tokens), a workspace one is only used. ``stop``: return at
+    the first token whose weights are not finite.
 
-@kernel
-def chunk_forward(M, S, shapes, offsets, act_kind, residual, loss_kind, p, delta, K, V, Q,
-                  alpha, eta, theta, clip, read_after, b, seg, stop_on_bad, out, ckM, ckS, KZ,
-                  KH, KD1, KD, KDH, KP, kln, QZ, QH, QD1, qln, unorm2, uscale, M1, S1):
-    """The chunked scan in place on ``M``, ``S``; writes ``out`` and keeps per chunk c the
-    tapes (n-row layout) of its keys ``KZ[c]``, ``KH[c]``, ``KD1[c]``, ``KD[c]``, ``KDH[c]``
-    (and ``KP``, ``kln`` per token) and of its queries ``QZ[c]``, ``QH[c]``, ``QD1[c]``
-    (``qln``), ``unorm2``/``uscale`` per token, and ``(M, S)`` every ``seg`` tokens.
-    ``M1``, ``S1`` (like ``M``) hold every other chunk-end state.
-
-    Returns the first segment at whose end the weights are not finite, or -1.
+    Returns:
+        The first token whose weights became non-finite, or -1.
     """
-    t_ = M.dtype.type
-    T = K.shape[0]
+    T = seq.K.shape[0]
+    shapes = spec.shapes
     L = shapes.shape[0]
     d_out = shapes[L - 1, 1]
-    E, G, Gr = np.zeros((b, b), M.dtype), np.zeros((b, b), M.dtype), np.zeros((b, b), M.dtype)
-    coef = np.zeros((b, 5), M.dtype)
-    Gl = np.empty((b, d_out), M.dtype)
+    P = spec.offsets[L]
+    co = Coefficients(np.zeros((b, b), M.dtype), np.zeros((b, b), M.dtype),
+                      np.zeros((b, b), M.dtype), np.zeros((b, 5), M.dtype))
+    work = np.empty(chunk_work_size(shapes, b), M.dtype)
+    keep = tape.ckM.shape[0] > 0
     M_in, S_in = M, S
-    bad_segment = -1
+    first_bad = -1
     for t0 in range(0, T, b):
-        c = t0 // b
         n = min(b, T - t0)
-        if t0 % seg == 0:
-            if t0 > 0 and bad_segment < 0 and not all_finite(M):
-                bad_segment = t0 // seg - 1
-                if stop_on_bad:
-                    return bad_segment
-            copy(M, ckM[t0 // seg])
-            copy(S, ckS[t0 // seg])
-        zoff, hoff = _tape_offsets(shapes, n)
-        Kc, Qc = K[t0:t0 + n], Q[t0:t0 + n]
+        c, r0 = (t0 // b, t0) if keep else (0, 0)
+        if keep and t0 % seg == 0:
+            copy(M, tape.ckM[t0 // seg])
+            copy(S, tape.ckS[t0 // seg])
+        key = key_rows(seq, tape, t0, n, c, r0)
+        q = query_rows(seq, tape, t0, n, c, r0)
         # Eq. 8 for every key of the chunk at M_0
-        _rows_forward(M, shapes, offsets, act_kind, Kc, KZ[c], KH[c], KD1[c])
-        output_rows(tape_view(KZ[c], zoff[L - 1], n, d_out), Kc, residual, kln[t0:t0 + n],
-                     KP[t0:t0 + n])
-        loss_grad_rows(KP[t0:t0 + n], V[t0:t0 + n], loss_kind, p, delta, Gl[:n])
-        mlp_deltas(M, shapes, offsets, residual, KZ[c], kln[t0:t0 + n], KD1[c], Gl[:n], KD[c],
-                   KDH[c])
-        for r in range(n):
-            uscale[t0 + r] = t_(1.0)
-            if clip > 0:
-                unorm2[t0 + r] = surprise_norm2(shapes, Kc[r], KH[c], KD[c], n, r)
-                uscale[t0 + r] = min(t_(1.0), clip / max(math.sqrt(unorm2[t0 + r]), t_(1e-30)))
-        _coefficients(alpha, eta, theta, uscale, t0, n, read_after, E, G, Gr, coef)
-        # Eqs. 16-18: every read and the next state by GEMMs
-        _chunk_reads(M, S, shapes, offsets, act_kind, Qc, Kc, KH[c], KD[c], QZ[c], QH[c],
-                     QD1[c], coef, Gr)
-        output_rows(tape_view(QZ[c], zoff[L - 1], n, d_out), Qc, residual, qln[t0:t0 + n],
-                     out[t0:t0 + n])
-        _chunk_end(M, S, M1, S1, shapes, offsets, Kc, KH[c], KD[c], coef, E, G, n)
+        memory_forward_rows(M, spec, key.X, key.Z, key.H, key.HD1, True)
+        output_rows(tape_view(key.Z, n * spec.zoff[L - 1], n, d_out), key.X, spec.residual,
+                    key.ln, key.y)
+        surprise_rows(M, spec, key)
+        uscale = tape.uscale[r0:r0 + n]
+        clip_scales(spec, key.X, key.H, key.D, tape.unorm2[r0:r0 + n], uscale)
+        chunk_coefficients(seq, uscale, t0, n, spec.read_after, co)
+        # Eqs. 16–18: every read and the next state by GEMMs
+        chunk_reads(M, S, spec, q, key, co, work, keep)
+        output_rows(tape_view(q.Z, n * spec.zoff[L - 1], n, d_out), q.X, spec.residual, q.ln,
+                    out[t0:t0 + n])
+        chunk_end(M, S, M1, S1, spec, key, co, work)
+        if first_bad < 0 and not all_finite(M1[:P]):
+            first_bad = first_bad_token(M, S, spec, seq, key, uscale, t0)
+            if stop:
+                return first_bad
         M, M1 = M1, M
         S, S1 = S1, S
-    if bad_segment < 0 and not all_finite(M):
-        bad_segment = (T - 1) // seg
     if M is not M_in:
         copy(M, M_in)
         copy(S, S_in)
-    return bad_segment
+    return first_bad
 
 
 @kernel
@@ -233,21 +274,23 @@ def _rowdot(X, Y, out):
 
 
 @kernel
-def chunk_vjp(M0, S0, Mbar, Sbar, shapes, offsets, act_kind, residual, loss_kind, p, delta,
-              Kc, Vc, KZ, KH, KD1, KD, KDH, KP, kln, Qc, QZ, QH, QD1, qln, gout, alpha, eta,
-              theta, uscale, unorm2, t0, read_after, E, G, Gr, coef, gK, gV, gQ, galpha, geta,
-              gtheta):
-    """The VJP of one chunk (module doc) from its start state ``(M0, S0)``: ``Mbar``, ``Sbar``
-    enter as the cotangents of the chunk-end state and leave as those of its start; the
-    rows of ``gK``, ``gV``, ``gQ`` and the gate cotangents of the chunk are written."""
+def chunk_vjp(M0, S0, Mbar, Sbar, spec, seq, tape, t0, gout, grads, co):
+    """The VJP of the chunk starting at token ``t0`` (module doc) from its start state
+    ``(M0, S0)``, with its tapes and gate products ``co`` (:func:`chunk_coefficients`):
+    ``Mbar``, ``Sbar`` enter as the cotangents of the chunk-end state and leave as those of
+    its start; the chunk's rows of ``grads`` (:class:`.layout.Seq`) are written."""
     t_ = M0.dtype.type
-    n = Kc.shape[0]
+    b = co.E.shape[0]
+    n = min(b, seq.K.shape[0] - t0)
+    key, q = key_rows(seq, tape, t0, n, t0 // b, t0), query_rows(seq, tape, t0, n, t0 // b, t0)
+    Kc, KH, KD, Qc, QH = key.X, key.H, key.D, q.X, q.H
+    shapes, offsets, residual = spec.shapes, spec.offsets, spec.residual
     L = shapes.shape[0]
     d_out = shapes[L - 1, 1]
-    zoff, hoff = _tape_offsets(shapes, n)
-    boff = in_offsets(shapes, n)
-    E, G, Gr = np.ascontiguousarray(E[:n, :n]), np.ascontiguousarray(G[:n, :n]), \
-        np.ascontiguousarray(Gr[:n, :n])
+    zoff, hoff, boff = n * spec.zoff, n * spec.hoff, n * spec.boff
+    E, G = np.ascontiguousarray(co.E[:n, :n]), np.ascontiguousarray(co.G[:n, :n])
+    Gr, coef = co.Gr, co.coef
+    gQ = grads.Q[t0:t0 + n]
     ZB = np.empty(zoff[L], M0.dtype)  # z̄ of the reads (tape layout)
     RM, RS = np.zeros(n, M0.dtype), np.zeros(n, M0.dtype)  # ⟨R_j, M_0⟩, ⟨R_j, S_0⟩
     RU = np.zeros((n, n), M0.dtype)  # ⟨R_j, u_l⟩
@@ -256,7 +299,7 @@ def chunk_vjp(M0, S0, Mbar, Sbar, shapes, offsets, act_kind, residual, loss_kind
     # 1. the reads, layer by layer from the top: z̄ M_ρ(j)ᵀ by GEMMs against M_0, S_0
     zbL = tape_view(ZB, zoff[L - 1], n, d_out)
     if residual:
-        layer_norm_backward_rows(tape_view(QZ, zoff[L - 1], n, d_out), qln, gout, zbL)
+        layer_norm_backward_rows(tape_view(q.Z, zoff[L - 1], n, d_out), q.ln, gout, zbL)
     else:
         copy_rows(gout, zbL)
     for i in range(L - 1, -1, -1):
@@ -283,8 +326,10 @@ def chunk_vjp(M0, S0, Mbar, Sbar, shapes, offsets, act_kind, residual, loss_kind
                 hb[r, a] = coef[r, 3] * T1[r, a] + coef[r, 4] * T2[r, a] - hb[r, a]
         if i > 0:
             below = tape_view(ZB, zoff[i - 1], n, f)
-            copy_rows(hb, below)
-            mul_rows(tape_view(QD1, hoff[i - 1], n, f), below)
+            d1 = tape_view(q.HD1, hoff[i - 1], n, f)
+            for r in range(n):
+                for a in range(f):
+                    below[r, a] = hb[r, a] * d1[r, a]
         else:
             copy_rows(hb, gQ)
             if residual:
@@ -306,10 +351,10 @@ def chunk_vjp(M0, S0, Mbar, Sbar, shapes, offsets, act_kind, residual, loss_kind
         np.dot(di, layer(Sbar, shapes, offsets, i).T, tape_view(DS, boff[i], n, f))
         _rowdot(xm, di, mU)
         _rowdot(xs, di, sU)
-    # 3. gate products of the cotangents, then the gates (Eqs. 13-14 backwards)
+    # 3. gate products of the cotangents, then the gates (Eqs. 13–14 backwards)
     aR, cR = np.empty((n, n), M0.dtype), np.empty((n, n), M0.dtype)
     aM, cM, cS = np.empty(n, M0.dtype), np.empty(n, M0.dtype), np.empty(n, M0.dtype)
-    _backward_coefficients(alpha, eta, t0, n, read_after, aR, aM, cR, cM, cS)
+    _backward_coefficients(seq.alpha, seq.eta, t0, n, spec.read_after, aR, aM, cR, cM, cS)
     RUG = np.dot(RU, G.T)  # (j, r') = ⟨R_j, Σ_l G_{r'l} u_l⟩
     RUE = np.dot(RU, E.T)
     mUG, mUE = np.dot(G, mU), np.dot(E, mU)
@@ -325,8 +370,8 @@ def chunk_vjp(M0, S0, Mbar, Sbar, shapes, offsets, act_kind, residual, loss_kind
         for j in range(n):
             dm += aR[r, j] * (Ap * RM[j] + Cp * RS[j] - (RUG[j, r - 1] if r > 0 else t_(0.0)))
             ds += cR[r, j] * (Pp * RS[j] - (RUE[j, r - 1] if r > 0 else t_(0.0)))
-        galpha[r] = -dm  # ᾱ_r = -⟨M̄_r, M_{r-1}⟩
-        geta[r] = ds  # η̄_r = ⟨S̄_r, S_{r-1}⟩
+        grads.alpha[t0 + r] = -dm  # ᾱ_r = -⟨M̄_r, M_{r-1}⟩
+        grads.eta[t0 + r] = ds  # η̄_r = ⟨S̄_r, S_{r-1}⟩
     # 4. products of ū_r = -θ_r c_r S̄_r with the key rows (the HVP's inputs)
     A = np.empty(zoff[L], M0.dtype)
     B = np.empty(boff[L], M0.dtype)
@@ -354,28 +399,18 @@ def chunk_vjp(M0, S0, Mbar, Sbar, shapes, offsets, act_kind, residual, loss_kind
             for a in range(f):
                 b_i[r, a] += cM[r] * dmi[r, a] + cS[r] * dsi[r, a]
         _rowdot(a_i, di, dot_u)
+    corr, coef_u = np.empty(n, M0.dtype), np.empty(n, M0.dtype)
     for r in range(n):
-        c = uscale[t0 + r]
-        gtheta[r] = -c * dot_u[r]
-        corr = dot_u[r] / unorm2[t0 + r] if c < t_(1.0) else t_(0.0)
-        coef_r = -theta[t0 + r] * c
-        for i in range(L):
-            f, o = shapes[i, 0], shapes[i, 1]
-            h = Kc[r] if i == 0 else tape_view(KH, hoff[i - 1], n, f)[r]
-            d = tape_view(KD, zoff[i], n, o)[r]
-            a_r = tape_view(A, zoff[i], n, o)[r]
-            b_r = tape_view(B, boff[i], n, f)[r]
-            hh = corr * np.dot(h, h)
-            dd = corr * np.dot(d, d)
-            for j in range(o):
-                a_r[j] = coef_r * (a_r[j] - hh * d[j])
-            for a in range(f):
-                b_r[a] = coef_r * (b_r[a] - dd * h[a])
+        c = tape.uscale[t0 + r]
+        grads.theta[t0 + r] = -c * dot_u[r]
+        corr[r] = dot_u[r] / tape.unorm2[t0 + r] if c < t_(1.0) else t_(0.0)
+        coef_u[r] = -seq.theta[t0 + r] * c
+    scale_products(A, B, spec, key, corr, coef_u)
     # 5. cotangents of the chunk start: S̄_0 = η_0 S̄_0', M̄_0 = (1-α_0) M̄_0' + W̄_HVP
-    keep0, eta0 = t_(1.0) - alpha[t0], eta[t0]
+    keep0, eta0 = t_(1.0) - seq.alpha[t0], seq.eta[t0]
     aR0 = np.empty(n, M0.dtype)
     for j in range(n):
-        aR0[j] = keep0 * aR[0, j] + (t_(1.0) if (not read_after and j == 0) else t_(0.0))
+        aR0[j] = keep0 * aR[0, j] + (t_(1.0) if (not spec.read_after and j == 0) else t_(0.0))
     for i in range(L):
         f, o = shapes[i, 0], shapes[i, 1]
         xq = Qc if i == 0 else tape_view(QH, hoff[i - 1], n, f)
@@ -395,41 +430,37 @@ def chunk_vjp(M0, S0, Mbar, Sbar, shapes, offsets, act_kind, residual, loss_kind
                 Sb[a, j] = eta0 * (rs[a, j] + cM[0] * m_in + cS[0] * Sb[a, j])
                 Mb[a, j] = rm[a, j] + keep0 * aM[0] * m_in
     # 6. the surprises through the Hessian-vector products at M_0 (adds W̄ to Mbar)
-    mlp_hvp_rows(M0, shapes, offsets, act_kind, residual, loss_kind, p, delta, Kc, Vc, KZ, KH,
-                 KD, KDH, KD1, kln, KP, A, B, Mbar, gK, gV)
+    HD, ZB2 = np.empty(boff[L], M0.dtype), np.empty(zoff[L], M0.dtype)
+    work = np.empty(hvp_work_size(shapes, n), M0.dtype)
+    hvp_rows(M0, spec, key, A, B, HD, ZB2, grads.K[t0:t0 + n], grads.V[t0:t0 + n], work)
+    add_weight_cotangent(Mbar, spec, key, HD, ZB2)
 
 
-def chunk_backward(shapes, offsets, act_kind, residual, loss_kind, p, delta, K, V, Q, alpha,
-                   eta, theta, read_after, b, seg, ckM, ckS, KZ, KH, KD1, KD, KDH, KP, kln, QZ,
-                   QH, QD1, qln, unorm2, uscale, gout, Mbar, Sbar, gK, gV, gQ, galpha, geta,
-                   gtheta, Mbuf, Sbuf):
-    """The VJP of :func:`chunk_forward`: ``Mbar``, ``Sbar`` enter as the cotangents of the
-    final state and leave as those of the initial state. ``Mbuf``, ``Sbuf``
-    ``(seg // b + 1, >= P)`` hold the recomputed chunk-start states of one segment.
+def chunk_backward(spec, seq, tape, b, seg, gout, Mbar, Sbar, grads, Mbuf, Sbuf):
+    """The VJP of :func:`chunk_scan` with a full tape: ``Mbar``, ``Sbar`` enter as the
+    cotangents of the final state and leave as those of the initial state; ``grads``
+    (:class:`.layout.Seq`) is written. ``Mbuf``, ``Sbuf`` ``(seg // b + 1, >= P)`` hold the
+    recomputed chunk-start states of one segment.
 
     A plain Python loop over chunks (each chunk is a few GEMMs, so the loop costs nothing
     noticeable, and the kernels it calls are compiled once rather than again inside it).
     """
-    T = K.shape[0]
-    P = offsets[-1]
+    T = seq.K.shape[0]
+    P = spec.offsets[-1]
     dt = Mbar.dtype
-    E, G, Gr, coef = np.zeros((b, b), dt), np.zeros((b, b), dt), np.zeros((b, b), dt), \
-        np.zeros((b, 5), dt)
+    co = new_coefficients(b, dt)
+    work = np.empty(chunk_work_size(spec.shapes, b), dt)
     for k in range((T - 1) // seg, -1, -1):
         s0, s1 = k * seg, min(T, k * seg + seg)
-        Mbuf[0, :P] = ckM[k, :P]
-        Sbuf[0, :P] = ckS[k, :P]
+        Mbuf[0, :P] = tape.ckM[k, :P]
+        Sbuf[0, :P] = tape.ckS[k, :P]
         for t0 in range(s0, s1 - b, b):  # chunk-start states of the segment
             m, n = (t0 - s0) // b, min(b, T - t0)
-            _coefficients(alpha, eta, theta, uscale, t0, n, read_after, E, G, Gr, coef)
-            _chunk_end(Mbuf[m], Sbuf[m], Mbuf[m + 1], Sbuf[m + 1], shapes, offsets,
-                       K[t0:t0 + n], KH[t0 // b], KD[t0 // b], coef, E, G, n)
+            chunk_coefficients(seq, tape.uscale[t0:t0 + n], t0, n, spec.read_after, co)
+            chunk_end(Mbuf[m], Sbuf[m], Mbuf[m + 1], Sbuf[m + 1], spec,
+                      key_rows(seq, tape, t0, n, t0 // b, t0), co, work)
         for t0 in range(s1 - 1 - (s1 - 1 - s0) % b, s0 - 1, -b):
-            m, c, n = (t0 - s0) // b, t0 // b, min(b, T - t0)
-            r = slice(t0, t0 + n)
-            _coefficients(alpha, eta, theta, uscale, t0, n, read_after, E, G, Gr, coef)
-            chunk_vjp(Mbuf[m], Sbuf[m], Mbar, Sbar, shapes, offsets, act_kind, residual,
-                      loss_kind, p, delta, K[r], V[r], KZ[c], KH[c], KD1[c], KD[c], KDH[c],
-                      KP[r], kln[r], Q[r], QZ[c], QH[c], QD1[c], qln[r], gout[r], alpha, eta,
-                      theta, uscale, unorm2, t0, read_after, E, G, Gr, coef, gK[r], gV[r],
-                      gQ[r], galpha[r], geta[r], gtheta[r])
+            m, n = (t0 - s0) // b, min(b, T - t0)
+            chunk_coefficients(seq, tape.uscale[t0:t0 + n], t0, n, spec.read_after, co)
+            chunk_vjp(Mbuf[m], Sbuf[m], Mbar, Sbar, spec, seq, tape, t0, gout[t0:t0 + n],
+                      grads, co)

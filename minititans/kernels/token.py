@@ -1,0 +1,316 @@
+r"""The token loop (``chunk_size=1``, Eqs. 13–14) with an optional tape, and its VJP.
+
+The twin of ``_token_loop`` in :mod:`minititans.memory.scan`. Per token $t$ (Eqs. 8, 13,
+14), with the surprise clipped to a global norm when asked,
+
+$$u_t = \nabla_W \ell(\mathcal{M}_{t-1}; k_t, v_t),\quad
+  S_t = \eta_t S_{t-1} - \theta_t u_t,\quad
+  \mathcal{M}_t = (1 - \alpha_t)\mathcal{M}_{t-1} + S_t,\quad
+  y_t = \mathcal{M}_t(q_t)\ \text{or}\ \mathcal{M}_{t-1}(q_t).$$
+
+**Forward** (:func:`token_loop`). One pass over each weight matrix per token does everything
+that needs it: Eq. 14, Eq. 13, and the forward pass of the *next* two rows through the new
+weights (the query read and the next key), so $W$, $S$ are read and written once per token.
+The loops run over the contiguous output axis and vectorise without fastmath; the one
+reduction, $\delta_{i+1} W_{i+1}^\top$, is a BLAS ``gemv``. With a full tape it also keeps
+the per-token rows and a checkpoint every ``seg`` tokens, for the VJP.
+
+**Backward** (:func:`token_vjp`), one segment at a time, last first:
+
+1. *replay* the segment from its checkpoint into a buffer of states (no matrix product:
+   $u_t = h^\top\delta$ is taped), and while $\mathcal{M}$ is in cache, back-propagate each
+   read: $\bar z$ of the query rows (taped) and $\bar q_t$;
+2. *reverse*, token by token: one pass over each weight matrix does Eqs. 13–14 backwards,
+
+   $$\bar{\mathcal{M}}_t = (1-\alpha_{t+1})\bar{\mathcal{M}} + \textstyle\sum_k l_k^\top r_k,
+     \qquad \bar S_t = \eta_{t+1}\bar S + \bar{\mathcal{M}}_t ,$$
+
+   and, with the matrices in cache, BLAS gives
+   $\bar\alpha_t = -\langle\bar{\mathcal{M}}_t, \mathcal{M}_{t-1}\rangle$,
+   $\bar\eta_t = \langle\bar S_t, S_{t-1}\rangle$ and the products $h_{i-1}\bar S_{t,i}$,
+   $\delta_i\bar S_{t,i}^\top$: all that the Hessian-vector product of
+   $\bar u_t = -\theta_t c_t \bar S_t$ needs (:mod:`.hvp`). The rank-one terms
+   $l_k^\top r_k$ are cotangents of $\mathcal{M}_t$ left pending by the read and by the
+   Hessian-vector product of token $t+1$ (rank two per layer), so no pass of their own adds
+   them; likewise $\bar{\mathcal{M}}$ waits for the next pass to be multiplied by $1-\alpha$.
+
+A weight that becomes NaN/inf shows up in the rows read through it (any non-finite entry
+of column $j$ of $W$ makes entry $j$ of $xW$ non-finite), so divergence is found without a
+separate pass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._jit import kernel
+from .hvp import hvp_rows, hvp_work_size, scale_products
+from .layout import copy, key_rows, layer, tape_view
+from .rows import (
+    all_finite,
+    apply_update,
+    backprop_rows,
+    clip_scales,
+    matmul_t,
+    memory_forward_rows,
+    output_rows,
+    surprise_rows,
+)
+from .scalars import hidden
+
+N_PENDING = 3  # rank-one cotangents of a state: a read, and the two of a Hessian-vector product
+
+
+@kernel
+def update_and_read(W, S, d, kin, e, decay, g_scale, xa, xb, za, zb):
+    r"""Eqs. 14 and 13 on one weight matrix, fused with reading two rows through the result.
+
+    $S \leftarrow \eta S + g\,k^\top d$, $W \leftarrow (1-\alpha) W + S$ with
+    $g = -\theta c$ (the surprise $u = k^\top d$ is never formed), then ``za = xa W``,
+    ``zb = xb W`` with the new $W$. The inner loop runs over the contiguous output axis with
+    no reduction, so it vectorises in strict IEEE arithmetic.
+    """
+    za[:] = 0
+    zb[:] = 0
+    n = W.shape[1]
+    for a in range(W.shape[0]):
+        g = g_scale * kin[a]
+        qa = xa[a]
+        kb = xb[a]
+        Wa = W[a]
+        Sa = S[a]
+        for j in range(n):
+            s = e * Sa[j] + g * d[j]  # Eq. 14
+            Sa[j] = s
+            m = decay * Wa[j] + s  # Eq. 13
+            Wa[j] = m
+            za[j] += qa * m
+            zb[j] += kb * m
+
+
+@kernel
+def _read_row(M, spec, x, Z, H, HD1, ln, y, want_d1):
+    """One row ``x`` ``(1, d)`` through the memory ``M`` into the tape rows; ``y = M(x)``."""
+    L = spec.shapes.shape[0]
+    memory_forward_rows(M, spec, x, Z, H, HD1, want_d1)
+    output_rows(tape_view(Z, spec.zoff[L - 1], 1, spec.shapes[L - 1, 1]), x, spec.residual,
+                ln, y)
+
+
+@kernel
+def token_loop(M, S, spec, seq, tape, seg, stop, out):
+    r"""Eqs. 13–14 token by token, in place on ``M``, ``S`` (flat ``(P,)``); writes ``out``.
+
+    Args:
+        M, S: flat weights $\mathcal{M}_0$ and momentum $S_0$ (64-byte aligned), updated in
+            place to $\mathcal{M}_T$, $S_T$.
+        spec: :class:`.layout.Spec`; seq: :class:`.layout.Seq` (``K``, ``V``, ``Q`` ``(T, d)``,
+            gates ``(T,)``).
+        tape: :class:`.layout.Tape` from :func:`.layout.new_tape` (``b = 1``): a full one is
+            filled for the VJP (every ``seg`` tokens a checkpoint), a workspace one is only
+            used.
+        stop: return at the first token whose weights are not finite.
+        out: ``(T, d_out)``, written.
+
+    Returns:
+        The first token whose update made the weights non-finite, or -1.
+    """
+    t_ = M.dtype.type
+    K, Q = seq.K, seq.Q
+    T = K.shape[0]
+    L = spec.shapes.shape[0]
+    zoff, hoff = spec.zoff, spec.hoff
+    nz = zoff[L]
+    n_k, n_q = tape.KZ.shape[0], tape.QZ.shape[0]  # T + 1 each, or 2 and 1 (workspace)
+    keep = tape.ckM.shape[0] > 0
+    zero_row = np.zeros((1, K.shape[1]), M.dtype)
+    # the first key (and query) through M_0; later rows are read inside the update pass
+    _read_row(M, spec, K[0:1], tape.KZ[0], tape.KH[0], tape.KD1[0], tape.kln[0:1],
+              tape.KP[0:1], True)
+    if not spec.read_after:
+        _read_row(M, spec, Q[0:1], tape.QZ[0], tape.QH[0], tape.QD1[0], tape.qln[0:1],
+                  out[0:1], keep)
+    first_bad = -1
+    for t in range(T):
+        kt, kn = t % n_k, (t + 1) % n_k
+        if keep and t % seg == 0:
+            copy(M, tape.ckM[t // seg])
+            copy(S, tape.ckS[t // seg])
+        # Eq. 8: δ of k_t at M_{t-1}; the surprise u_{t,i} = h_{i-1}ᵀ δ_i is never formed
+        key = key_rows(seq, tape, t, 1, kt, kt)
+        surprise_rows(M, spec, key)
+        clip_scales(spec, key.X, key.H, key.D, tape.unorm2[kt:kt + 1], tape.uscale[kt:kt + 1])
+        c = tape.uscale[kt]
+        # the rows read through M_t: A = q_t (after) or q_{t+1} (before), B = k_{t+1}
+        ta = t if spec.read_after else t + 1
+        qa = ta % n_q
+        xa = Q[ta:ta + 1] if ta < T else zero_row
+        xb = K[t + 1:t + 2] if t + 1 < T else zero_row
+        za, ha, hda = tape.QZ[qa], tape.QH[qa], tape.QD1[qa]
+        zb, hb, hdb = tape.KZ[kn], tape.KH[kn], tape.KD1[kn]
+        bad = False
+        for i in range(L):
+            lo, hi = zoff[i], zoff[i + 1]
+            W = layer(M, spec.shapes, spec.offsets, i)
+            h0, h1 = hoff[i - 1], hoff[i]
+            update_and_read(W, layer(S, spec.shapes, spec.offsets, i), key.D[lo:hi],
+                            K[t] if i == 0 else key.H[h0:h1], seq.eta[t],
+                            t_(1.0) - seq.alpha[t], -seq.theta[t] * c,
+                            xa[0] if i == 0 else ha[h0:h1], xb[0] if i == 0 else hb[h0:h1],
+                            za[lo:hi], zb[lo:hi])
+            # a non-finite weight in column j makes za[j] non-finite; confirm on W itself
+            if not all_finite(za[lo:hi]) and not all_finite(W.ravel()):
+                bad = True
+            if i < L - 1:
+                hidden(za[lo:hi], ha[h1:hoff[i + 1]], hda[h1:hoff[i + 1]], spec.act_kind, keep)
+                hidden(zb[lo:hi], hb[h1:hoff[i + 1]], hdb[h1:hoff[i + 1]], spec.act_kind, True)
+        if bad and first_bad < 0:
+            first_bad = t
+            if stop:
+                return t
+        if ta < T:
+            output_rows(tape_view(za, zoff[L - 1], 1, nz - zoff[L - 1]), xa, spec.residual,
+                        tape.qln[qa:qa + 1], out[ta:ta + 1])
+        # B (the next key at M_t) becomes the key row
+        output_rows(tape_view(zb, zoff[L - 1], 1, nz - zoff[L - 1]), xb, spec.residual,
+                    tape.kln[kn:kn + 1], tape.KP[kn:kn + 1])
+    return first_bad
+
+
+@kernel
+def token_vjp(spec, seq, tape, seg, gout, Mbar, Sbar, grads, Mbuf, Sbuf):
+    """The VJP of :func:`token_loop` with a full tape (module doc). ``Mbar``, ``Sbar`` enter
+    as the cotangents of the final state and leave as those of the initial state; ``grads``
+    (:class:`.layout.Seq` of arrays like ``seq``) is written. ``Mbuf``, ``Sbuf``
+    ``(seg + 1, >= P)`` (64-byte aligned rows) hold the replayed states of one segment."""
+    t_ = Mbar.dtype.type
+    K, Q = seq.K, seq.Q
+    T = K.shape[0]
+    shapes, offsets = spec.shapes, spec.offsets
+    L = shapes.shape[0]
+    P = offsets[L]
+    zoff, hoff, boff = spec.zoff, spec.hoff, spec.boff
+    nz, nin = zoff[L], boff[L]
+    ZQ = np.empty((seg, nz), Mbar.dtype)  # z̄ of the reads of the segment
+    DHQ = np.empty(max(hoff[L - 1], 1), Mbar.dtype)
+    # pending rank-one cotangents of the next state to visit: 0 a read, 1-2 the HVP
+    PL = np.zeros((N_PENDING, nin), Mbar.dtype)
+    PR = np.zeros((N_PENDING, nz), Mbar.dtype)
+    A = np.empty(nz, Mbar.dtype)  # h_{i-1} ū_i
+    B = np.empty(nin, Mbar.dtype)  # δ_i ū_iᵀ
+    work = np.empty(hvp_work_size(shapes, 1), Mbar.dtype)
+    corr, coef = np.empty(1, Mbar.dtype), np.empty(1, Mbar.dtype)
+    eta_next = t_(1.0)  # η_{t+1}: S̄_t = η_{t+1} S̄_{t+1} + M̄_t
+    keep = t_(1.0)  # 1 - α_{t+1}: M̄ waits for the next pass to be multiplied by it
+    for k in range((T - 1) // seg, -1, -1):
+        s0, s1 = k * seg, min(T, k * seg + seg)
+        # 1. replay the segment: Mbuf[j] = M_{s0+j-1}; back-propagate each read meanwhile
+        copy(tape.ckM[k][:P], Mbuf[0][:P])
+        copy(tape.ckS[k][:P], Sbuf[0][:P])
+        for t in range(s0, s1):
+            j = t - s0
+            read = Mbuf[j + 1] if spec.read_after else Mbuf[j]
+            if not spec.read_after:
+                _read_back(read, spec, seq, tape, t, gout[t], ZQ[j], DHQ, grads.Q[t:t + 1])
+            apply_update(Mbuf[j], Sbuf[j], Mbuf[j + 1], Sbuf[j + 1], spec, K[t:t + 1],
+                         tape.KH[t], tape.KD[t], 0, seq.theta[t] * tape.uscale[t],
+                         t_(1.0) - seq.alpha[t], seq.eta[t])
+            if spec.read_after:
+                _read_back(read, spec, seq, tape, t, gout[t], ZQ[j], DHQ, grads.Q[t:t + 1])
+        # 2. reverse
+        for t in range(s1 - 1, s0 - 1, -1):
+            j = t - s0
+            key = key_rows(seq, tape, t, 1, t, t)
+            if spec.read_after:  # y_t = M_t(q_t): a cotangent of M_t
+                _set_pending(PL[0], PR[0], spec, Q[t], tape.QH[t], ZQ[j])
+            dot_m, dot_s = _pass(Mbar, Sbar, Mbuf[j], Sbuf[j], spec, PL, PR, keep, eta_next,
+                                 t_(1.0), key, A)
+            grads.alpha[t] = -dot_m  # Eq. 13
+            grads.eta[t] = dot_s  # Eq. 14
+            dot_u = t_(0.0)  # ⟨S̄_t, u_t⟩
+            for i in range(L):
+                d = key.D[zoff[i]:zoff[i + 1]]
+                np.dot(layer(Sbar, shapes, offsets, i), d, B[boff[i]:boff[i + 1]])
+                dot_u += np.dot(A[zoff[i]:zoff[i + 1]], d)
+            c = tape.uscale[t]
+            grads.theta[t] = -c * dot_u
+            # ū_t = -θ_t c_t S̄_t, minus its component along u_t when the clip is active
+            corr[0] = dot_u / tape.unorm2[t] if c < t_(1.0) else t_(0.0)
+            coef[0] = -seq.theta[t] * c
+            scale_products(A, B, spec, key, corr, coef)
+            # the weight cotangent of the HVP stays pending: PL[1] = ḣ, PR[1] = δ,
+            # PL[2] = h, PR[2] = z̄
+            hvp_rows(Mbuf[j], spec, key, A, B, PL[1], PR[2], grads.K[t:t + 1],
+                     grads.V[t:t + 1], work)
+            _set_pending(PL[2], PR[1], spec, K[t], key.H, key.D)
+            if spec.read_after:
+                PL[0, :] = 0
+                PR[0, :] = 0
+            else:  # y_t = M_{t-1}(q_t): a cotangent of M_{t-1}
+                _set_pending(PL[0], PR[0], spec, Q[t], tape.QH[t], ZQ[j])
+            eta_next = seq.eta[t]
+            keep = t_(1.0) - seq.alpha[t]
+    # the initial state: M̄_0 = (1 - α_0) M̄ + pending, S̄_0 = η_0 S̄
+    _pass(Mbar, Sbar, Mbar, Sbar, spec, PL, PR, keep, eta_next, t_(0.0),
+          key_rows(seq, tape, 0, 1, 0, 0), A)
+
+
+@kernel
+def _read_back(W, spec, seq, tape, t, ybar, zbar, dh, qbar):
+    r"""Back-propagate ``ybar`` through the read $y_t = \mathcal{M}(q_t)$ at ``W`` (taped
+    query rows): $\bar z$ of every layer into ``zbar`` (tape layout), $\bar q$ into ``qbar``
+    ``(1, d_in)``; ``dh`` is scratch."""
+    L = spec.shapes.shape[0]
+    copy(ybar, zbar[spec.zoff[L - 1]:spec.zoff[L]])
+    backprop_rows(W, spec, tape.QZ[t], tape.qln[t:t + 1], tape.QD1[t], zbar, dh)
+    matmul_t(zbar[:spec.zoff[1]].reshape((1, spec.zoff[1])),
+             layer(W, spec.shapes, spec.offsets, 0), qbar)
+    if spec.residual:
+        for a in range(qbar.shape[1]):
+            qbar[0, a] += ybar[a]
+
+
+@kernel
+def _set_pending(pl, pr, spec, x, H, R):
+    """A pending term: for layer i, ``l_i`` = the row entering it (``x``, then the ``H``
+    tape) and ``r_i`` = ``R`` (tape layout)."""
+    hoff, boff = spec.hoff, spec.boff
+    for i in range(spec.shapes.shape[0]):
+        copy(x if i == 0 else H[hoff[i - 1]:hoff[i]], pl[boff[i]:boff[i + 1]])
+    copy(R[:pr.shape[0]], pr)
+
+
+@kernel
+def _pass(Mbar, Sbar, Mp, Sp, spec, PL, PR, keep, eta_next, add_m, key, A):
+    r"""Eqs. 13–14 backwards on every weight matrix (module doc, step 2).
+
+    One pass per matrix turns the stored $\bar{\mathcal{M}}$ into
+    $\bar{\mathcal{M}}_t = (1-\alpha_{t+1})\bar{\mathcal{M}} + \sum_k l_k^\top r_k$ (``keep``
+    $= 1-\alpha_{t+1}$) and $\bar S$ into $\bar S_t = \eta_{t+1}\bar S + \bar{\mathcal{M}}_t$
+    (``add_m`` = 1; 0 for the initial state, whose $\bar S_0 = \eta_0 \bar S$).
+    Its inner loop touches only these two and runs along the contiguous axis, so it
+    vectorises. Then, with the matrices in cache, BLAS gives ``A`` (tape layout)
+    $= h_{i-1}\bar S_{t,i}$ for the key rows, and the returned
+    $(\langle\bar{\mathcal{M}}_t, \mathcal{M}_{t-1}\rangle, \langle\bar S_t, S_{t-1}\rangle)$.
+    """
+    t_ = Mbar.dtype.type
+    shapes, offsets, zoff, boff, hoff = spec.shapes, spec.offsets, spec.zoff, spec.boff, spec.hoff
+    dot_m = t_(0.0)
+    dot_s = t_(0.0)
+    for i in range(shapes.shape[0]):
+        lo, hi, blo, bhi = zoff[i], zoff[i + 1], boff[i], boff[i + 1]
+        Mb, Sb = layer(Mbar, shapes, offsets, i), layer(Sbar, shapes, offsets, i)
+        r0, r1, r2 = PR[0, lo:hi], PR[1, lo:hi], PR[2, lo:hi]
+        l0, l1, l2 = PL[0, blo:bhi], PL[1, blo:bhi], PL[2, blo:bhi]
+        for a in range(shapes[i, 0]):
+            c0, c1, c2 = l0[a], l1[a], l2[a]
+            mrow, srow = Mb[a], Sb[a]
+            for j in range(shapes[i, 1]):
+                mb = keep * mrow[j] + c0 * r0[j] + c1 * r1[j] + c2 * r2[j]
+                mrow[j] = mb
+                srow[j] = eta_next * srow[j] + add_m * mb
+        o0, o1 = offsets[i], offsets[i + 1]
+        dot_m += np.dot(Mbar[o0:o1], Mp[o0:o1])
+        dot_s += np.dot(Sbar[o0:o1], Sp[o0:o1])
+        np.dot(key.X[0] if i == 0 else key.H[hoff[i - 1]:hoff[i]], Sb, A[lo:hi])
+    return dot_m, dot_s
