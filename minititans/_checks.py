@@ -14,19 +14,10 @@ import warnings
 import numpy as np
 from autograd.tracer import getval
 
+from .errors import MemoryDivergenceError
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 FEATURE_MAPS = ("identity", "elu1")  # of linear attention, in the order of the kernels' codes
-
-
-class MemoryDivergenceError(FloatingPointError):
-    """The memory's weights became NaN or inf; ``token`` is the index of the first bad token."""
-
-    def __init__(self, token: int, detail: str = ""):
-        self.token = token
-        super().__init__(
-            f"memory weights became non-finite at token {token}{detail}; lower theta, raise "
-            "alpha, normalise the keys, or pass max_grad_norm to clip the surprise"
-        )
 
 
 def report_divergence(token: int, on_nonfinite: str, detail: str = "", stacklevel: int = 3):

@@ -142,7 +142,7 @@ def test_no_import_cycle_between_subpackages():
     assert cycle is None, "import cycle between parts of the package: " + " -> ".join(cycle)
 
 
-@pytest.mark.parametrize("low", ["minititans.kernels", "minititans._checks"])
+@pytest.mark.parametrize("low", ["minititans.kernels", "minititans._checks", "minititans.errors"])
 def test_low_level_parts_import_nothing_above_them(low):
     above = {"minititans.memory", "minititans.models", "minititans.attention",
              "minititans.linear_attention", "minititans.layers", "minititans.training"}
