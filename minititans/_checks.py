@@ -20,13 +20,55 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 FEATURE_MAPS = ("identity", "elu1")  # of linear attention, in the order of the kernels' codes
 
 
-def report_divergence(token: int, on_nonfinite: str, detail: str = "", stacklevel: int = 3):
+ON_NONFINITE = ("raise", "warn")
+# what the divergence error of the matrix recurrences says (the same on both backends)
+LINEAR_WHAT = "linear attention's output or state"
+LINEAR_HINT = ("the sums overflowed or the normaliser is 0 (normalize=True with "
+               "feature_map='identity'): scale q, k, v down or normalise with 'elu1'")
+DELTA_WHAT = "the delta rule's weights or outputs"
+DELTA_HINT = ("lower beta (a step with beta |k_t|^2 > 2 grows the weights), raise alpha, "
+              "or normalise the keys")
+
+
+def report_divergence(token: int, on_nonfinite: str, detail: str = "", stacklevel: int = 3,
+                      **message):
     """Raise :class:`MemoryDivergenceError` for ``token`` (``on_nonfinite="raise"``) or warn
-    with its message (``"warn"``). ``stacklevel`` counts from the caller of this helper."""
-    err = MemoryDivergenceError(int(token), detail)
+    with its message (``"warn"``). ``stacklevel`` counts from the caller of this helper;
+    ``message`` (``what``, ``hint``) is passed to the error."""
+    err = MemoryDivergenceError(int(token), detail, **message)
     if on_nonfinite == "raise":
         raise err
     warnings.warn(str(err), RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def first_nonfinite_token(x, axis: int = -2) -> int:
+    """The first index along ``axis`` (the tokens) at which ``x`` has a NaN or inf anywhere
+    (over every other axis), or -1 when ``x`` is finite."""
+    x = np.asarray(value_of(x))
+    if x.size == 0 or np.all(np.isfinite(x)):
+        return -1
+    bad = np.moveaxis(~np.isfinite(x), axis, 0).reshape(x.shape[axis], -1).any(axis=1)
+    return int(np.argmax(bad))
+
+
+def check_recurrence(y, on_nonfinite: str, *, what: str, hint: str, state_token: int = -1,
+                     stacklevel: int = 3) -> None:
+    """The divergence rule of every recurrence: raise (or warn) naming the first bad token.
+
+    The first bad token is the first whose output row of ``y`` ``(..., T, d_v)`` (token axis
+    -2) is not finite, or ``state_token``, the first at which the carried state is not
+    (-1: it stays finite), whichever comes first.
+    """
+    bad = first_nonfinite_token(y)
+    if state_token >= 0:
+        bad = state_token if bad < 0 else min(bad, state_token)
+    if bad >= 0:
+        report_divergence(bad, on_nonfinite, stacklevel=stacklevel + 1, what=what, hint=hint)
+
+
+def all_finite(*arrays) -> bool:
+    """Whether every array is free of NaN and inf."""
+    return all(np.all(np.isfinite(value_of(a))) for a in arrays)
 
 
 def value_of(x):
@@ -68,6 +110,13 @@ def check_int(name: str, value, *, minimum=None) -> int:
     return int(value)
 
 
+def check_bool(name: str, value) -> bool:
+    """Check that ``value`` is True or False (a NumPy bool too; not a string or a number)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_choice(name: str, value, choices) -> str:
     """Check that ``value`` is one of ``choices``."""
     if value not in choices:
@@ -79,9 +128,9 @@ def check_choice(name: str, value, choices) -> str:
 def check_gate(name: str, gate, T: int, *, low=0.0, high=None):
     """Broadcast a per-token gate to shape ``(T,)`` and check its range.
 
-    ``gate`` is a Python/NumPy scalar or an array of shape ``(T,)``. Returns the gate as
-    given when it is an array (so autograd can still differentiate through it), or a float
-    array of shape ``(T,)`` for a scalar.
+    ``gate`` is a Python/NumPy scalar, an array of shape ``(T,)`` or a list of ``T``
+    numbers. Returns the gate as given when it is an array (so autograd can still
+    differentiate through it), or a float array of shape ``(T,)`` for a scalar or a list.
     """
     raw = value_of(gate)
     if isinstance(raw, bool) or raw is None:
@@ -101,7 +150,8 @@ def check_gate(name: str, gate, T: int, *, low=0.0, high=None):
             raise ValueError(f"{name} must be a float or have shape ({T},), got shape {arr.shape}")
         else:
             vals = arr.astype(float)
-            out = gate if arr.dtype.kind == "f" else vals
+            # a float array (or its autograd box) as given; a list or an int array as floats
+            out = gate if arr.dtype.kind == "f" and not isinstance(raw, (list, tuple)) else vals
     if vals.size and not np.all(np.isfinite(vals)):
         raise ValueError(f"{name} contains NaN or inf")
     if low is not None and vals.size and vals.min() < low:

@@ -1,4 +1,4 @@
-"""The package's own exception: a memory whose weights stopped being finite.
+"""The package's own exception: a recurrence whose state or output stopped being finite.
 
 It lives at the bottom of the package (nothing here imports anything of minititans), so the
 reference path, the numba kernels and the recurrent functions of linear attention all raise
@@ -8,13 +8,20 @@ the same class. ``minititans.MemoryDivergenceError`` and
 
 from __future__ import annotations
 
+MEMORY_HINT = ("lower theta, raise alpha, normalise the keys, or pass max_grad_norm to clip "
+               "the surprise")
+
 
 class MemoryDivergenceError(FloatingPointError):
-    """The memory's weights became NaN or inf; ``token`` is the index of the first bad token."""
+    """A recurrence stopped being finite; ``token`` is the index of the first bad token.
 
-    def __init__(self, token: int, detail: str = ""):
+    Every recurrent function (``memory_scan``, ``memory_step``, the delta rules, linear
+    attention) raises it, on either backend, naming the first token whose state or output is
+    NaN or inf; with ``on_nonfinite="warn"`` it is a ``RuntimeWarning`` with the same message.
+    ``what`` says what went non-finite, ``hint`` what to change.
+    """
+
+    def __init__(self, token: int, detail: str = "", *, what: str = "memory weights",
+                 hint: str = MEMORY_HINT):
         self.token = token
-        super().__init__(
-            f"memory weights became non-finite at token {token}{detail}; lower theta, raise "
-            "alpha, normalise the keys, or pass max_grad_norm to clip the surprise"
-        )
+        super().__init__(f"{what} became non-finite at token {token}{detail}; {hint}")

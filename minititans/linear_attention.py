@@ -19,12 +19,21 @@ import autograd.numpy as np
 import numpy as onp
 
 from ._checks import (
+    DELTA_HINT,
+    DELTA_WHAT,
     FEATURE_MAPS,
+    LINEAR_HINT,
+    LINEAR_WHAT,
+    ON_NONFINITE,
+    all_finite,
     check_array,
+    check_bool,
     check_choice,
     check_gate,
     check_qkv,
     check_qkv_rows,
+    check_recurrence,
+    first_nonfinite_token,
     value_of,
 )
 
@@ -47,7 +56,8 @@ def _check_qkv(q, k, v):
     return q_, v_
 
 
-def linear_attention_parallel(q, k, v, feature_map: str = "identity", normalize: bool = False):
+def linear_attention_parallel(q, k, v, feature_map: str = "identity", normalize: bool = False,
+                              *, on_nonfinite: str = "raise"):
     r"""Titans Eqs. (3)-(5) in parallel form: $y = \mathrm{tril}(\phi(Q)\phi(K)^\top)\, V$.
 
     $$y_t = \frac{\phi(q_t) \sum_{j \le t} \phi(k_j)^\top v_j}
@@ -60,20 +70,27 @@ def linear_attention_parallel(q, k, v, feature_map: str = "identity", normalize:
     Args:
         q, k: ``(..., T, d)``; v: ``(..., T, d_v)``.
         feature_map: ``"identity"`` or ``"elu1"``.
-        normalize: divide by the kernel sum (Eq. 3).
+        normalize: divide by the kernel sum (Eq. 3), True or False.
+        on_nonfinite: "raise" (default) a :class:`~minititans.MemoryDivergenceError` naming
+            the first token whose output is NaN or inf, or "warn".
 
     Returns:
         ``(..., T, d_v)``.
     """
     check_choice("feature_map", feature_map, FEATURE_MAPS)
+    normalize = check_bool("normalize", normalize)
+    check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
     q_, _ = _check_qkv(q, k, v)
     T = q_.shape[-2]
-    phi_q, phi_k = apply_feature_map(q, feature_map), apply_feature_map(k, feature_map)
-    A = np.matmul(phi_q, np.swapaxes(phi_k, -1, -2))  # (..., T, T)
-    A = np.where(onp.tril(onp.ones((T, T), dtype=bool)), A, 0.0)
-    y = np.matmul(A, v)  # (..., T, d_v)
-    if normalize:
-        y = y / np.sum(A, axis=-1, keepdims=True)
+    # an overflow or a zero normaliser is named below, by token
+    with onp.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        phi_q, phi_k = apply_feature_map(q, feature_map), apply_feature_map(k, feature_map)
+        A = np.matmul(phi_q, np.swapaxes(phi_k, -1, -2))  # (..., T, T)
+        A = np.where(onp.tril(onp.ones((T, T), dtype=bool)), A, 0.0)
+        y = np.matmul(A, v)  # (..., T, d_v)
+        if normalize:
+            y = y / np.sum(A, axis=-1, keepdims=True)
+    check_recurrence(y, on_nonfinite, what=LINEAR_WHAT, hint=LINEAR_HINT)
     return y
 
 
@@ -81,7 +98,7 @@ linear_attention = linear_attention_parallel
 
 
 def linear_attention_recurrent(q, k, v, feature_map: str = "identity", normalize: bool = False,
-                               state=None):
+                               state=None, *, on_nonfinite: str = "raise"):
     r"""Titans Eqs. (4)-(5) as a recurrence over a matrix state, streamable.
 
     $$M_t = M_{t-1} + \phi(k_t)^\top v_t, \quad z_t = z_{t-1} + \phi(k_t), \quad
@@ -92,11 +109,15 @@ def linear_attention_recurrent(q, k, v, feature_map: str = "identity", normalize
         feature_map, normalize: as in :func:`linear_attention_parallel`.
         state: ``None`` (zeros) or the ``(M, z)`` returned by a previous call:
             ``M`` ``(..., d, d_v)``, ``z`` ``(..., d)``.
+        on_nonfinite: "raise" (default) or "warn" when an output or the state becomes NaN or
+            inf, naming the first such token (:class:`~minititans.MemoryDivergenceError`).
 
     Returns:
         ``(y, (M_T, z_T))`` with ``y`` ``(..., T, d_v)``.
     """
     check_choice("feature_map", feature_map, FEATURE_MAPS)
+    normalize = check_bool("normalize", normalize)
+    check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
     q_, v_ = _check_qkv(q, k, v)
     *lead, T, d = q_.shape
     d_v = v_.shape[-1]
@@ -114,19 +135,30 @@ def linear_attention_recurrent(q, k, v, feature_map: str = "identity", normalize
             raise ValueError(f"state must be (M, z) of shapes {tuple(lead) + (d, d_v)} and "
                              f"{tuple(lead) + (d,)}, got {value_of(M).shape} and "
                              f"{value_of(z).shape}")
-    phi_q, phi_k = apply_feature_map(q, feature_map), apply_feature_map(k, feature_map)
-    ys = []
-    for t in range(T):
-        qt, kt, vt = phi_q[..., t, :], phi_k[..., t, :], v[..., t, :]
-        # Eq. 4: an outer-product write phi(k_t)^T v_t
-        M = M + kt[..., :, None] * vt[..., None, :]  # (..., d, d_v)
-        z = z + kt
-        # Eq. 5: read after write
-        y = np.matmul(qt[..., None, :], M)[..., 0, :]  # (..., d_v)
-        if normalize:
-            y = y / np.sum(qt * z, axis=-1, keepdims=True)
-        ys.append(y)
+    z0 = z
+    errors = dict(over="ignore", invalid="ignore", divide="ignore")  # named below, by token
+    with onp.errstate(**errors):
+        phi_q, phi_k = apply_feature_map(q, feature_map), apply_feature_map(k, feature_map)
+        ys = []
+        for t in range(T):
+            qt, kt, vt = phi_q[..., t, :], phi_k[..., t, :], v[..., t, :]
+            # Eq. 4: an outer-product write phi(k_t)^T v_t
+            M = M + kt[..., :, None] * vt[..., None, :]  # (..., d, d_v)
+            z = z + kt
+            # Eq. 5: read after write
+            y = np.matmul(qt[..., None, :], M)[..., 0, :]  # (..., d_v)
+            if normalize:
+                y = y / np.sum(qt * z, axis=-1, keepdims=True)
+            ys.append(y)
     y = np.stack(ys, axis=-2) if T else onp.zeros(tuple(lead) + (0, d_v), onp.result_type(q_, v_))
+    # a non-finite M_t makes y_t non-finite; z_t (only divided by) may overflow alone
+    state_token = -1
+    if not all_finite(z):
+        with onp.errstate(**errors):
+            state_token = first_nonfinite_token(
+                value_of(z0)[..., None, :] + onp.cumsum(value_of(phi_k), axis=-2))
+    check_recurrence(y, on_nonfinite, what=LINEAR_WHAT, hint=LINEAR_HINT,
+                     state_token=state_token)
     return y, (M, z)
 
 
@@ -135,8 +167,9 @@ def _gate_dtype(gate, dtype):
     return gate.astype(dtype) if isinstance(gate, onp.ndarray) else gate
 
 
-def _delta_scan(q, k, v, beta, alpha, state, return_state, gated):
+def _delta_scan(q, k, v, beta, alpha, state, return_state, gated, on_nonfinite):
     """The token loop shared by both gate placements (so they differ in one line only)."""
+    check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
     q_, k_, v_ = check_qkv_rows(q, k, v)
     T, d = q_.shape
     d_v = v_.shape[1]
@@ -152,21 +185,25 @@ def _delta_scan(q, k, v, beta, alpha, state, return_state, gated):
             raise ValueError(f"state must have shape {(d, d_v)}, got {W_.shape}")
         W = state
     ys = []
-    for t in range(T):
-        kt, vt = k[t:t + 1], v[t:t + 1]  # (1, d), (1, d_v)
-        if gated:
-            # Gated DeltaNet: decay first, then the error at the decayed weights
-            W = (1.0 - alpha[t]) * W
-            W = W - beta[t] * (kt.T @ (kt @ W - vt))
-        else:
-            # Titans: decay and gradient step both taken at W_{t-1} (Eq. 13, theta = beta / 2)
-            W = (1.0 - alpha[t]) * W - beta[t] * (kt.T @ (kt @ W - vt))  # (d, d_v)
-        ys.append((q[t:t + 1] @ W)[0])
+    with onp.errstate(over="ignore", invalid="ignore"):  # a divergence is named below
+        for t in range(T):
+            kt, vt = k[t:t + 1], v[t:t + 1]  # (1, d), (1, d_v)
+            if gated:
+                # Gated DeltaNet: decay first, then the error at the decayed weights
+                W = (1.0 - alpha[t]) * W
+                W = W - beta[t] * (kt.T @ (kt @ W - vt))
+            else:
+                # Titans: decay and gradient step both at W_{t-1} (Eq. 13, theta = beta / 2)
+                W = (1.0 - alpha[t]) * W - beta[t] * (kt.T @ (kt @ W - vt))  # (d, d_v)
+            ys.append((q[t:t + 1] @ W)[0])
     y = np.stack(ys) if T else onp.zeros((0, d_v), dtype)
+    # y_t = q_t W_t is non-finite wherever W_t is, so the outputs name the first bad token
+    check_recurrence(y, on_nonfinite, what=DELTA_WHAT, hint=DELTA_HINT)
     return (y, W) if return_state else y
 
 
-def delta_rule(q, k, v, beta, alpha=None, *, state=None, return_state: bool = False):
+def delta_rule(q, k, v, beta, alpha=None, *, state=None, return_state: bool = False,
+               on_nonfinite: str = "raise"):
     r"""The delta rule with Titans' forgetting gate (Appendix C; Eqs. 12-13 with a linear memory).
 
     $$W_t = (1 - \alpha_t) W_{t-1} - \beta_t\, k_t^\top (k_t W_{t-1} - v_t), \qquad y_t = q_t W_t$$
@@ -182,14 +219,17 @@ def delta_rule(q, k, v, beta, alpha=None, *, state=None, return_state: bool = Fa
         alpha: forgetting $\alpha_t \in [0, 1]$, a float or ``(T,)``; None means 0.
         state: initial $W_0$ ``(d, d_v)``; None means zeros.
         return_state: also return $W_T$.
+        on_nonfinite: "raise" (default) a :class:`~minititans.MemoryDivergenceError` naming
+            the first token whose weights or output are NaN or inf, or "warn" (once).
 
     Returns:
         ``y`` ``(T, d_v)``, or ``(y, W_T)`` if ``return_state``.
     """
-    return _delta_scan(q, k, v, beta, alpha, state, return_state, gated=False)
+    return _delta_scan(q, k, v, beta, alpha, state, return_state, False, on_nonfinite)
 
 
-def gated_delta_rule(q, k, v, beta, alpha, *, state=None, return_state: bool = False):
+def gated_delta_rule(q, k, v, beta, alpha, *, state=None, return_state: bool = False,
+                     on_nonfinite: str = "raise"):
     r"""Gated DeltaNet (Yang et al. 2024): the gate is applied *before* the error is computed.
 
     $$W' = (1 - \alpha_t) W_{t-1}, \qquad W_t = W' - \beta_t\, k_t^\top (k_t W' - v_t)
@@ -204,4 +244,4 @@ def gated_delta_rule(q, k, v, beta, alpha, *, state=None, return_state: bool = F
 
     Args and returns as in :func:`delta_rule` (here ``alpha`` is required).
     """
-    return _delta_scan(q, k, v, beta, alpha, state, return_state, gated=True)
+    return _delta_scan(q, k, v, beta, alpha, state, return_state, True, on_nonfinite)

@@ -83,10 +83,12 @@ def numba_available() -> bool:
     """Whether ``autograd.grad`` runs through ``memory_scan(..., backend="numba")`` here.
 
     Tried once on a tiny memory (and cached): the kernels or their gradient may be missing
-    or fail to compile; then the caller falls back to ``backend="reference"``.
+    or fail to compile; then the caller falls back to ``backend="reference"``, and a
+    warning says once why (a broken numba installation is not hidden).
     """
     global _NUMBA_OK
     if _NUMBA_OK is None:
+        why = None
         try:
             from .memory import MemoryState, init_memory, memory_scan
 
@@ -97,9 +99,15 @@ def numba_available() -> bool:
                 return np.sum(y)
 
             g = grad(f)(onp.ones((3, 2)))
-            _NUMBA_OK = bool(onp.all(onp.isfinite(g)))
-        except Exception:  # noqa: BLE001 - any failure means: use the reference backend
-            _NUMBA_OK = False
+            if not onp.all(onp.isfinite(g)):
+                why = "its gradient of a tiny scan is not finite"
+        except Exception as err:  # noqa: BLE001 - any failure means: use the reference backend
+            why = f"{type(err).__name__}: {err}"
+        _NUMBA_OK = why is None
+        if why is not None:
+            warnings.warn(f"the numba backend does not work here ({why}); "
+                          "backend='auto' uses the slower reference backend", RuntimeWarning,
+                          stacklevel=2)
     return _NUMBA_OK
 
 

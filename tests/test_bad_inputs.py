@@ -943,3 +943,211 @@ def test_resume_from_a_train_state_in_memory_is_checked_like_a_file():
     ]:
         with pytest.raises(ValueError, match=match):
             train(MODEL, TASK, TCFG, resume=bad, progress=False)
+
+
+# --- one divergence rule for every recurrence (issue 14, item 4) ---------------------------
+
+REF_DELTA = (mt.delta_rule, mt.gated_delta_rule)
+NB_DELTA = (nb_attention.delta_rule, nb_attention.gated_delta_rule)
+
+
+def _naive_first_bad_delta_token(q, k, v, beta, alpha, gated):
+    """The first t at which W_t or y_t = q_t W_t is NaN or inf, by a plain loop (-1: none)."""
+    W = np.zeros((k.shape[1], v.shape[1]))
+    with np.errstate(all="ignore"):
+        for t in range(k.shape[0]):
+            kt, vt = k[t][None], v[t][None]
+            Wd = (1.0 - alpha) * W if gated else W
+            W = (Wd if gated else (1.0 - alpha) * W) - beta * kt.T @ (kt @ Wd - vt)
+            if not (np.all(np.isfinite(W)) and np.all(np.isfinite(q[t] @ W))):
+                return t
+    return -1
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_delta_rules_that_diverge_raise_naming_the_first_bad_token_on_both_backends(gated):
+    # 2,000 unit keys with beta = 10: |1 - beta |k|^2| = 9 > 1, so W grows until it overflows
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((2000, 8))
+    k /= np.linalg.norm(k, axis=1, keepdims=True)
+    v, q = rng.standard_normal((2000, 8)), rng.standard_normal((2000, 8))
+    args = (q, k, v, 10.0) + ((0.1,) if gated else ())
+    expected = _naive_first_bad_delta_token(q, k, v, 10.0, 0.1 if gated else 0.0, gated)
+    assert expected > 0
+    for fn in (REF_DELTA[gated], NB_DELTA[gated]):
+        with pytest.raises(mt.MemoryDivergenceError,
+                           match=rf"delta rule's weights or outputs became non-finite at "
+                                 rf"token {expected}; lower beta") as err:
+            fn(*args)
+        assert err.value.token == expected
+        with pytest.warns(RuntimeWarning, match=rf"at token {expected};") as record:
+            y = fn(*args, on_nonfinite="warn")
+        assert len(record) == 1  # once, and no NumPy overflow warning besides it
+        assert np.all(np.isfinite(y[:expected])) and not np.all(np.isfinite(y[expected]))
+        with pytest.raises(ValueError, match="on_nonfinite must be one of 'raise', 'warn'"):
+            fn(*args, on_nonfinite="ignore")
+
+
+def _linear_attention_fns():
+    import importlib
+
+    ref = importlib.import_module("minititans.linear_attention")  # the module, not the function
+    return [("parallel", ref.linear_attention_parallel),
+            ("recurrent", lambda *a, **kw: ref.linear_attention_recurrent(*a, **kw)[0]),
+            ("numba recurrent",
+             lambda *a, **kw: nb_attention.linear_attention_recurrent(*a, **kw)[0])]
+
+
+@pytest.mark.parametrize("name, fn", _linear_attention_fns())
+def test_linear_attention_that_overflows_raises_naming_the_first_bad_token(name, fn):
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 6, 3)) for _ in range(3))
+    k[1, 3] = 1e160  # phi(q_3) phi(k_3)^T v_3 overflows in the second sequence
+    v[1, 3] = 1e160
+    with pytest.raises(mt.MemoryDivergenceError,
+                       match="linear attention's output or state became non-finite at token 3"):
+        fn(q, k, v)
+    with pytest.warns(RuntimeWarning, match="at token 3;") as record:
+        y = fn(q, k, v, on_nonfinite="warn")
+    assert len(record) == 1 and np.all(np.isfinite(y[:, :3])) and np.all(np.isfinite(y[0]))
+    # Eq. 3 with the identity map divides by phi(q_t) sum_j phi(k_j)^T: 0 when q_4 = 0
+    q2 = rng.standard_normal((1, 6, 3))
+    q2[0, 4] = 0.0
+    with pytest.raises(mt.MemoryDivergenceError, match="at token 4; .*normaliser is 0"):
+        fn(q2, q2, rng.standard_normal((1, 6, 3)), normalize=True)
+
+
+@pytest.mark.parametrize("name, fn", _linear_attention_fns()[1:])
+def test_linear_attention_recurrent_names_the_token_where_only_its_normaliser_overflows(name, fn):
+    # z_t = sum_j phi(k_j) overflows at token 3 while M_t = sum_j phi(k_j)^T v_j stays finite
+    # (tiny values) and y_t = phi(q_t) M_t / phi(q_t) z_t^T is a finite 0: the state names it
+    q = np.ones((1, 5, 2))
+    k = np.zeros((1, 5, 2))
+    k[0, 2:4] = 1e308
+    v = np.full((1, 5, 2), 1e-300)
+    with np.errstate(all="ignore"):
+        y_naive = np.concatenate([q[0, :2], np.zeros((3, 2))])  # as computed below, finite
+    assert np.all(np.isfinite(y_naive))
+    with pytest.raises(mt.MemoryDivergenceError, match="at token 3;"):
+        fn(q, k, v, "elu1", True)
+
+
+def test_linear_attention_normalize_must_be_a_bool_on_both_backends():
+    q = np.ones((4, 2))
+    fns = [fn for _, fn in _linear_attention_fns()]
+    for fn in fns:
+        for bad in ("no", 0, None):
+            with pytest.raises(TypeError, match=rf"normalize must be True or False, got "
+                                                rf"{bad!r}"):
+                fn(q, q, q, "identity", bad)
+    np.testing.assert_allclose(fns[0](q, q, q, "elu1", np.bool_(True)), np.ones((4, 2)),
+                               rtol=1e-12)
+
+
+# --- one dtype rule for the memory functions (issue 14, item 5) ----------------------------
+
+F32, F64 = np.float32, np.float64
+
+
+def _state(params_dtype, momentum_dtype):
+    return mt.MemoryState(MP([w.astype(params_dtype) for w in P], P.activation,
+                             P.residual_norm),
+                          MP([np.zeros(w.shape, momentum_dtype) for w in P], P.activation,
+                             P.residual_norm))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2])
+@pytest.mark.parametrize("params_dtype, momentum_dtype, rows_dtype",
+                         [(F32, F32, F32), (F32, F64, F32), (F64, F32, F32), (F32, F32, F64),
+                          (F64, F64, F64)])
+def test_memory_scan_result_dtype_is_the_result_type_of_state_and_rows_on_both_backends(
+        params_dtype, momentum_dtype, rows_dtype, chunk_size):
+    want = np.result_type(params_dtype, momentum_dtype, rows_dtype)
+    state = _state(params_dtype, momentum_dtype)
+    rows = [x.astype(rows_dtype) for x in (K, V, Q)]
+    results = {}
+    for backend in ("reference", "numba"):
+        # a float64 gate array and a list never change the dtype: they are cast to it
+        out, new = mt.memory_scan(state, *rows, alpha=np.full(5, 0.1), eta=[0.9] * 5,
+                                  theta=0.1, chunk_size=chunk_size, backend=backend)
+        assert out.dtype == want, backend
+        assert {w.dtype for w in (*new.params, *new.momentum)} == {want}, backend
+        results[backend] = out
+    tol = 1e-4 if want == F32 else 1e-10
+    np.testing.assert_allclose(results["numba"], results["reference"], rtol=tol, atol=tol)
+
+
+def test_memory_step_follows_the_dtype_rule_of_memory_scan():
+    for params_dtype, momentum_dtype, rows_dtype in [(F32, F32, F32), (F32, F64, F32),
+                                                    (F32, F32, F64)]:
+        state = _state(params_dtype, momentum_dtype)
+        k, v = K[0].astype(rows_dtype), V[0].astype(rows_dtype)
+        new = mt.memory_step(state, k, v, alpha=np.float64(0.1), eta=0.9, theta=0.1)
+        want = np.result_type(params_dtype, momentum_dtype, rows_dtype)
+        assert {w.dtype for w in (*new.params, *new.momentum)} == {want}
+        # one token of memory_step is one token of memory_scan
+        _, scanned = mt.memory_scan(state, k[None], v[None], k[None], **GATES)
+        for a, b in zip(new.params, scanned.params):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_gates_given_as_lists_equal_arrays_with_chunks_and_are_named_when_wrong(backend):
+    lists = dict(alpha=[0.1, 0.0, 0.2, 0.1, 0.05], eta=[0.9] * 5, theta=[0.1, 0.2, 0.1, 0.3, 0.1])
+    arrays = {g: np.array(x) for g, x in lists.items()}
+    for chunk_size in (1, 2, 4):
+        got, _ = mt.memory_scan(S0, K, V, Q, chunk_size=chunk_size, backend=backend, **lists)
+        want, _ = mt.memory_scan(S0, K, V, Q, chunk_size=chunk_size, backend=backend, **arrays)
+        np.testing.assert_allclose(got, want, rtol=0, atol=0)
+    for gate in lists:
+        bad = {**lists, gate: lists[gate][:3]}
+        with pytest.raises(ValueError, match=rf"{gate} must be a float or have shape \(5,\)"):
+            mt.memory_scan(S0, K, V, Q, chunk_size=2, backend=backend, **bad)
+
+
+# --- streaming memory_scan in pieces that end inside a chunk (issue 14, item 11) -----------
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_memory_scan_continued_from_inside_a_chunk_warns_once_naming_chunk_size_and_remainder(
+        backend):
+    rng = np.random.default_rng(2)
+    params = mt.init_memory(rng, 4, 4, depth=2, expansion=2)
+    k = rng.standard_normal((80, 4))
+    k /= np.linalg.norm(k, axis=1, keepdims=True)
+    v, q = rng.standard_normal((80, 4)), rng.standard_normal((80, 4))
+    g = dict(alpha=0.01, eta=0.9, theta=0.05, chunk_size=16, backend=backend)
+    s0 = mt.MemoryState.initial(params)
+    whole, _ = mt.memory_scan(s0, k, v, q, **g)  # one call ending inside a chunk: no warning
+    # pieces at a chunk boundary: no warning, exactly one call
+    a, s = mt.memory_scan(s0, k[:32], v[:32], q[:32], **g)
+    assert s.open_chunk is None
+    b, _ = mt.memory_scan(s, k[32:], v[32:], q[32:], **g)
+    np.testing.assert_allclose(np.concatenate([a, b]), whole, rtol=1e-12, atol=1e-12)
+    # a piece of 45 tokens ends 13 tokens into its third chunk: continuing from it warns once
+    a, s = mt.memory_scan(s0, k[:45], v[:45], q[:45], **g)
+    assert s.open_chunk == (13, 16)
+    with pytest.warns(UserWarning, match=r"ended 13 tokens into a chunk of chunk_size=16") as rec:
+        b, _ = mt.memory_scan(s, k[45:], v[45:], q[45:], **g)
+    assert len(rec) == 1
+    assert np.max(np.abs(np.concatenate([a, b]) - whole)) > 1e-6  # which is why it warns
+    b_ok, _ = mt.memory_scan(s, k[45:], v[45:], q[45:], partial_chunk="ok", **g)  # no warning
+    np.testing.assert_allclose(b_ok, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="partial_chunk must be one of 'warn', 'ok'"):
+        mt.memory_scan(s, k, v, q, partial_chunk="yes", **g)
+
+
+def test_models_that_carry_the_partial_chunk_do_not_warn():
+    # MAC restarts the chunks at every segment (6 tokens, chunks of 4); its stream replays
+    # the open chunk: neither warns (the test suite turns every warning into an error)
+    cfg = ModelConfig(model="mac", vocab_size=8, d_model=8, num_heads=2, segment_len=6,
+                      window=6, chunk_size=4, num_persistent=2)
+    model = Model(cfg)
+    params = model.init(np.random.default_rng(0))
+    tokens = np.random.default_rng(1).integers(0, 8, (1, 15))
+    full = model.apply(params, tokens)
+    state, parts = model.initial_state(1), []
+    for lo, hi in ((0, 5), (5, 11), (11, 15)):
+        logits, state = model.stream(params, tokens[:, lo:hi], state)
+        parts.append(logits)
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-9, atol=1e-9)

@@ -32,13 +32,22 @@ import numpy as np
 from autograd.tracer import getval
 
 from .._checks import (
+    DELTA_HINT,
+    DELTA_WHAT,
     FEATURE_MAPS,
+    LINEAR_HINT,
+    LINEAR_WHAT,
+    ON_NONFINITE,
+    all_finite,
     check_array,
+    check_bool,
     check_choice,
     check_gate,
     check_int,
     check_qkv,
     check_qkv_rows,
+    check_recurrence,
+    first_nonfinite_token,
 )
 from ._jit import kernel, parallel_kernel
 from .layout import as_kernel_array
@@ -200,8 +209,15 @@ def _linear_recurrent(q, k, v, feature_map, normalize, M, z, y):
         _linear_recurrent_one(q[n], k[n], v[n], feature_map, normalize, M[n], z[n], y[n])
 
 
+def _phi_numpy(x, feature_map):
+    """:func:`_phi` on whole arrays (for naming the token where the normaliser overflows)."""
+    if feature_map == "identity":
+        return x
+    return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+
+
 def linear_attention_recurrent(q, k, v, feature_map: str = "identity", normalize: bool = False,
-                               state=None):
+                               state=None, *, on_nonfinite: str = "raise"):
     r"""Eqs. 4–5 as a recurrence: the twin of
     :func:`minititans.linear_attention.linear_attention_recurrent`.
 
@@ -212,11 +228,15 @@ def linear_attention_recurrent(q, k, v, feature_map: str = "identity", normalize
         q, k: ``(..., T, d)``; v: ``(..., T, d_v)``; leading axes run in parallel.
         feature_map: "identity" or "elu1". normalize: divide by the kernel sum (Eq. 3).
         state: None or ``(M (..., d, d_v), z (..., d))`` from a previous call.
+        on_nonfinite: "raise" or "warn" when an output or the state is NaN or inf, naming
+            the first such token as the reference does.
 
     Returns:
         ``(y (..., T, d_v), (M_T, z_T))``.
     """
     check_choice("feature_map", feature_map, FEATURE_MAPS)
+    normalize = check_bool("normalize", normalize)
+    check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
     q_, k_, v_ = check_qkv(q, k, v)
     *lead, T, d = q_.shape
     dv = v_.shape[-1]
@@ -241,7 +261,16 @@ def linear_attention_recurrent(q, k, v, feature_map: str = "identity", normalize
     zs = np.array(z, dtype=dtype).reshape((n, d))
     y = np.zeros(Q.shape[:2] + (dv,), dtype=dtype)
     if T and Q.shape[0]:
-        _linear_recurrent(Q, K, V, FEATURE_MAPS.index(feature_map), bool(normalize), Ms, zs, y)
+        _linear_recurrent(Q, K, V, FEATURE_MAPS.index(feature_map), normalize, Ms, zs, y)
+    # the divergence rule of the reference: a non-finite M_t shows in y_t, z_t may overflow alone
+    state_token = -1
+    if not all_finite(zs):
+        with np.errstate(over="ignore", invalid="ignore"):
+            z_all = (np.asarray(z, dtype).reshape((n, 1, d))
+                     + np.cumsum(_phi_numpy(K, feature_map), axis=1))
+        state_token = first_nonfinite_token(z_all)
+    check_recurrence(y, on_nonfinite, what=LINEAR_WHAT, hint=LINEAR_HINT,
+                     state_token=state_token)
     return y.reshape(lead + (T, dv)), (Ms.reshape(lead + (d, dv)), zs.reshape(lead + (d,)))
 
 
@@ -279,7 +308,8 @@ def _delta_loop(q, k, v, beta, alpha, gated, W, y):
                 y[t, j] += qa * Wa[j]  # y_t = q_t W_t
 
 
-def _delta(q, k, v, beta, alpha, state, return_state, gated):
+def _delta(q, k, v, beta, alpha, state, return_state, gated, on_nonfinite):
+    check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
     q_, k_, v_ = check_qkv_rows(q, k, v)
     T, d = q_.shape
     dv = v_.shape[1]
@@ -298,10 +328,13 @@ def _delta(q, k, v, beta, alpha, state, return_state, gated):
     y = np.zeros((T, dv), dtype)
     if T:
         _delta_loop(Q, K, V, b, a, gated, W, y)
+    # y_t = q_t W_t is non-finite wherever W_t is: the outputs name the first bad token
+    check_recurrence(y, on_nonfinite, what=DELTA_WHAT, hint=DELTA_HINT)
     return (y, W) if return_state else y
 
 
-def delta_rule(q, k, v, beta, alpha=None, *, state=None, return_state: bool = False):
+def delta_rule(q, k, v, beta, alpha=None, *, state=None, return_state: bool = False,
+               on_nonfinite: str = "raise"):
     r"""The delta rule with Titans' forgetting gate: the twin of
     :func:`minititans.linear_attention.delta_rule`.
 
@@ -309,18 +342,21 @@ def delta_rule(q, k, v, beta, alpha=None, *, state=None, return_state: bool = Fa
 
     Args:
         q, k: ``(T, d)``; v: ``(T, d_v)``; beta: float or ``(T,)``; alpha: None, float or
-        ``(T,)``; state: initial ``W_0`` ``(d, d_v)`` (None: zeros).
+        ``(T,)``; state: initial ``W_0`` ``(d, d_v)`` (None: zeros); on_nonfinite: "raise"
+        (default) or "warn" when the weights or an output become NaN or inf, naming the
+        first such token as the reference does.
 
     Returns:
         ``y`` ``(T, d_v)``, or ``(y, W_T)`` if ``return_state``.
     """
-    return _delta(q, k, v, beta, alpha, state, return_state, gated=False)
+    return _delta(q, k, v, beta, alpha, state, return_state, False, on_nonfinite)
 
 
-def gated_delta_rule(q, k, v, beta, alpha, *, state=None, return_state: bool = False):
+def gated_delta_rule(q, k, v, beta, alpha, *, state=None, return_state: bool = False,
+                     on_nonfinite: str = "raise"):
     r"""Gated DeltaNet (gate before the error): the twin of
     :func:`minititans.linear_attention.gated_delta_rule`.
 
     $$W_t = (1-\alpha_t) W_{t-1} - \beta_t\, k_t^\top\big(k_t (1-\alpha_t) W_{t-1} - v_t\big)$$
     """
-    return _delta(q, k, v, beta, alpha, state, return_state, gated=True)
+    return _delta(q, k, v, beta, alpha, state, return_state, True, on_nonfinite)

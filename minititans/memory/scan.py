@@ -19,6 +19,9 @@ chunk boundary).
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import replace
+
 import autograd.numpy as np
 import numpy as onp
 from autograd.tracer import getval, isbox
@@ -34,6 +37,8 @@ from .update import (
     check_max_grad_norm,
     check_state,
     clip_by_norm,
+    result_dtype,
+    state_in_dtype,
 )
 
 READS = ("after", "before")
@@ -43,7 +48,7 @@ BACKENDS = ("reference", "numba")
 def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
                 chunk_size: int = 1, read: str = "after", backend: str = "reference",
                 loss: str = "l2", p: float = 3.0, delta: float = 1.0,
-                max_grad_norm=None, on_nonfinite: str = "raise"):
+                max_grad_norm=None, on_nonfinite: str = "raise", partial_chunk: str = "warn"):
     r"""Write a sequence into the memory and read it back (Titans Eqs. 13-18).
 
     Args:
@@ -57,14 +62,35 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
         loss, p, delta: the inner loss (see :func:`associative_loss`).
         max_grad_norm: clip each token's surprise to this global norm (None: off).
         on_nonfinite: "raise" (default) or "warn" if the weights stop being finite.
+        partial_chunk: "warn" (default) or "ok": what to do when ``state`` comes from a call
+            that ended inside a chunk (``state.open_chunk``, below).
 
     Returns:
         ``(out, state)``: ``out`` ``(T, d_out)`` and the final MemoryState.
+
+    Dtypes: one rule on both backends. ``out`` and the returned weights and momentum have
+    the dtype ``np.result_type`` of the state (weights, momentum, anchor) and of ``keys``,
+    ``values`` and ``queries``: float32 only when all of them are float32, float64 as soon
+    as one is. The gates (floats, arrays of either dtype, or lists of numbers) are cast to
+    that dtype and never change it. ``memory_step`` follows the same rule.
+
+    Streaming in pieces: a call ends with the weights after its last token, and the next
+    call starts its first chunk at its first token. When ``chunk_size > 1`` and a call ends
+    inside a chunk (``T % chunk_size != 0``), continuing from its state therefore cuts the
+    chunks differently from one call on the whole sequence (the outputs differ by far more
+    than rounding, e.g. 1e-2 for 253-token pieces with ``chunk_size=16``, d = 8, θ = 0.01).
+    This function cannot know whether a caller will continue, so the returned state records
+    it (``state.open_chunk = (T % chunk_size, chunk_size)``) and a later call that continues
+    from it warns once (``UserWarning``, naming the chunk size and the remainder) unless
+    ``partial_chunk="ok"`` says the new chunking is meant. To stream exactly, cut the pieces
+    at multiples of ``chunk_size`` or replay the open chunk from its start state, as the
+    models' ``stream`` does (:mod:`minititans.models.streaming`).
     """
     spec = check_state(state)
     check_choice("read", read, READS)
     check_choice("backend", backend, BACKENDS)
     check_choice("on_nonfinite", on_nonfinite, ("raise", "warn"))
+    check_choice("partial_chunk", partial_chunk, ("warn", "ok"))
     check_loss(loss, p, delta)
     b = check_int("chunk_size", chunk_size, minimum=1)
     check_max_grad_norm(max_grad_norm)
@@ -77,28 +103,49 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
             "keys, values and queries must have the same length, got "
             f"{K.shape[0]}, {V.shape[0]} and {Q.shape[0]} tokens"
         )
-    dtype = onp.result_type(K, V, Q, *(getval(w) for w in spec))
+    dtype = result_dtype(state, K, V, Q)
     gates = [_as_dtype(check_gate("alpha", alpha, T, low=0.0, high=1.0), dtype),
              _as_dtype(check_gate("eta", eta, T, low=0.0, high=1.0), dtype),
              _as_dtype(check_gate("theta", theta, T, low=0.0), dtype)]
+    # the dtype rule: everything is computed in the result dtype, on both backends
+    state = state_in_dtype(state, dtype)
+    keys, values, queries = (_to_dtype(x, dtype) for x in (keys, values, queries))
     if T == 0:
         return onp.zeros((0, spec.d_out), dtype=dtype), state
+    if state.open_chunk is not None and partial_chunk == "warn":
+        r, b0 = state.open_chunk
+        warnings.warn(
+            f"memory_scan continues from a state that ended {r} tokens into a chunk of "
+            f"chunk_size={b0}: this call starts a new chunk at its first token, so the result "
+            "differs from one call on the whole sequence (Eqs. 16-18); cut the pieces at "
+            "multiples of chunk_size, or pass partial_chunk='ok' if this chunking is meant",
+            UserWarning, stacklevel=2)
     if backend == "numba":
-        return numba_memory_scan(state, keys, values, queries, *gates, chunk_size=b, read=read,
-                                 loss=loss, p=p, delta=delta, max_grad_norm=max_grad_norm,
-                                 on_nonfinite=on_nonfinite)
-    options = dict(loss=loss, p=p, delta=delta, max_grad_norm=max_grad_norm,
-                   on_nonfinite=on_nonfinite, read=read)
-    # overflow is caught by the explicit finiteness check after every update, which names
-    # the token; NumPy's own overflow warnings would only say less, earlier
-    with onp.errstate(over="ignore", invalid="ignore"):
-        if b == 1:
-            return _token_loop(state, keys, values, queries, *gates, **options)
-        return _chunked(state, keys, values, queries, *gates, b, **options)
+        out, new = numba_memory_scan(state, keys, values, queries, *gates, chunk_size=b,
+                                     read=read, loss=loss, p=p, delta=delta,
+                                     max_grad_norm=max_grad_norm, on_nonfinite=on_nonfinite)
+    else:
+        options = dict(loss=loss, p=p, delta=delta, max_grad_norm=max_grad_norm,
+                       on_nonfinite=on_nonfinite, read=read)
+        # overflow is caught by the explicit finiteness check after every update, which
+        # names the token; NumPy's own overflow warnings would only say less, earlier
+        with onp.errstate(over="ignore", invalid="ignore"):
+            if b == 1:
+                out, new = _token_loop(state, keys, values, queries, *gates, **options)
+            else:
+                out, new = _chunked(state, keys, values, queries, *gates, b, **options)
+    # the state remembers a chunk left open, so that continuing from it can say so
+    open_chunk = (T % b, b) if T % b else None
+    return out, replace(new, open_chunk=open_chunk)
 
 
 def _as_dtype(gate, dtype):
     return gate.astype(dtype) if isinstance(gate, onp.ndarray) else gate
+
+
+def _to_dtype(x, dtype):
+    """``x`` (an array or an autograd box) in ``dtype``; differentiable."""
+    return x if getval(x).dtype == dtype else x.astype(dtype)
 
 
 def _token_loop(state, K, V, Q, alpha, eta, theta, *, loss, p, delta, max_grad_norm,
@@ -200,11 +247,13 @@ def numba_memory_scan(state, keys, values, queries, alpha, eta, theta, *, chunk_
     check_choice("read", read, READS)
     check_choice("on_nonfinite", on_nonfinite, ("raise", "warn"))
     check_loss(loss, p, delta)
+    dtype = result_dtype(state, *(onp.asarray(getval(x)) for x in (keys, values, queries)))
     if onp.shape(getval(keys))[0] == 0:
-        dtype = onp.result_type(*(getval(x) for x in (keys, values, queries, *spec)))
         return onp.zeros((0, spec.d_out), dtype=dtype), state
     from ..kernels.scan import numba_scan  # imports numba: only when the backend is used
 
+    # the kernels take the dtype of the weights and rows: the keys carry the momentum's
+    keys = _to_dtype(onp.asarray(keys) if not isbox(keys) else keys, dtype)
     out, M, S = numba_scan(
         list(state.params), list(state.momentum), keys, values, queries, alpha, eta, theta,
         activation=spec.activation, residual_norm=spec.residual_norm, chunk_size=chunk_size,
@@ -264,7 +313,7 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
     check_choice("on_nonfinite", on_nonfinite, ("raise", "warn"))
     check_loss(loss, p, delta)
     check_max_grad_norm(max_grad_norm)
-    dtype = onp.result_type(K, V, Q, *weights)
+    dtype = onp.result_type(K, V, Q, *weights, *momentum)  # the rule of memory_scan
     if dtype not in (onp.float32, onp.float64):
         raise TypeError(f"inputs must be float32 or float64, got {dtype}")
     for name, x in (("keys", K), ("values", V), ("queries", Q)):
@@ -286,7 +335,7 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
     from ..kernels.scan import numba_scan_batched
 
     out, M, S = numba_scan_batched(
-        weights, momentum, K, V, Q, *gates, activation=spec.activation,
+        weights, momentum, K.astype(dtype, copy=False), V, Q, *gates, activation=spec.activation,
         residual_norm=spec.residual_norm, chunk_size=chunk_size, read=read, loss=loss, p=p,
         delta=delta, max_grad_norm=max_grad_norm, on_nonfinite=on_nonfinite)
     return out, MemoryState(spec.like(M), spec.like(S))

@@ -47,11 +47,17 @@ class MemoryState:
 
     ``anchor`` is None for Eq. 13 as printed (forgetting decays towards 0), or the weights
     $\\bar{\\mathcal{M}}$ that forgetting decays towards (same structure as ``params``).
+
+    ``open_chunk`` is ``(r, b)`` when the ``memory_scan`` that returned this state ended
+    ``r`` tokens into a chunk of ``chunk_size = b`` (None: at a chunk boundary). Continuing
+    from such a state starts a new chunk, which differs from one call on the whole sequence
+    (Eqs. 16-18), so ``memory_scan`` warns then (see its ``partial_chunk``).
     """
 
     params: MemoryParams
     momentum: MemoryParams
     anchor: MemoryParams | None = None
+    open_chunk: tuple[int, int] | None = None
 
     @classmethod
     def initial(cls, params, *, anchored: bool = False) -> MemoryState:
@@ -84,6 +90,32 @@ def check_state(state) -> MemoryParams:
     if state.anchor is not None:
         check_params(state.anchor, name="state.anchor")
     return spec
+
+
+def state_in_dtype(state: MemoryState, dtype) -> MemoryState:
+    """``state`` with its weights, momentum and anchor in ``dtype`` (differentiable); the
+    same object when they already are."""
+    trees = (state.params, state.momentum) + (() if state.anchor is None else (state.anchor,))
+    if all(getval(w).dtype == dtype for tree in trees for w in tree):
+        return state
+
+    def cast(tree):
+        if tree is None:
+            return None
+        return spec_of(tree).like(w if getval(w).dtype == dtype else w.astype(dtype)
+                                  for w in tree)
+
+    return MemoryState(cast(state.params), cast(state.momentum), cast(state.anchor),
+                       state.open_chunk)
+
+
+def result_dtype(state: MemoryState, *arrays):
+    """The dtype rule of the memory functions: ``np.result_type`` of the state's weights,
+    momentum and anchor and of the input rows (float32 only when all are float32); the
+    gates are cast to it and never change it."""
+    trees = (state.params, state.momentum) + (() if state.anchor is None else (state.anchor,))
+    return onp.result_type(*(getval(w) for tree in trees for w in tree),
+                           *(getval(x) for x in arrays))
 
 
 def tree_norm(tree) -> float:
@@ -159,17 +191,23 @@ def memory_step(state: MemoryState, k, v, *, alpha, eta, theta, loss: str = "l2"
         on_nonfinite: "raise" (default) or "warn" when the weights stop being finite.
 
     Returns:
-        The new MemoryState $(\mathcal{M}_t, S_t)$.
+        The new MemoryState $(\mathcal{M}_t, S_t)$, in the dtype of :func:`memory_scan`'s
+        rule (float32 only when the state, ``k`` and ``v`` are all float32).
     """
     spec = check_state(state)
     check_loss(loss, p, delta)
     check_max_grad_norm(max_grad_norm)
     check_choice("on_nonfinite", on_nonfinite, ("raise", "warn"))
-    check_array("k", k, ndim=1, last_dim=spec.d_in)
-    check_array("v", v, ndim=1, last_dim=spec.d_out)
-    a = check_gate("alpha", alpha, 1, low=0.0, high=1.0)[0]
-    e = check_gate("eta", eta, 1, low=0.0, high=1.0)[0]
-    th = check_gate("theta", theta, 1, low=0.0)[0]
+    k_ = check_array("k", k, ndim=1, last_dim=spec.d_in)
+    v_ = check_array("v", v, ndim=1, last_dim=spec.d_out)
+    # the dtype rule of memory_scan: everything is computed in the result dtype
+    dtype = result_dtype(state, k_, v_)
+    state = state_in_dtype(state, dtype)
+    k, v = (x if getval(x).dtype == dtype else x.astype(dtype) for x in (k, v))
+    a, e, th = (g.astype(dtype)[0] if isinstance(g, onp.ndarray) else g[0] for g in (
+        check_gate("alpha", alpha, 1, low=0.0, high=1.0),
+        check_gate("eta", eta, 1, low=0.0, high=1.0),
+        check_gate("theta", theta, 1, low=0.0)))
     with onp.errstate(over="ignore", invalid="ignore"):  # non-finite weights raise below
         u = clip_by_norm(surprise(state.params, k[None], v[None], loss, p=p, delta=delta),
                          max_grad_norm)
