@@ -1151,3 +1151,45 @@ def test_models_that_carry_the_partial_chunk_do_not_warn():
         logits, state = model.stream(params, tokens[:, lo:hi], state)
         parts.append(logits)
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-9, atol=1e-9)
+
+
+# --- issue 14 items 1-2: the outputs obey the divergence rule too --------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_memory_scan_whose_read_overflows_with_finite_weights_raises(backend):
+    # a depth-2 memory whose weights are huge but finite: the read overflows to inf
+    rng = np.random.default_rng(0)
+    params = mt.init_memory(rng, 4, 4, depth=2, expansion=2)
+    params = params.like([w * 1e160 for w in params])
+    k = np.zeros((3, 4))  # zero keys: no surprise, the weights stay as they are (finite)
+    q = rng.standard_normal((3, 4))
+    with pytest.raises(mt.MemoryDivergenceError, match="outputs became non-finite at token 0"):
+        mt.memory_scan(mt.MemoryState.initial(params), k, k, q, alpha=0.0, eta=0.0,
+                       theta=0.0, backend=backend)
+    with pytest.warns(RuntimeWarning, match="outputs became non-finite at token 0"):
+        out, _ = mt.memory_scan(mt.MemoryState.initial(params), k, k, q, alpha=0.0, eta=0.0,
+                                theta=0.0, backend=backend, on_nonfinite="warn")
+    assert not np.isfinite(out).all()
+
+
+def test_numba_scan_with_nan_rows_raises_where_it_returned_them():
+    # issue 14 item 2: this configuration returned NaN rows 246, 248, 249 without an error
+    r = np.random.default_rng(316)
+    P = mt.init_memory(r, 8, 8, depth=3)
+    K = r.standard_normal((300, 8))
+    V = r.standard_normal((300, 8))
+    with pytest.raises(mt.MemoryDivergenceError):
+        mt.memory_scan(mt.MemoryState.initial(P), K[:250], V[:250], K[:250], alpha=0.0,
+                       eta=0.0, theta=0.5, chunk_size=16, backend="numba")
+
+
+def test_mac_whose_memory_read_overflows_raises_a_divergence_error_naming_the_token():
+    # issue 14 item 1: surfaced as "x contains NaN or inf" deep in a later layer
+    model = mt.Model(mt.ModelConfig(model="mac", vocab_size=8, d_model=8, num_heads=2,
+                                    segment_len=4, window=4, chunk_size=2, num_persistent=2,
+                                    theta_max=50.0, theta_init=10.0))
+    params = model.init(np.random.default_rng(0))
+    tokens = np.random.default_rng(1).integers(0, 8, (2, 40))
+    with pytest.raises(mt.MemoryDivergenceError, match=r"at token \d+"):
+        model.apply(params, tokens)

@@ -26,7 +26,16 @@ import autograd.numpy as np
 import numpy as onp
 from autograd.tracer import getval, isbox
 
-from .._checks import check_array, check_choice, check_gate, check_int, report_divergence
+from .._checks import (
+    all_finite,
+    check_array,
+    check_choice,
+    check_gate,
+    check_int,
+    check_recurrence,
+    report_divergence,
+)
+from ..errors import MEMORY_HINT
 from .loss import check_loss, per_token_surprise, surprise
 from .models import forward_per_token, memory_forward, spec_of
 from .parallel_scan import linear_recurrence
@@ -134,9 +143,22 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
                 out, new = _token_loop(state, keys, values, queries, *gates, **options)
             else:
                 out, new = _chunked(state, keys, values, queries, *gates, b, **options)
+    _check_outputs(out, new, on_nonfinite)
     # the state remembers a chunk left open, so that continuing from it can say so
     open_chunk = (T % b, b) if T % b else None
     return out, replace(new, open_chunk=open_chunk)
+
+
+def _check_outputs(out, new, on_nonfinite):
+    """The outputs obey the divergence rule too: finite weights can still read inf.
+
+    (A deep memory whose weights reach ~1e180 overflows in its read while every weight is
+    finite.) Diverged weights have already raised, or warned once; this names the first
+    token whose output row is not finite when the weights never went bad.
+    """
+    if all_finite(*new.params, *new.momentum):
+        check_recurrence(out, on_nonfinite, what="the memory's outputs", hint=MEMORY_HINT,
+                         stacklevel=4)
 
 
 def _as_dtype(gate, dtype):
@@ -338,4 +360,6 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
         weights, momentum, K.astype(dtype, copy=False), V, Q, *gates, activation=spec.activation,
         residual_norm=spec.residual_norm, chunk_size=chunk_size, read=read, loss=loss, p=p,
         delta=delta, max_grad_norm=max_grad_norm, on_nonfinite=on_nonfinite)
-    return out, MemoryState(spec.like(M), spec.like(S))
+    new = MemoryState(spec.like(M), spec.like(S))
+    _check_outputs(out, new, on_nonfinite)
+    return out, new

@@ -19,8 +19,10 @@ import autograd.numpy as np
 import numpy as onp
 from autograd.tracer import Box
 
+from .._checks import first_nonfinite_token, report_divergence
 from ..activations import gelu, sigmoid, silu
 from ..attention import merge_heads, multi_head_attention, split_heads
+from ..errors import MEMORY_HINT
 from ..layers import (
     depthwise_conv,
     init_depthwise_conv,
@@ -209,7 +211,15 @@ def combine(p, y, m):
     passes through a sigmoid and gates the attention branch channel by channel. A zero gain
     and unit bias on ``ln_y`` let the memory alone through, so neither branch is forced.
     """
-    return layer_norm(p["ln_y"], y) * sigmoid(layer_norm(p["ln_m"], m))
+    # a memory whose finite weights read ~1e160 overflows in its LayerNorm: that is the
+    # memory diverging, and it is said so, naming the token, not as a NaN a layer later
+    with onp.errstate(over="ignore", invalid="ignore"):
+        gate = sigmoid(layer_norm(p["ln_m"], m))
+    bad = first_nonfinite_token(gate)
+    if bad >= 0:
+        report_divergence(bad, "raise", what="the memory branch (Eqs. 25, 28)",
+                          hint=MEMORY_HINT)
+    return layer_norm(p["ln_y"], y) * gate
 
 
 # --- embedding, blocks and head ---------------------------------------------------------------

@@ -29,8 +29,10 @@ from __future__ import annotations
 import autograd.numpy as np
 import numpy as onp
 
+from .._checks import first_nonfinite_token, report_divergence
 from ..activations import silu
 from ..attention import mac_mask, multi_head_attention
+from ..errors import MEMORY_HINT
 from ..layers import init_linear, l2_normalize, linear, rms_norm
 from ..memory import memory_forward
 from .blocks import (
@@ -47,6 +49,14 @@ from .blocks import (
 from .lmm import with_persistent
 from .streaming import conv_dict, conv_state, memory_state, memory_stream, memory_weights
 
+
+def check_read(h, first_token):
+    """Eq. 21's read obeys the divergence rule: a memory whose finite weights read inf (or
+    NaN) raises MemoryDivergenceError naming the token, not a NaN error later."""
+    bad = first_nonfinite_token(h)
+    if bad >= 0:
+        report_divergence(first_token + bad, "raise", what="MAC's memory read (Eq. 21)",
+                          hint=MEMORY_HINT)
 
 def init_layer(rng, cfg) -> dict:
     return {"norm": init_norm(rng, cfg), "persistent": init_persistent_tokens(rng, cfg),
@@ -72,8 +82,10 @@ def layer(p, h, cfg):
         seg = slice(start, min(start + C, T))
         n = seg.stop - seg.start
         # Eq. 21: h_t = M*_{t-1}(q_t), each sequence's memory as it was before this segment
-        h_mem = np.stack([memory_forward(s.params, q_x[b, seg])
-                          for b, s in enumerate(states)])  # (B, n, d)
+        with onp.errstate(over="ignore", invalid="ignore"):  # said by check_read
+            h_mem = np.stack([memory_forward(s.params, q_x[b, seg])
+                              for b, s in enumerate(states)])  # (B, n, d)
+        check_read(h_mem, start)
         # as memory tokens, RMS-normalised: their scale drifts as the memory fills or
         # forgets, and attention logits must not drift with it
         h_mem = rms_norm(p["memory_tokens"], h_mem)
@@ -124,8 +136,10 @@ def layer_stream(p, h, cfg, state, t):
         n = min(C - pos, T - start)
         part = slice(start, start + n)
         # Eq. 21 with the memory of the segment's start, then its keys and values (Eq. 22)
-        h_mem = rms_norm(p["memory_tokens"],
-                         np.stack([memory_forward(M, q_x[b, part]) for b, M in enumerate(M_seg)]))
+        with onp.errstate(over="ignore", invalid="ignore"):  # said by check_read
+            h_read = np.stack([memory_forward(M, q_x[b, part]) for b, M in enumerate(M_seg)])
+        check_read(h_read, t + start)
+        h_mem = rms_norm(p["memory_tokens"], h_read)
         for name, z in (("memory_k", linear(attn["qkv"]["k"]["lin"], h_mem)),
                         ("memory_v", linear(attn["qkv"]["v"]["lin"], h_mem)),
                         ("segment_k", QKV[1][0][:, part]), ("segment_v", QKV[2][0][:, part])):
