@@ -41,6 +41,10 @@ def init_gates(rng, d_model: int, *, alpha_init: float = ALPHA_INIT, eta_init: f
 
     The weights start small (``scale``) so the initial gates are close to the ``*_init``
     values whatever the input; ``theta_max`` is not a parameter but fixes the range of θ.
+
+    Returns:
+        ``{"w_alpha": (d_model,), "b_alpha": float, "w_eta": (d_model,), "b_eta": float,
+        "w_theta": (d_model,), "b_theta": float}``.
     """
     if not isinstance(rng, onp.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")

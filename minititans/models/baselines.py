@@ -28,6 +28,7 @@ from .streaming import attention_state, attention_stream, conv_dict, conv_state
 
 
 def init_attention_layer(rng, cfg) -> dict:
+    """SWA's and the transformer's block: ``{"norm": {"g": (d,)}, "attn": init_attention}``."""
     return {"norm": init_norm(rng, cfg), "attn": init_attention(rng, cfg)}
 
 
@@ -42,6 +43,12 @@ def transformer_layer(p, h, cfg):
 
 
 def init_linear_layer(rng, cfg) -> dict:
+    """The block of linear attention and the gated delta rule.
+
+    Returns:
+        ``{"norm": {"g": (d,)}, "qkv": init_qkv, "out": init_gated_output, "w_beta": (d,),
+        "b_beta": (), "w_alpha": (d,), "b_alpha": ()}`` (β and α: the gated delta rule's).
+    """
     d = cfg.d_model
     return {"norm": init_norm(rng, cfg), "qkv": init_qkv(rng, cfg),
             "out": init_gated_output(rng, cfg),

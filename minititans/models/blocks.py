@@ -64,6 +64,12 @@ def proj(p, x, conv_state=None):
 
 
 def init_qkv(rng, cfg):
+    """The three projections of Section 4.4 (each as :func:`init_proj`).
+
+    Returns:
+        ``{"q": proj, "k": proj, "v": proj}``, each ``{"lin": {"W": (d, d)}, "conv":
+        {"w": (K, d), "b": (d,)}}`` (no ``"conv"`` when ``conv_kernel`` is 0).
+    """
     return {name: init_proj(rng, cfg) for name in ("q", "k", "v")}
 
 
@@ -88,7 +94,13 @@ def qkv(p, x, states=None):
 
 
 def init_memory_core(rng, cfg):
-    """W_Q, W_K, W_V (+ convs), the gate projections and the learned initial memory M_0."""
+    """W_Q, W_K, W_V (+ convs), the gate projections and the learned initial memory M_0.
+
+    Returns:
+        ``{"qkv": init_qkv(...), "gates": init_gates(...) (each ``w_*`` ``(d,)``, each
+        ``b_*`` a scalar), "M0": MemoryParams}``: ``M0`` holds ``memory_depth`` matrices,
+        ``(d, d)`` at depth 1, else ``(d, h), ..., (h, d)`` with ``h = memory_expansion * d``.
+    """
     d = cfg.d_model
     return {
         "qkv": init_qkv(rng, cfg),
@@ -148,7 +160,11 @@ def memory_core(p, x, cfg, states=None, conv_states=None, read="after"):
 
 
 def init_attention(rng, cfg):
-    """W_Q, W_K, W_V (each with the conv of Section 4.4) and the output projection W_O."""
+    """W_Q, W_K, W_V (each with the conv of Section 4.4) and the output projection W_O.
+
+    Returns:
+        ``{"qkv": {"q", "k", "v"} (each as :func:`init_qkv`), "W_O": {"W": (d, d)}}``.
+    """
     return {"qkv": {n: init_proj(rng, cfg) for n in ("q", "k", "v")},
             "W_O": init_linear(rng, cfg.d_model, cfg.d_model)}
 
@@ -196,6 +212,11 @@ def attention(p, x, cfg, *, window=None, prefix=0, mask=None):
 
 
 def init_combine(rng, d):
+    """The two LayerNorms of the gate of Eqs. 25 and 28.
+
+    Returns:
+        ``{"ln_y": {"g": (d,), "b": (d,)}, "ln_m": {"g": (d,), "b": (d,)}}``.
+    """
     ln_y = init_layer_norm(rng, d)
     # bias 1: at the start o = (1 + LN(y)) ⊙ σ(LN(m)), so the memory branch is not muted
     # wherever LN(y) happens to be near zero
@@ -226,10 +247,17 @@ def combine(p, y, m):
 
 
 def init_embedding(rng, cfg):
+    """Token embeddings ``{"E": (vocab_size, d_model)}``, rows ~ N(0, I)."""
     return {"E": rng.standard_normal((cfg.vocab_size, cfg.d_model))}
 
 
 def init_ffn(rng, cfg):
+    """The feed-forward layer after each block.
+
+    Returns:
+        ``{"norm": {"g": (d,)}, "W1": {"W": (d, h)}, "W2": {"W": (h, d)}}``,
+        ``h = ffn_expansion * d``.
+    """
     h = cfg.ffn_expansion * cfg.d_model
     return {"norm": init_rms_norm(rng, cfg.d_model), "W1": init_linear(rng, cfg.d_model, h),
             "W2": init_linear(rng, h, cfg.d_model)}
@@ -241,6 +269,7 @@ def ffn(p, x):
 
 
 def init_head(rng, cfg):
+    """The final norm and output projection ``{"norm": {"g": (d,)}, "W": {"W": (d, V)}}``."""
     return {"norm": init_rms_norm(rng, cfg.d_model),
             "W": init_linear(rng, cfg.d_model, cfg.vocab_size)}
 
@@ -251,11 +280,16 @@ def head(p, h):
 
 
 def init_persistent_tokens(rng, cfg):
+    """The persistent memory of Eq. 19: ``{"P": (num_persistent, d)}``."""
     return init_persistent(rng, cfg.num_persistent, cfg.d_model)
 
 
 def init_gated_output(rng, cfg):
-    """Section 4.4's output normalisation + linear gate, then W_O."""
+    """Section 4.4's output normalisation + linear gate, then W_O.
+
+    Returns:
+        ``{"gate": {"norm": {"g": (d,)}, "W_g": (d, d)}, "W_O": {"W": (d, d)}}``.
+    """
     return {"gate": init_output_gate(rng, cfg.d_model),
             "W_O": init_linear(rng, cfg.d_model, cfg.d_model)}
 
@@ -266,6 +300,7 @@ def gated_output(p, y, x):
 
 
 def init_norm(rng, cfg):
+    """A pre-norm RMSNorm gain ``{"g": (d_model,)}``."""
     return init_rms_norm(rng, cfg.d_model)
 
 

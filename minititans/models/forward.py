@@ -46,7 +46,13 @@ DISPLAY_NAMES = {"lmm": "LMM", "mac": "MAC", "mag": "MAG", "mal": "MAL", "swa": 
 
 
 def init(rng, config: ModelConfig) -> dict:
-    """Initial parameters of the model named by ``config.model``."""
+    """Initial parameters of the model named by ``config.model``.
+
+    Returns:
+        ``{"embed": {"E": (vocab_size, d_model)}, "layers": [{"mixer": the layer's tree,
+        "ffn": init_ffn (when ffn_expansion)}] * num_layers, "head": {"norm": {"g": (d,)},
+        "W": {"W": (d, vocab_size)}}}``; each model's ``init_layer`` lists its mixer's keys.
+    """
     if not isinstance(rng, onp.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     if not isinstance(config, ModelConfig):

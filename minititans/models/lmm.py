@@ -26,6 +26,12 @@ from .streaming import memory_state, memory_stream
 
 
 def init_layer(rng, cfg) -> dict:
+    """One LMM block.
+
+    Returns:
+        ``{"norm": {"g": (d,)}, "persistent": {"P": (N_p, d)}, "memory": init_memory_core,
+        "out": init_gated_output}`` (see :mod:`minititans.models.blocks`).
+    """
     return {"norm": init_norm(rng, cfg), "persistent": init_persistent_tokens(rng, cfg),
             "memory": init_memory_core(rng, cfg), "out": init_gated_output(rng, cfg)}
 

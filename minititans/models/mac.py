@@ -59,6 +59,13 @@ def check_read(h, first_token):
                           hint=MEMORY_HINT)
 
 def init_layer(rng, cfg) -> dict:
+    """One MAC block.
+
+    Returns:
+        ``{"norm": {"g": (d,)}, "persistent": {"P": (N_p, d)}, "attn": init_attention,
+        "memory": init_memory_core, "memory_tokens": {"g": (d,)}, "combine": init_combine,
+        "W_O": {"W": (d, d)}}`` (see :mod:`minititans.models.blocks`).
+    """
     return {"norm": init_norm(rng, cfg), "persistent": init_persistent_tokens(rng, cfg),
             "attn": init_attention(rng, cfg), "memory": init_memory_core(rng, cfg),
             "memory_tokens": init_norm(rng, cfg), "combine": init_combine(rng, cfg.d_model),

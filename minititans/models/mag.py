@@ -27,6 +27,12 @@ from .streaming import attention_state, attention_stream, memory_state, memory_s
 
 
 def init_layer(rng, cfg) -> dict:
+    """One MAG block.
+
+    Returns:
+        ``{"norm": {"g": (d,)}, "persistent": {"P": (N_p, d)}, "attn": init_attention,
+        "memory": init_memory_core, "combine": init_combine, "W_O": {"W": (d, d)}}``.
+    """
     return {"norm": init_norm(rng, cfg), "persistent": init_persistent_tokens(rng, cfg),
             "attn": init_attention(rng, cfg), "memory": init_memory_core(rng, cfg),
             "combine": init_combine(rng, cfg.d_model),

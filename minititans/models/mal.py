@@ -21,6 +21,12 @@ from .streaming import attention_state, attention_stream, memory_state
 
 
 def init_layer(rng, cfg) -> dict:
+    """One MAL block: the LMM layer (without its own prefix), then sliding-window attention.
+
+    Returns:
+        ``{"persistent": {"P": (N_p, d)}, "lmm": lmm.init_layer, "attn_norm": {"g": (d,)},
+        "attn": init_attention}``.
+    """
     lmm = init_lmm_layer(rng, cfg.with_(num_persistent=0))  # the prefix is added here once
     return {"persistent": init_persistent_tokens(rng, cfg), "lmm": lmm,
             "attn_norm": init_norm(rng, cfg), "attn": init_attention(rng, cfg)}
