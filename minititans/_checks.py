@@ -66,6 +66,26 @@ def check_recurrence(y, on_nonfinite: str, *, what: str, hint: str, state_token:
         report_divergence(bad, on_nonfinite, stacklevel=stacklevel + 1, what=what, hint=hint)
 
 
+def check_rng(rng) -> None:
+    """Every initialiser and sampler takes an explicit ``np.random.Generator``."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+
+
+def check_float_dtype(dtype) -> np.dtype:
+    """A ``dtype`` argument: float32 or float64 (the two every kernel runs in)."""
+    dtype = np.dtype(dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def cast_gate(gate, dtype):
+    """A checked gate (a float or an array ``(T,)``) in ``dtype``: Python floats stay floats
+    (they never change a result's dtype), arrays are cast."""
+    return gate.astype(dtype) if isinstance(gate, np.ndarray) else gate
+
+
 def all_finite(*arrays) -> bool:
     """Whether every array is free of NaN and inf."""
     return all(np.all(np.isfinite(value_of(a))) for a in arrays)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import autograd.numpy as np
 import numpy as onp
 
-from ._checks import check_array, check_int
+from ._checks import check_array, check_float_dtype, check_int, check_rng
 from .activations import sigmoid, silu
 
 __all__ = [
@@ -22,18 +22,6 @@ __all__ = [
 ]
 
 NORM_EPS = 1e-6  # RMSNorm / LayerNorm epsilon, inside the square root
-
-
-def _check_rng(rng):
-    if not isinstance(rng, onp.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-
-
-def _dtype(dtype):
-    dtype = onp.dtype(dtype)
-    if dtype not in (onp.float32, onp.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    return dtype
 
 
 def _check_eps(eps):
@@ -48,10 +36,10 @@ def init_linear(rng, d_in: int, d_out: int, bias: bool = False, *, dtype=onp.flo
     Returns:
         ``{"W": (d_in, d_out)}``, plus ``"b": (d_out,)`` if ``bias``.
     """
-    _check_rng(rng)
+    check_rng(rng)
     d_in = check_int("d_in", d_in, minimum=1)
     d_out = check_int("d_out", d_out, minimum=1)
-    dtype = _dtype(dtype)
+    dtype = check_float_dtype(dtype)
     p = {"W": (rng.standard_normal((d_in, d_out)) / onp.sqrt(d_in)).astype(dtype)}
     if bias:
         p["b"] = onp.zeros(d_out, dtype)
@@ -97,10 +85,10 @@ def init_depthwise_conv(rng, channels: int, kernel_size: int = 4, bias: bool = T
         ``{"w": (K, C)}``, plus ``"b": (C,)`` (zeros) if ``bias``. ``w[j]`` multiplies
         $x_{t-j}$.
     """
-    _check_rng(rng)
+    check_rng(rng)
     C = check_int("channels", channels, minimum=1)
     K = check_int("kernel_size", kernel_size, minimum=1)
-    dtype = _dtype(dtype)
+    dtype = check_float_dtype(dtype)
     p = {"w": (rng.standard_normal((K, C)) / onp.sqrt(K)).astype(dtype)}
     if bias:
         p["b"] = onp.zeros(C, dtype)
@@ -146,8 +134,8 @@ def depthwise_conv(p, x, state=None):
 
 def init_rms_norm(rng, d: int, *, dtype=onp.float64):
     """RMSNorm gain ``{"g": ones (d,)}`` (``rng`` is unused; kept for one init signature)."""
-    _check_rng(rng)
-    return {"g": onp.ones(check_int("d", d, minimum=1), _dtype(dtype))}
+    check_rng(rng)
+    return {"g": onp.ones(check_int("d", d, minimum=1), check_float_dtype(dtype))}
 
 
 def rms_norm(p, x, eps: float = NORM_EPS):
@@ -166,9 +154,9 @@ def rms_norm(p, x, eps: float = NORM_EPS):
 
 def init_layer_norm(rng, d: int, *, dtype=onp.float64):
     """LayerNorm gain and bias ``{"g": ones (d,), "b": zeros (d,)}`` (``rng`` unused)."""
-    _check_rng(rng)
+    check_rng(rng)
     d = check_int("d", d, minimum=1)
-    return {"g": onp.ones(d, _dtype(dtype)), "b": onp.zeros(d, _dtype(dtype))}
+    return {"g": onp.ones(d, check_float_dtype(dtype)), "b": onp.zeros(d, check_float_dtype(dtype))}
 
 
 def layer_norm(p, x, eps: float = NORM_EPS):
@@ -222,10 +210,10 @@ def init_persistent(rng, num_tokens: int, d: int, *, dtype=onp.float64):
     Returns:
         ``{"P": (num_tokens, d)}``; ``num_tokens = 0`` gives the "w/o persistent" ablation.
     """
-    _check_rng(rng)
+    check_rng(rng)
     n = check_int("num_tokens", num_tokens, minimum=0)
     d = check_int("d", d, minimum=1)
-    return {"P": (rng.standard_normal((n, d)) / onp.sqrt(d)).astype(_dtype(dtype))}
+    return {"P": (rng.standard_normal((n, d)) / onp.sqrt(d)).astype(check_float_dtype(dtype))}
 
 
 def prepend_persistent(p, x):

@@ -26,6 +26,7 @@ from ._checks import (
     LINEAR_WHAT,
     ON_NONFINITE,
     all_finite,
+    cast_gate,
     check_array,
     check_bool,
     check_choice,
@@ -162,11 +163,6 @@ def linear_attention_recurrent(q, k, v, feature_map: str = "identity", normalize
     return y, (M, z)
 
 
-def _gate_dtype(gate, dtype):
-    # check_gate returns float64 for Python floats; NumPy 2 would promote float32 inputs
-    return gate.astype(dtype) if isinstance(gate, onp.ndarray) else gate
-
-
 def _delta_scan(q, k, v, beta, alpha, state, return_state, gated, on_nonfinite):
     """The token loop shared by both gate placements (so they differ in one line only)."""
     check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
@@ -174,8 +170,8 @@ def _delta_scan(q, k, v, beta, alpha, state, return_state, gated, on_nonfinite):
     T, d = q_.shape
     d_v = v_.shape[1]
     dtype = onp.result_type(q_, k_, v_)
-    beta = _gate_dtype(check_gate("beta", beta, T, low=0.0), dtype)
-    alpha = _gate_dtype(check_gate("alpha", 0.0 if alpha is None else alpha, T,
+    beta = cast_gate(check_gate("beta", beta, T, low=0.0), dtype)
+    alpha = cast_gate(check_gate("alpha", 0.0 if alpha is None else alpha, T,
                                    low=0.0, high=1.0), dtype)
     if state is None:
         W = onp.zeros((d, d_v), dtype)

@@ -19,9 +19,8 @@ from __future__ import annotations
 import math
 
 import autograd.numpy as np
-import numpy as onp
 
-from .._checks import check_array, check_int
+from .._checks import check_array, check_int, check_rng
 from ..activations import sigmoid
 
 ALPHA_INIT = 0.01    # forget 1% of the memory per token at the start
@@ -46,8 +45,7 @@ def init_gates(rng, d_model: int, *, alpha_init: float = ALPHA_INIT, eta_init: f
         ``{"w_alpha": (d_model,), "b_alpha": float, "w_eta": (d_model,), "b_eta": float,
         "w_theta": (d_model,), "b_theta": float}``.
     """
-    if not isinstance(rng, onp.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    check_rng(rng)
     d_model = check_int("d_model", d_model, minimum=1)
     for name, val in (("alpha_init", alpha_init), ("eta_init", eta_init)):
         if not 0.0 < val < 1.0:

@@ -21,7 +21,7 @@ from autograd.builtins import SequenceBox, SequenceVSpace
 from autograd.extend import VSpace
 from autograd.tracer import getval
 
-from .._checks import check_array, check_choice, check_int
+from .._checks import check_array, check_choice, check_float_dtype, check_int, check_rng
 from ..activations import ACTIVATIONS
 
 LN_EPS = 1e-5  # LayerNorm epsilon of the residual memory form
@@ -170,17 +170,14 @@ def init_memory(rng, d_in: int, d_out: int, depth: int = 2, expansion: int = 4,
     Returns:
         MemoryParams with shapes ``[(d_in, h), (h, h), ..., (h, d_out)]``.
     """
-    if not isinstance(rng, onp.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    check_rng(rng)
     d_in = check_int("d_in", d_in, minimum=1)
     d_out = check_int("d_out", d_out, minimum=1)
     depth = check_int("depth", depth, minimum=1)
     expansion = check_int("expansion", expansion, minimum=1)
     check_choice("activation", activation, tuple(ACTIVATIONS))
     check_choice("init", init, ("normal", "zero_out"))
-    dtype = onp.dtype(dtype)
-    if dtype not in (onp.float32, onp.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    dtype = check_float_dtype(dtype)
     if not isinstance(residual_norm, (bool, onp.bool_)):
         raise TypeError(f"residual_norm must be True or False, got {residual_norm!r}")
     if residual_norm and d_in != d_out:

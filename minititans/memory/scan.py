@@ -28,6 +28,7 @@ from autograd.tracer import getval, isbox
 
 from .._checks import (
     all_finite,
+    cast_gate,
     check_array,
     check_choice,
     check_gate,
@@ -113,9 +114,9 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
             f"{K.shape[0]}, {V.shape[0]} and {Q.shape[0]} tokens"
         )
     dtype = result_dtype(state, K, V, Q)
-    gates = [_as_dtype(check_gate("alpha", alpha, T, low=0.0, high=1.0), dtype),
-             _as_dtype(check_gate("eta", eta, T, low=0.0, high=1.0), dtype),
-             _as_dtype(check_gate("theta", theta, T, low=0.0), dtype)]
+    gates = [cast_gate(check_gate("alpha", alpha, T, low=0.0, high=1.0), dtype),
+             cast_gate(check_gate("eta", eta, T, low=0.0, high=1.0), dtype),
+             cast_gate(check_gate("theta", theta, T, low=0.0), dtype)]
     # the dtype rule: everything is computed in the result dtype, on both backends
     state = state_in_dtype(state, dtype)
     keys, values, queries = (_to_dtype(x, dtype) for x in (keys, values, queries))
@@ -159,10 +160,6 @@ def _check_outputs(out, new, on_nonfinite):
     if all_finite(*new.params, *new.momentum):
         check_recurrence(out, on_nonfinite, what="the memory's outputs", hint=MEMORY_HINT,
                          stacklevel=4)
-
-
-def _as_dtype(gate, dtype):
-    return gate.astype(dtype) if isinstance(gate, onp.ndarray) else gate
 
 
 def _to_dtype(x, dtype):

@@ -11,6 +11,7 @@ from functools import lru_cache
 import numpy as onp
 from autograd.tracer import getval
 
+from .._checks import check_rng
 from . import baselines, lmm, mac, mag, mal
 from .blocks import embed, ffn, head, init_embedding, init_ffn, init_head
 from .config import ModelConfig
@@ -53,8 +54,7 @@ def init(rng, config: ModelConfig) -> dict:
         "ffn": init_ffn (when ffn_expansion)}] * num_layers, "head": {"norm": {"g": (d,)},
         "W": {"W": (d, vocab_size)}}}``; each model's ``init_layer`` lists its mixer's keys.
     """
-    if not isinstance(rng, onp.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    check_rng(rng)
     if not isinstance(config, ModelConfig):
         raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
     init_layer, _ = LAYERS[config.model]

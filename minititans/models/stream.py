@@ -40,7 +40,7 @@ import numbers
 import numpy as onp
 from autograd.tracer import getval
 
-from .._checks import check_int
+from .._checks import check_int, check_rng
 from .blocks import embed, ffn, head
 from .config import ModelConfig
 from .forward import STREAM_LAYERS, check_params_fit, check_tokens, reference_params
@@ -148,8 +148,7 @@ def stream(params, tokens, state, config: ModelConfig):
 
 def _check_generate_args(num_tokens, rng, temperature, top_k, vocab_size):
     num_tokens = check_int("num_tokens", num_tokens, minimum=0)
-    if not isinstance(rng, onp.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    check_rng(rng)
     if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
             or not math.isfinite(temperature) or not temperature > 0):
         raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._checks import check_rng  # noqa: F401  (the tasks' samplers import it from here)
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -20,11 +22,6 @@ class Batch:
     inputs: np.ndarray
     targets: np.ndarray
     mask: np.ndarray
-
-
-def check_rng(rng):
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
 
 
 def to_batch(seqs, answer_start):
