@@ -12,6 +12,10 @@ $\mathcal{M}_r$ with the row $x_r$ that enters a layer never materialises $\math
 $x_r \mathcal{M}_r = A_r x_r \mathcal{M}_0 + C_r x_r S_0 - \sum_l G_{rl}(x_r h_l^\top)\delta_l$,
 three GEMMs per layer (:func:`chunk_reads`); the chunk-end state is two more
 (:func:`chunk_end`). The chunk costs a few GEMMs instead of $b$ passes over the weights.
+With an anchor $\bar{\mathcal{M}}$ (Eq. 13 for $\mathcal{M} - \bar{\mathcal{M}}$), $\mathcal{M}_r$
+gains $(1 - A_r)\bar{\mathcal{M}}$: one more GEMM per layer for the reads, and in the VJP
+$\mathcal{M}_0 - \bar{\mathcal{M}}$ takes the place of $\mathcal{M}_0$ in $\bar\alpha$, and the
+anchor's cotangent is $(1 - A_n)\bar{\mathcal{M}}_{in} + \sum_j (1 - a_j) R_j$.
 
 **The VJP in the same form.** Run backwards, Eqs. 13–14 give for every token $r$ of the chunk
 

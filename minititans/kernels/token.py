@@ -8,6 +8,13 @@ $$u_t = \nabla_W \ell(\mathcal{M}_{t-1}; k_t, v_t),\quad
   \mathcal{M}_t = (1 - \alpha_t)\mathcal{M}_{t-1} + S_t,\quad
   y_t = \mathcal{M}_t(q_t)\ \text{or}\ \mathcal{M}_{t-1}(q_t).$$
 
+With an anchor $\bar{\mathcal{M}}$ (``seq.anchor`` not empty) Eq. 13 acts on
+$\mathcal{M} - \bar{\mathcal{M}}$: $\mathcal{M}_t = (1-\alpha_t)\mathcal{M}_{t-1} +
+\alpha_t\bar{\mathcal{M}} + S_t$ (:func:`forget_towards`, a second pass per matrix that
+only anchored scans make); backwards, $\bar\alpha_t$ gains
+$\langle\bar{\mathcal{M}}_t, \bar{\mathcal{M}}\rangle$ and the anchor's cotangent is
+$\sum_t \alpha_t\bar{\mathcal{M}}_t$.
+
 **Forward** (:func:`token_loop`). One pass over each weight matrix per token does everything
 that needs it: Eq. 14, Eq. 13, and the forward pass of the *next* two rows through the new
 weights (the query read and the next key), so $W$, $S$ are read and written once per token.
