@@ -216,12 +216,9 @@ def _anchored_objective(rng, params, T, b, read, backend, separate_anchor):
         state = mt.MemoryState(W0, S0, W0 if anchor is None else anchor)
         out, final = mt.memory_scan(state, K, V, Q, alpha=alpha, eta=eta, theta=theta,
                                     chunk_size=b, read=read, backend=backend)
-        total = anp.sum(c_out * anp.tanh(out))
-        for w, c in zip(final.params, c_M):
-            total = total + anp.sum(c * w)
-        for s, c in zip(final.momentum, c_S):
-            total = total + anp.sum(c * s * s)
-        return total
+        return (anp.sum(c_out * anp.tanh(out))
+                + sum(anp.sum(c * w) for w, c in zip(final.params, c_M))
+                + sum(anp.sum(c * s * s) for s, c in zip(final.momentum, c_S)))
 
     return f
 

@@ -50,13 +50,13 @@ from ._jit import kernel
 from .hvp import add_weight_cotangent, hvp_rows, hvp_work_size, scale_products
 from .layout import (
     Coefficients,
-    new_coefficients,
     add_rows,
     add_scaled,
     copy,
     copy_rows,
     key_rows,
     layer,
+    new_coefficients,
     query_rows,
     tape_view,
 )

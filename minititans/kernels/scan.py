@@ -121,8 +121,8 @@ def numba_scan_batched(weights, momentum, keys, values, queries, alpha, eta, the
 
     As :func:`numba_scan` (arguments already checked, not differentiable) with a leading
     batch axis on everything: ``W_i`` (and the anchor's) ``(B, fan_in, fan_out)``, rows
-    ``(B, T, d)``, gates ``(B, T)`` arrays. A divergence raises for the earliest token over all sequences (its
-    message names the sequence).
+    ``(B, T, d)``, gates ``(B, T)`` arrays. A divergence raises for the earliest token over
+    all sequences (its message names the sequence).
 
     Returns:
         ``(out (B, T, d_out), new weights, new momentum)``, each ``W_i`` ``(B, ...)``.
