@@ -178,7 +178,7 @@ def numba_memory_scan(state, keys, values, queries, alpha, eta, theta, *, chunk_
                       read="after", loss="l2", p=3.0, delta=1.0, max_grad_norm=None,
                       on_nonfinite="raise", checkpoint_every=None):
     r"""``memory_scan(..., backend="numba")``: Eqs. 13–18 by the kernels of
-    :mod:`minititans.kernels`, on a MemoryState.
+    :mod:`minititans.kernels`, on a MemoryState (with or without an anchor).
 
     Arguments are those of :func:`memory_scan`, checked there (the state, the chunk size,
     ``read`` and the inner loss are checked here too, for direct calls); the gates are
