@@ -134,3 +134,134 @@ def test_anchored_state_is_refused_where_it_does_not_fit():
         mt.MemoryState(plain.params, plain.momentum, p1)
     with pytest.raises(TypeError, match="anchored must be True or False"):
         mt.MemoryState.initial(p2, anchored="yes")
+
+
+# --- the numba backend (kernels/token.py, kernels/chunk.py, kernels/vjp.py) ---------------
+
+NUMBA_T = 37  # chunks of 4 and 16 with a partial last chunk
+
+
+@pytest.mark.parametrize("b", [1, 4, 16])
+@pytest.mark.parametrize("read", ["after", "before"])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_eq13_anchored_numba_scan_matches_naive_loops(depth, read, b):
+    rng = np.random.default_rng(100 * depth + b)
+    params = mt.init_memory(rng, D, D, depth=depth, expansion=2)
+    K, V, Q = _stream(rng, NUMBA_T)
+    a, e, th = _gates(rng, NUMBA_T)
+    ys, M, S = naive_chunked(list(params), K, V, Q, a, e, th, b, read=read,
+                             anchor=list(params))
+    state0 = mt.MemoryState.initial(params, anchored=True)
+    out, state = mt.memory_scan(state0, K, V, Q, alpha=a, eta=e, theta=th, chunk_size=b,
+                                read=read, backend="numba")
+    np.testing.assert_allclose(out, ys, rtol=1e-10, atol=1e-12)
+    for got, want in zip(list(state.params) + list(state.momentum), M + S):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert state.anchor is state0.anchor
+    # float32: the same scan to float32 accuracy
+    p32 = params.like(w.astype(np.float32) for w in params)
+    out32, state32 = mt.memory_scan(mt.MemoryState.initial(p32, anchored=True),
+                                    *(x.astype(np.float32) for x in (K, V, Q)), alpha=a,
+                                    eta=e, theta=th, chunk_size=b, read=read, backend="numba")
+    assert out32.dtype == np.float32
+    np.testing.assert_allclose(out32, ys, rtol=2e-4, atol=2e-5)
+    for got, want in zip(state32.params, M):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_anchored_batched_numba_scan_is_each_sequence_on_its_own(b):
+    from minititans.memory.scan import numba_memory_scan_batched
+
+    rng = np.random.default_rng(200 + b)
+    B, T = 3, 19
+    params = [mt.init_memory(rng, D, D, depth=2, expansion=2) for _ in range(B)]
+    # an anchor other than the start weights, different in every sequence
+    anchors = [p.like(w + 0.3 * rng.standard_normal(w.shape) for w in p) for p in params]
+    seqs = [_stream(rng, T) for _ in range(B)]
+    gates = [_gates(rng, T) for _ in range(B)]
+    stack = lambda trees: params[0].like(np.stack(ws) for ws in zip(*trees))  # noqa: E731
+    state = mt.MemoryState(stack(params), stack([p.like(np.zeros_like(w) for w in p)
+                                                 for p in params]), stack(anchors))
+    K, V, Q = (np.stack(x) for x in zip(*seqs))
+    a, e, th = (np.stack(g) for g in zip(*gates))
+    out, final = numba_memory_scan_batched(state, K, V, Q, a, e, th, chunk_size=b)
+    for s in range(B):
+        one = mt.MemoryState(params[s], params[s].like(np.zeros_like(w) for w in params[s]),
+                             anchors[s])
+        want, w_state = mt.memory_scan(one, *seqs[s], alpha=gates[s][0], eta=gates[s][1],
+                                       theta=gates[s][2], chunk_size=b, backend="numba")
+        np.testing.assert_allclose(out[s], want, rtol=1e-12, atol=1e-14)
+        for got, w in zip(list(final.params) + list(final.momentum),
+                          list(w_state.params) + list(w_state.momentum)):
+            np.testing.assert_allclose(got[s], w, rtol=1e-12, atol=1e-14)
+        # and each is the naive loop around its own anchor
+        ys, _, _ = naive_chunked(list(params[s]), *seqs[s], *gates[s], b, anchor=list(anchors[s]))
+        np.testing.assert_allclose(out[s], ys, rtol=1e-10, atol=1e-12)
+    assert final.anchor is state.anchor
+
+
+def _anchored_objective(rng, params, T, b, read, backend, separate_anchor):
+    """A scalar of (out, final weights, final momentum) of an anchored scan, as a function
+    of (K, V, Q, alpha, eta, theta, W0[, anchor]); W0 is also the anchor unless
+    ``separate_anchor``."""
+    import autograd.numpy as anp
+
+    c_out = rng.standard_normal((T, D))
+    c_M = [rng.standard_normal(w.shape) for w in params]
+    c_S = [rng.standard_normal(w.shape) for w in params]
+    S0 = params.like(0.1 * rng.standard_normal(w.shape) for w in params)
+
+    def f(K, V, Q, alpha, eta, theta, W0, anchor=None):
+        state = mt.MemoryState(W0, S0, W0 if anchor is None else anchor)
+        out, final = mt.memory_scan(state, K, V, Q, alpha=alpha, eta=eta, theta=theta,
+                                    chunk_size=b, read=read, backend=backend)
+        return (anp.sum(c_out * anp.tanh(out))
+                + sum(anp.sum(c * w) for w, c in zip(final.params, c_M))
+                + sum(anp.sum(c * s * s) for s, c in zip(final.momentum, c_S)))
+
+    return f
+
+
+@pytest.mark.parametrize("depth,read,b", [(1, "after", 1), (2, "after", 1), (2, "before", 1),
+                                          (3, "after", 1), (2, "after", 4), (2, "before", 4),
+                                          (3, "before", 4), (1, "after", 16)])
+def test_anchored_numba_gradients_equal_the_reference_autograd(depth, read, b):
+    from autograd import grad
+
+    rng = np.random.default_rng(300 + 10 * depth + b)
+    T = 21  # partial last chunks of 4 and 16
+    params = mt.init_memory(rng, D, D, depth=depth, expansion=2)
+    K, V, Q = _stream(rng, T)
+    gates = list(_gates(rng, T))
+    other = params.like(w + 0.3 * rng.standard_normal(w.shape) for w in params)
+    for separate in (False, True):  # M_0 as start and anchor; an anchor of its own
+        args = [K, V, Q, *gates, params] + ([other] if separate else [])
+        argnums = list(range(len(args)))
+        got, want = (grad(_anchored_objective(np.random.default_rng(7), params, T, b, read,
+                                              backend, separate), argnums)(*args)
+                     for backend in ("numba", "reference"))
+        for name, g, w in zip("K V Q alpha eta theta W0 anchor".split(), got, want):
+            for gi, wi in zip(g if isinstance(g, tuple) else [g],
+                              w if isinstance(w, tuple) else [w]):
+                np.testing.assert_allclose(gi, wi, rtol=1e-8, atol=1e-9 * np.abs(wi).max(),
+                                           err_msg=f"{name} (separate anchor: {separate})")
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_anchored_numba_streamed_equals_whole(b):
+    rng = np.random.default_rng(400 + b)
+    params = mt.init_memory(rng, D, D, depth=2, expansion=2)
+    K, V, Q = _stream(rng, 24)
+    a, e, th = _gates(rng, 24)
+    s0 = mt.MemoryState.initial(params, anchored=True)
+    run = lambda s, sl: mt.memory_scan(s, K[sl], V[sl], Q[sl], alpha=a[sl], eta=e[sl],  # noqa: E731
+                                       theta=th[sl], chunk_size=b, backend="numba")
+    whole, s_whole = run(s0, slice(0, 24))
+    first, s1 = run(s0, slice(0, 12))
+    second, s2 = run(s1, slice(12, 24))
+    np.testing.assert_array_equal(np.concatenate([first, second]), whole)
+    for x, y in zip(list(s2.params) + list(s2.momentum),
+                    list(s_whole.params) + list(s_whole.momentum)):
+        np.testing.assert_array_equal(x, y)
+    assert s2.anchor is s0.anchor

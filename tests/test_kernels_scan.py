@@ -264,7 +264,7 @@ _NO_JIT_SCRIPT = textwrap.dedent("""
                                          (2, "gelu", False, "after", 3)):
             p = mt.init_memory(rng, 4, 4, depth=depth, expansion=2, activation=act,
                                residual_norm=res, dtype=dtype)
-            st = mt.MemoryState.initial(p)
+            st = mt.MemoryState.initial(p, anchored=depth == 2)  # and around an anchor
             K, Q = unit_rows(rng, 7, 4).astype(dtype), unit_rows(rng, 7, 4).astype(dtype)
             V = rng.standard_normal((7, 4)).astype(dtype)
             kw = dict(alpha=0.05, eta=0.8, theta=0.1, read=read, chunk_size=b)

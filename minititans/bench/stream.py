@@ -1,4 +1,10 @@
-"""The long-stream soak (``minititans bench --stream``): a million tokens through the scan."""
+"""The long-stream soak (``minititans bench --stream``): a million tokens through the scan.
+
+The state forgets towards its initial weights (``MemoryState.initial(params, anchored=True)``,
+docs/design-decisions.md "Forgetting towards an anchor"); at the end the soak checks that
+the memory still learns: 8 fresh pairs written 32 times are read back as well as by a fresh
+memory (:func:`fresh_pair_recall_error`).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,25 @@ def _stream_call_inputs(seed, call, n, d, dtype):
     return rows
 
 
+RECALL_PAIRS, RECALL_PASSES = 8, 32
+
+
+def fresh_pair_recall_error(state, seed, chunk=1):
+    """Write ``RECALL_PAIRS`` fresh random unit pairs ``RECALL_PASSES`` times into ``state``
+    (default gates, the numba scan) and read them back: ``||M(K) - V|| / ||V||``."""
+    from ..memory import memory_forward, memory_scan
+
+    d, dtype = state.params[0].shape[0], state.params[0].dtype
+    rng = np.random.default_rng([seed, 10**6])  # not a seed of the stream's calls
+    K, V = (x / np.linalg.norm(x, axis=1, keepdims=True)
+            for x in (rng.standard_normal((RECALL_PAIRS, d)) for _ in range(2)))
+    K, V = K.astype(dtype), V.astype(dtype)
+    Kt, Vt = np.tile(K, (RECALL_PASSES, 1)), np.tile(V, (RECALL_PASSES, 1))
+    _, written = memory_scan(state, Kt, Vt, Kt, chunk_size=chunk, backend="numba",
+                             **STREAM_GATES)
+    return float(np.linalg.norm(memory_forward(written.params, K) - V) / np.linalg.norm(V))
+
+
 def _rss_mb():
     """(current RSS, peak RSS) of this process in MB (Linux /proc and getrusage)."""
     import resource
@@ -37,12 +62,15 @@ def _rss_mb():
 
 
 def run_stream(tokens=1_000_000, call_len=10_000, d=64, depth=2, expansion=4, chunk=1,
-               prefix=100_000, seed=0, dtype=np.float64, progress=True):
+               prefix=100_000, seed=0, dtype=np.float64, progress=True, anchored=True):
     """Push ``tokens`` tokens through the numba scan in calls of ``call_len``, state passed on.
 
     Records per call: the memory's global norm, whether outputs and state are finite, and the
     process's RSS; tracemalloc's peak of Python-visible allocations per call. Then checks
-    that ``prefix`` tokens in one call equal the same tokens in ``prefix // call_len`` calls.
+    that ``prefix`` tokens in one call equal the same tokens in ``prefix // call_len`` calls,
+    and that the memory still learns (:func:`fresh_pair_recall_error` after the stream
+    against a fresh memory's). ``anchored``: forget towards the initial weights (False: Eq. 13
+    as printed, towards 0, where a deep memory collapses).
     """
 
     from ..memory import MemoryState, init_memory, memory_scan
@@ -50,7 +78,7 @@ def run_stream(tokens=1_000_000, call_len=10_000, d=64, depth=2, expansion=4, ch
 
     params = init_memory(np.random.default_rng(seed), d, d, depth=depth, expansion=expansion,
                          dtype=dtype)
-    state0 = MemoryState.initial(params)
+    state0 = MemoryState.initial(params, anchored=anchored)
     n_calls = -(-tokens // call_len)
     k, v, q = _stream_call_inputs(seed, 0, chunk + 1, d, dtype)
     memory_scan(state0, k, v, q, chunk_size=chunk, backend="numba", **STREAM_GATES)  # compile
@@ -90,10 +118,13 @@ def run_stream(tokens=1_000_000, call_len=10_000, d=64, depth=2, expansion=4, ch
     streamed = np.concatenate(parts)
     w_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(
         list(s.params) + list(s.momentum), list(s_whole.params) + list(s_whole.momentum)))
+    recall_fresh = fresh_pair_recall_error(state0, seed, chunk)
+    recall_after = fresh_pair_recall_error(state, seed, chunk)
     marks = sorted({0, n_calls // 10, n_calls // 2, n_calls - 1})
     return {
         "tokens": tokens, "call_len": call_len, "calls": n_calls, "d": d, "depth": depth,
         "expansion": expansion, "chunk_size": chunk, "dtype": np.dtype(dtype).name,
+        "anchored": anchored,
         "gates": STREAM_GATES, "seconds": seconds, "tokens_per_s": tokens / seconds,
         "all_finite": finite, "norm_first": norms[0], "norm_last": norms[-1],
         "norm_min": min(norms), "norm_max": max(norms),
@@ -107,6 +138,8 @@ def run_stream(tokens=1_000_000, call_len=10_000, d=64, depth=2, expansion=4, ch
         "prefix_out_max_abs_diff": float(np.max(np.abs(streamed - whole))),
         "prefix_out_bit_identical": bool(np.array_equal(streamed, whole)),
         "prefix_state_max_abs_diff": w_diff,
+        "recall_error_fresh": recall_fresh, "recall_error_after": recall_after,
+        "recall_within_2x": recall_after <= 2 * recall_fresh,
         "machine": machine_info(),
     }
 
@@ -114,7 +147,9 @@ def run_stream(tokens=1_000_000, call_len=10_000, d=64, depth=2, expansion=4, ch
 def format_stream(r) -> str:
     lines = [f"long stream: {r['tokens']:,d} tokens in {r['calls']} calls of {r['call_len']:,d}, "
              f"depth-{r['depth']} memory d={r['d']} (hidden {r['d'] * r['expansion']}), "
-             f"chunk {r['chunk_size']}, {r['dtype']}, gates {r['gates']}",
+             f"chunk {r['chunk_size']}, {r['dtype']}, gates {r['gates']}, "
+             + ("forgetting towards M_0 (anchored)" if r["anchored"] else
+                "forgetting towards 0 (Eq. 13 as printed)"),
              f"  {r['seconds']:.1f} s, {r['tokens_per_s']:,.0f} tokens/s; all finite: "
              f"{r['all_finite']}",
              f"  memory norm |M|: first call {r['norm_first']:.4g}, last {r['norm_last']:.4g}, "
@@ -130,4 +165,7 @@ def format_stream(r) -> str:
                  f"{r['prefix_calls']} calls): outputs bit-identical "
                  f"{r['prefix_out_bit_identical']}, max |diff| {r['prefix_out_max_abs_diff']:.3g}"
                  f"; final state max |diff| {r['prefix_state_max_abs_diff']:.3g}")
+    lines.append(f"  still learns: {RECALL_PAIRS} fresh pairs written {RECALL_PASSES} times, "
+                 f"relative recall error {r['recall_error_after']:.3f} after the stream vs "
+                 f"{r['recall_error_fresh']:.3f} fresh (within 2x: {r['recall_within_2x']})")
     return "\n".join(lines)

@@ -12,6 +12,10 @@ $\mathcal{M}_r$ with the row $x_r$ that enters a layer never materialises $\math
 $x_r \mathcal{M}_r = A_r x_r \mathcal{M}_0 + C_r x_r S_0 - \sum_l G_{rl}(x_r h_l^\top)\delta_l$,
 three GEMMs per layer (:func:`chunk_reads`); the chunk-end state is two more
 (:func:`chunk_end`). The chunk costs a few GEMMs instead of $b$ passes over the weights.
+With an anchor $\bar{\mathcal{M}}$ (Eq. 13 for $\mathcal{M} - \bar{\mathcal{M}}$), $\mathcal{M}_r$
+gains $(1 - A_r)\bar{\mathcal{M}}$: one more GEMM per layer for the reads, and in the VJP
+$\mathcal{M}_0 - \bar{\mathcal{M}}$ takes the place of $\mathcal{M}_0$ in $\bar\alpha$, and the
+anchor's cotangent is $(1 - A_n)\bar{\mathcal{M}}_{in} + \sum_j (1 - a_j) R_j$.
 
 **The VJP in the same form.** Run backwards, Eqs. 13–14 give for every token $r$ of the chunk
 
@@ -46,12 +50,13 @@ from ._jit import kernel
 from .hvp import add_weight_cotangent, hvp_rows, hvp_work_size, scale_products
 from .layout import (
     Coefficients,
-    new_coefficients,
     add_rows,
+    add_scaled,
     copy,
     copy_rows,
     key_rows,
     layer,
+    new_coefficients,
     query_rows,
     tape_view,
 )
@@ -128,7 +133,7 @@ def chunk_coefficients(seq, cl, t0, n, read_after, co):
 
 
 @kernel
-def chunk_reads(M0, S0, spec, q, key, co, work, want_d1):
+def chunk_reads(M0, S0, anchor, spec, q, key, co, work, want_d1):
     r"""Every query of the chunk through the state it reads, layer by layer (GEMMs):
     $x_r\mathcal{M}_{\rho(r)} = a_r x_r\mathcal{M}_0 + b_r x_r S_0 - [(G^r\odot x X^\top)\Delta]_r$
     with ``co.coef[:, 3:5]`` $= (a, b)$ and ``co.Gr``, into the tapes of ``q``
@@ -153,6 +158,11 @@ def chunk_reads(M0, S0, spec, q, key, co, work, want_d1):
         for r in range(n):
             for j in range(o):
                 zq[r, j] = co.coef[r, 3] * zq[r, j] + co.coef[r, 4] * zs[r, j] - zg[r, j]
+        if anchor.shape[0] > 0:  # + (1 - a_r) x_r M̄
+            matmul(xq, layer(anchor, shapes, spec.offsets, i), zs)
+            for r in range(n):
+                for j in range(o):
+                    zq[r, j] += (M0.dtype.type(1.0) - co.coef[r, 3]) * zs[r, j]
         if i < L - 1:
             z0, h0 = n * spec.zoff[i], n * spec.hoff[i]
             hidden(q.Z[z0:z0 + n * o], q.H[h0:h0 + n * o], q.HD1[h0:h0 + n * o], spec.act_kind,
@@ -160,7 +170,7 @@ def chunk_reads(M0, S0, spec, q, key, co, work, want_d1):
 
 
 @kernel
-def chunk_end(M0, S0, M1, S1, spec, key, co, work):
+def chunk_end(M0, S0, M1, S1, anchor, spec, key, co, work):
     r"""The state after the chunk of the rows ``key``:
     $\mathcal{M}_n = A\mathcal{M}_0 + C S_0 - X^\top\mathrm{diag}(G_{n\cdot})\Delta$,
     $S_n = P S_0 - X^\top\mathrm{diag}(E_{n\cdot})\Delta$ (per layer), into ``M1``, ``S1``."""
@@ -186,6 +196,8 @@ def chunk_end(M0, S0, M1, S1, spec, key, co, work):
             for j in range(o):
                 W1[a, j] = A * W0[a, j] + C * U0[a, j] - ug[a, j]
                 U1[a, j] = P * U0[a, j] - ue[a, j]
+    if anchor.shape[0] > 0:  # + (1 - A) M̄
+        add_scaled(anchor[:offsets[-1]], M0.dtype.type(1.0) - A, M1[:offsets[-1]])
 
 
 @kernel
@@ -229,10 +241,10 @@ def chunk_scan(M, S, M1, S1, spec, seq, tape, b, seg, stop, out):
         clip_scales(spec, key.X, key.H, key.D, tape.unorm2[r0:r0 + n], uscale)
         chunk_coefficients(seq, uscale, t0, n, spec.read_after, co)
         # Eqs. 16–18: every read and the next state by GEMMs
-        chunk_reads(M, S, spec, q, key, co, work, keep)
+        chunk_reads(M, S, seq.anchor, spec, q, key, co, work, keep)
         output_rows(tape_view(q.Z, n * spec.zoff[L - 1], n, d_out), q.X, spec.residual, q.ln,
                     out[t0:t0 + n])
-        chunk_end(M, S, M1, S1, spec, key, co, work)
+        chunk_end(M, S, M1, S1, seq.anchor, spec, key, co, work)
         if first_bad < 0 and not all_finite(M1[:P]):
             first_bad = first_bad_token(M, S, spec, seq, key, uscale, t0)
             if stop:
@@ -293,6 +305,8 @@ def chunk_vjp(M0, S0, Mbar, Sbar, spec, seq, tape, t0, gout, grads, co):
     gQ = grads.Q[t0:t0 + n]
     ZB = np.empty(zoff[L], M0.dtype)  # z̄ of the reads (tape layout)
     RM, RS = np.zeros(n, M0.dtype), np.zeros(n, M0.dtype)  # ⟨R_j, M_0⟩, ⟨R_j, S_0⟩
+    RA = np.zeros(n, M0.dtype)  # ⟨R_j, M̄⟩ (anchored: M_r - M̄ is what Eq. 13 decays)
+    anchor, anchored = seq.anchor, seq.anchor.shape[0] > 0
     RU = np.zeros((n, n), M0.dtype)  # ⟨R_j, u_l⟩
     GX = np.empty((L, n, n), M0.dtype)  # x_j · h_l per layer
     GZ = np.empty((L, n, n), M0.dtype)  # z̄_j · δ_l per layer
@@ -324,6 +338,12 @@ def chunk_vjp(M0, S0, Mbar, Sbar, spec, seq, tape, t0, gout, grads, co):
         for r in range(n):
             for a in range(f):
                 hb[r, a] = coef[r, 3] * T1[r, a] + coef[r, 4] * T2[r, a] - hb[r, a]
+        if anchored:  # the read state has (1 - a_r) M̄ in it
+            T3 = np.dot(zb, layer(anchor, shapes, offsets, i).T)
+            _rowdot(xq, T3, RA)
+            for r in range(n):
+                for a in range(f):
+                    hb[r, a] += (t_(1.0) - coef[r, 3]) * T3[r, a]
         if i > 0:
             below = tape_view(ZB, zoff[i - 1], n, f)
             d1 = tape_view(q.HD1, hoff[i - 1], n, f)
@@ -337,6 +357,7 @@ def chunk_vjp(M0, S0, Mbar, Sbar, spec, seq, tape, t0, gout, grads, co):
     # 2. products with the cotangents of the chunk end
     P = Mbar.shape[0]
     mM, mS, sS = np.dot(Mbar, M0[:P]), np.dot(Mbar, S0[:P]), np.dot(Sbar, S0[:P])
+    mA = np.dot(Mbar, anchor[:P]) if anchored else t_(0.0)
     mU, sU = np.zeros(n, M0.dtype), np.zeros(n, M0.dtype)
     XM, XS = np.empty(zoff[L], M0.dtype), np.empty(zoff[L], M0.dtype)  # h_l M̄ᵢₙ, h_l S̄ᵢₙ
     DM, DS = np.empty(boff[L], M0.dtype), np.empty(boff[L], M0.dtype)  # δ_l M̄ᵢₙᵀ, δ_l S̄ᵢₙᵀ
@@ -364,13 +385,14 @@ def chunk_vjp(M0, S0, Mbar, Sbar, spec, seq, tape, t0, gout, grads, co):
             Pp, Ap, Cp = t_(1.0), t_(1.0), t_(0.0)
         else:
             Pp, Ap, Cp = coef[r - 1, 0], coef[r - 1, 1], coef[r - 1, 2]
-        dm = aM[r] * (Ap * mM + Cp * mS - (mUG[r - 1] if r > 0 else t_(0.0)))
+        dm = aM[r] * (Ap * (mM - mA) + Cp * mS - (mUG[r - 1] if r > 0 else t_(0.0)))
         ds = (cM[r] * (Pp * mS - (mUE[r - 1] if r > 0 else t_(0.0)))
               + cS[r] * (Pp * sS - (sUE[r - 1] if r > 0 else t_(0.0))))
         for j in range(n):
-            dm += aR[r, j] * (Ap * RM[j] + Cp * RS[j] - (RUG[j, r - 1] if r > 0 else t_(0.0)))
+            dm += aR[r, j] * (Ap * (RM[j] - RA[j]) + Cp * RS[j]
+                              - (RUG[j, r - 1] if r > 0 else t_(0.0)))
             ds += cR[r, j] * (Pp * RS[j] - (RUE[j, r - 1] if r > 0 else t_(0.0)))
-        grads.alpha[t0 + r] = -dm  # ᾱ_r = -⟨M̄_r, M_{r-1}⟩
+        grads.alpha[t0 + r] = -dm  # ᾱ_r = -⟨M̄_r, M_{r-1} - M̄⟩
         grads.eta[t0 + r] = ds  # η̄_r = ⟨S̄_r, S_{r-1}⟩
     # 4. products of ū_r = -θ_r c_r S̄_r with the key rows (the HVP's inputs)
     A = np.empty(zoff[L], M0.dtype)
@@ -406,6 +428,18 @@ def chunk_vjp(M0, S0, Mbar, Sbar, spec, seq, tape, t0, gout, grads, co):
         corr[r] = dot_u[r] / tape.unorm2[t0 + r] if c < t_(1.0) else t_(0.0)
         coef_u[r] = -seq.theta[t0 + r] * c
     scale_products(A, B, spec, key, corr, coef_u)
+    # the anchor's: (1 - A_n) M̄_in + Σ_j (1 - a_j) R_j, a_j the M_0 coefficient of read j
+    if anchored:
+        add_scaled(Mbar, t_(1.0) - coef[n - 1, 1], grads.anchor[:P])
+        for i in range(L):
+            f = shapes[i, 0]
+            xq = Qc if i == 0 else tape_view(QH, hoff[i - 1], n, f)
+            xw = np.empty((n, f), M0.dtype)
+            for r in range(n):
+                for a in range(f):
+                    xw[r, a] = (t_(1.0) - coef[r, 3]) * xq[r, a]
+            add_rows(np.dot(xw.T, tape_view(ZB, zoff[i], n, shapes[i, 1])),
+                     layer(grads.anchor, shapes, offsets, i))
     # 5. cotangents of the chunk start: S̄_0 = η_0 S̄_0', M̄_0 = (1-α_0) M̄_0' + W̄_HVP
     keep0, eta0 = t_(1.0) - seq.alpha[t0], seq.eta[t0]
     aR0 = np.empty(n, M0.dtype)
@@ -457,7 +491,7 @@ def chunk_backward(spec, seq, tape, b, seg, gout, Mbar, Sbar, grads, Mbuf, Sbuf)
         for t0 in range(s0, s1 - b, b):  # chunk-start states of the segment
             m, n = (t0 - s0) // b, min(b, T - t0)
             chunk_coefficients(seq, tape.uscale[t0:t0 + n], t0, n, spec.read_after, co)
-            chunk_end(Mbuf[m], Sbuf[m], Mbuf[m + 1], Sbuf[m + 1], spec,
+            chunk_end(Mbuf[m], Sbuf[m], Mbuf[m + 1], Sbuf[m + 1], seq.anchor, spec,
                       key_rows(seq, tape, t0, n, t0 // b, t0), co, work)
         for t0 in range(s1 - 1 - (s1 - 1 - s0) % b, s0 - 1, -b):
             m, n = (t0 - s0) // b, min(b, T - t0)

@@ -14,10 +14,10 @@ an ``(n, w_i)`` view. Tapes whose blocks have the fan-in widths (products with $
 start at ``n * boff[i]``.
 
 **Arguments.** Kernels take their arguments grouped in named tuples (numba compiles them
-as structs): :class:`Spec` (the memory and its inner loss), :class:`Seq` (the sequence and
-its gates; also their cotangents), :class:`Tape` (what a forward keeps), the rows of one
-forward pass (:class:`KeyRows`, :class:`QueryRows`) and the gate products of a chunk
-(:class:`Coefficients`).
+as structs): :class:`Spec` (the memory and its inner loss), :class:`Seq` (the sequence, its
+gates and the forgetting anchor; also their cotangents), :class:`Tape` (what a forward
+keeps), the rows of one forward pass (:class:`KeyRows`, :class:`QueryRows`) and the gate
+products of a chunk (:class:`Coefficients`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ Spec = namedtuple("Spec", [
     "clip",  # max global norm of a surprise, <= 0 for none
     "read_after",  # y_t = M_t(q_t) (True) or M_{t-1}(q_t)
 ])
-Seq = namedtuple("Seq", "K V Q alpha eta theta")  # (T, d) rows and (T,) gates
+# (T, d) rows, (T,) gates and the anchor M̄ that Eq. 13 forgets towards: flat weights (P,),
+# or (0,) for Eq. 13 as printed (forgetting towards 0; the kernels then do no anchor work)
+Seq = namedtuple("Seq", "K V Q alpha eta theta anchor")
 Tape = namedtuple("Tape", [
     "ckM", "ckS",  # the state (M, S) every `seg` tokens, one row each
     "KZ", "KH", "KD1", "KD", "KDH",  # keys: z, h, σ'(z), δ, δ_{i+1} W_{i+1}ᵀ, one slot a chunk
@@ -188,6 +190,13 @@ def copy_rows(src, dst):
     for r in range(src.shape[0]):
         for j in range(src.shape[1]):
             dst[r, j] = src[r, j]
+
+
+@kernel
+def add_scaled(src, c, dst):
+    """``dst += c * src`` for 1-d arrays (the length of ``src``)."""
+    for i in range(src.shape[0]):
+        dst[i] += c * src[i]
 
 
 @kernel

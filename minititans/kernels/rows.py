@@ -2,7 +2,8 @@ r"""Rows through the memory: the one implementation of each row computation of t
 
 Twins of :func:`minititans.memory.memory_forward` (the forward of ``n`` rows, with tapes),
 :func:`~minititans.memory.per_token_surprise` (Eq. 8 by hand), ``clip_by_norm`` and
-``apply_update`` of :mod:`minititans.memory.update` (Eqs. 13–14), and the divergence check.
+``apply_update`` of :mod:`minititans.memory.update` (Eqs. 13–14, also around an anchor),
+and the divergence check.
 Row vectors, $h_0 = x$:
 
 $$z_i = h_{i-1} W_i,\quad h_i = \sigma(z_i)\ (i < L),\quad
@@ -23,7 +24,7 @@ import math
 import numpy as np
 
 from ._jit import inline_kernel, kernel
-from .layout import copy_rows, layer, tape_view
+from .layout import add_scaled, copy_rows, layer, tape_view
 from .scalars import LN_EPS, hidden, loss_grad
 
 
@@ -188,21 +189,24 @@ def all_finite(a):
 
 
 @kernel
-def apply_update(Mi, Si, Mo, So, spec, X, H, D, r, coef, keep, e):
-    r"""Eqs. 13–14 for the token of row ``r`` of the tapes: $S = \eta S - c\,h_{i-1}^\top\delta_i$,
-    $\mathcal{M} = (1-\alpha)\mathcal{M} + S$, ``coef`` $= \theta_t c_t$, ``keep`` $= 1 - \alpha_t$.
+def apply_update(Mi, Si, Mo, So, spec, seq, key, r, t, c):
+    r"""Eqs. 13–14 for token ``t``, row ``r`` of the tapes ``key`` (clip scale ``c``):
+    $S = \eta_t S - \theta_t c\,h_{i-1}^\top\delta_i$, $\mathcal{M} = (1-\alpha_t)\mathcal{M} + S$,
+    then $+\,\alpha_t\bar{\mathcal{M}}$ when ``seq`` has an anchor (Eq. 13 around it).
 
     Reads ``Mi``, ``Si`` and writes ``Mo``, ``So`` (other arrays, so the loop vectorises),
     with the arithmetic of the token loop, so a replay repeats the forward exactly.
     """
-    n = X.shape[0]
     shapes, offsets = spec.shapes, spec.offsets
-    g_scale = -coef
+    n = key.X.shape[0]
+    t_ = Mi.dtype.type
+    g_scale = -(seq.theta[t] * c)
+    keep, e = t_(1.0) - seq.alpha[t], seq.eta[t]
     for i in range(shapes.shape[0]):
         Wi, Wo = layer(Mi, shapes, offsets, i), layer(Mo, shapes, offsets, i)
         Ui, Uo = layer(Si, shapes, offsets, i), layer(So, shapes, offsets, i)
-        h = X[r] if i == 0 else tape_view(H, n * spec.hoff[i - 1], n, shapes[i, 0])[r]
-        d = tape_view(D, n * spec.zoff[i], n, shapes[i, 1])[r]
+        h = key.X[r] if i == 0 else tape_view(key.H, n * spec.hoff[i - 1], n, shapes[i, 0])[r]
+        d = tape_view(key.D, n * spec.zoff[i], n, shapes[i, 1])[r]
         for a in range(shapes[i, 0]):
             g = g_scale * h[a]
             wi, wo, ui, uo = Wi[a], Wo[a], Ui[a], Uo[a]
@@ -210,6 +214,9 @@ def apply_update(Mi, Si, Mo, So, spec, X, H, D, r, coef, keep, e):
                 s = e * ui[j] + g * d[j]
                 uo[j] = s
                 wo[j] = keep * wi[j] + s
+    if seq.anchor.shape[0] > 0:
+        P = offsets[shapes.shape[0]]
+        add_scaled(seq.anchor[:P], seq.alpha[t], Mo[:P])
 
 
 @kernel
@@ -218,14 +225,12 @@ def first_bad_token(M, S, spec, seq, key, uscale, t0):
     before ``t0`` (not modified): the first token whose weights are not finite (the last
     token if none is, when only a closed form overflowed). ``uscale`` holds the rows' clip
     scales."""
-    t_ = M.dtype.type
     n = key.X.shape[0]
     M, S = M.copy(), S.copy()
     M2, S2 = np.empty_like(M), np.empty_like(S)
     for r in range(n):
         t = t0 + r
-        apply_update(M, S, M2, S2, spec, key.X, key.H, key.D, r, seq.theta[t] * uscale[r],
-                     t_(1.0) - seq.alpha[t], seq.eta[t])
+        apply_update(M, S, M2, S2, spec, seq, key, r, t, uscale[r])
         M, M2 = M2, M
         S, S2 = S2, S
         if not all_finite(M):

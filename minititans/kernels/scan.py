@@ -42,12 +42,13 @@ def _spec(shapes, offsets, dtype, activation, residual_norm, read, loss, p, delt
 
 def numba_scan(weights, momentum, keys, values, queries, alpha, eta, theta, *, activation,
                residual_norm, chunk_size=1, read="after", loss="l2", p=3.0, delta=1.0,
-               max_grad_norm=None, on_nonfinite="raise", checkpoint_every=None):
+               max_grad_norm=None, on_nonfinite="raise", checkpoint_every=None, anchor=None):
     r"""``memory_scan(..., backend="numba")`` on lists of arrays (Eqs. 13–18).
 
     Arguments are those of :func:`minititans.memory_scan`, already checked there, with the
-    state as ``weights`` and ``momentum`` ``[W_1, ..., W_L]`` and the memory's
-    ``activation`` and ``residual_norm``; the gates are arrays ``(T,)``, ``T >= 1``. Inputs
+    state as ``weights``, ``momentum`` and ``anchor`` ``[W_1, ..., W_L]`` (``anchor`` None:
+    Eq. 13 as printed; else forgetting towards it) and the memory's ``activation`` and
+    ``residual_norm``; the gates are arrays ``(T,)``, ``T >= 1``. Inputs
     may be float32 or float64, non-contiguous or read-only; they are copied to contiguous
     arrays of the common dtype. If any is an autograd box the call goes to
     :func:`.vjp.numba_scan_differentiable` (``checkpoint_every`` is its option).
@@ -55,7 +56,7 @@ def numba_scan(weights, momentum, keys, values, queries, alpha, eta, theta, *, a
     Returns:
         ``(out (T, d_out), new weights, new momentum)`` in the common dtype.
     """
-    leaves = (*weights, *momentum, keys, values, queries, alpha, eta, theta)
+    leaves = (*weights, *momentum, *(anchor or ()), keys, values, queries, alpha, eta, theta)
     boxed = any(isbox(x) for x in leaves)
     plain = [np.asarray(getval(x)) for x in (*weights, keys, values, queries)]
     dtype = np.result_type(*plain)
@@ -66,10 +67,11 @@ def numba_scan(weights, momentum, keys, values, queries, alpha, eta, theta, *, a
         return numba_scan_differentiable(weights, momentum, spec, keys, values, queries, alpha,
                                          eta, theta, chunk_size=chunk_size,
                                          on_nonfinite=on_nonfinite,
-                                         checkpoint_every=checkpoint_every)
+                                         checkpoint_every=checkpoint_every, anchor=anchor)
     M, _, _ = pack_weights(weights, dtype)
     S, _, _ = pack_weights(momentum, dtype)
-    seq = Seq(*(as_kernel_array(x, dtype) for x in (keys, values, queries, alpha, eta, theta)))
+    seq = Seq(*(as_kernel_array(x, dtype) for x in (keys, values, queries, alpha, eta, theta)),
+              _pack_anchor(anchor, dtype))
     T, b = seq.K.shape[0], int(chunk_size)
     out = np.empty((T, shapes[-1, 1]), dtype=dtype)
     tape = new_tape(shapes, T, b, dtype)
@@ -84,6 +86,14 @@ def numba_scan(weights, momentum, keys, values, queries, alpha, eta, theta, *, a
     return out, unpack_weights(M, shapes, offsets), unpack_weights(S, shapes, offsets)
 
 
+def _pack_anchor(anchor, dtype, lead=()):
+    """The anchor in the weights' flat layout (``lead``: the batch axis), or, for None, an
+    empty one (``lead + (0,)``) of the same type: the kernels then do no anchor work."""
+    if anchor is None:
+        return np.zeros(lead + (0,), dtype)
+    return pack_weights(anchor, dtype, batched=bool(lead))[0]
+
+
 @parallel_kernel
 def batch_loop(M, S, M1, S1, spec, seq, tape, b, out, first_bad):
     """:func:`.token.token_loop` (``b == 1``) or :func:`.chunk.chunk_scan` on every sequence,
@@ -94,7 +104,8 @@ def batch_loop(M, S, M1, S1, spec, seq, tape, b, out, first_bad):
     int64, written. The time loop of each sequence stays serial; sequences are independent.
     """
     for s in numba.prange(M.shape[0]):
-        one = Seq(seq.K[s], seq.V[s], seq.Q[s], seq.alpha[s], seq.eta[s], seq.theta[s])
+        one = Seq(seq.K[s], seq.V[s], seq.Q[s], seq.alpha[s], seq.eta[s], seq.theta[s],
+                  seq.anchor[s])
         if b == 1:
             first_bad[s] = token_loop(M[s], S[s], spec, one, tape_of(tape, s), 1, False, out[s])
         else:
@@ -104,13 +115,14 @@ def batch_loop(M, S, M1, S1, spec, seq, tape, b, out, first_bad):
 
 def numba_scan_batched(weights, momentum, keys, values, queries, alpha, eta, theta, *,
                        activation, residual_norm, chunk_size=1, read="after", loss="l2",
-                       p=3.0, delta=1.0, max_grad_norm=None, on_nonfinite="raise"):
+                       p=3.0, delta=1.0, max_grad_norm=None, on_nonfinite="raise",
+                       anchor=None):
     r"""B independent scans at once, in parallel over the batch (``numba.prange``).
 
     As :func:`numba_scan` (arguments already checked, not differentiable) with a leading
-    batch axis on everything: ``W_i`` ``(B, fan_in, fan_out)``, rows ``(B, T, d)``, gates
-    ``(B, T)`` arrays. A divergence raises for the earliest token over all sequences (its
-    message names the sequence).
+    batch axis on everything: ``W_i`` (and the anchor's) ``(B, fan_in, fan_out)``, rows
+    ``(B, T, d)``, gates ``(B, T)`` arrays. A divergence raises for the earliest token over
+    all sequences (its message names the sequence).
 
     Returns:
         ``(out (B, T, d_out), new weights, new momentum)``, each ``W_i`` ``(B, ...)``.
@@ -119,8 +131,9 @@ def numba_scan_batched(weights, momentum, keys, values, queries, alpha, eta, the
     dtype = np.result_type(K, values, queries, *weights)
     M, shapes, offsets = pack_weights(weights, dtype, batched=True)
     S, _, _ = pack_weights(momentum, dtype, batched=True)
-    seq = Seq(*(as_kernel_array(x, dtype) for x in (keys, values, queries, alpha, eta, theta)))
     B, T = K.shape[:2]
+    seq = Seq(*(as_kernel_array(x, dtype) for x in (keys, values, queries, alpha, eta, theta)),
+              _pack_anchor(anchor, dtype, (B,)))
     out = np.empty((B, T, shapes[-1, 1]), dtype=dtype)
     if T and B:
         spec = _spec(shapes, offsets, dtype, activation, residual_norm, read, loss, p, delta,

@@ -8,6 +8,13 @@ $$u_t = \nabla_W \ell(\mathcal{M}_{t-1}; k_t, v_t),\quad
   \mathcal{M}_t = (1 - \alpha_t)\mathcal{M}_{t-1} + S_t,\quad
   y_t = \mathcal{M}_t(q_t)\ \text{or}\ \mathcal{M}_{t-1}(q_t).$$
 
+With an anchor $\bar{\mathcal{M}}$ (``seq.anchor`` not empty) Eq. 13 acts on
+$\mathcal{M} - \bar{\mathcal{M}}$: $\mathcal{M}_t = (1-\alpha_t)\mathcal{M}_{t-1} +
+\alpha_t\bar{\mathcal{M}} + S_t$ (:func:`forget_towards`, a second pass per matrix that
+only anchored scans make); backwards, $\bar\alpha_t$ gains
+$\langle\bar{\mathcal{M}}_t, \bar{\mathcal{M}}\rangle$ and the anchor's cotangent is
+$\sum_t \alpha_t\bar{\mathcal{M}}_t$.
+
 **Forward** (:func:`token_loop`). One pass over each weight matrix per token does everything
 that needs it: Eq. 14, Eq. 13, and the forward pass of the *next* two rows through the new
 weights (the query read and the next key), so $W$, $S$ are read and written once per token.
@@ -45,7 +52,7 @@ import numpy as np
 
 from ._jit import kernel
 from .hvp import hvp_rows, hvp_work_size, scale_products
-from .layout import copy, key_rows, layer, tape_view
+from .layout import add_scaled, copy, key_rows, layer, tape_view
 from .rows import (
     all_finite,
     apply_update,
@@ -89,6 +96,24 @@ def update_and_read(W, S, d, kin, e, decay, g_scale, xa, xb, za, zb):
 
 
 @kernel
+def forget_towards(W, A, alpha, xa, xb, za, zb):
+    r"""Eq. 13 around an anchor, after :func:`update_and_read`: $W \leftarrow W + \alpha\bar W$
+    (so $W = \bar W + (1-\alpha)(W_{t-1} - \bar W) + S$), and the two rows read again through
+    the result, ``za = xa W``, ``zb = xb W``, summed in the order of every other read (so a
+    stream cut into calls gives the same bits as one call). Only anchored scans call it."""
+    za[:] = 0
+    zb[:] = 0
+    for a in range(W.shape[0]):
+        qa, kb = xa[a], xb[a]
+        Wa, Aa = W[a], A[a]
+        for j in range(W.shape[1]):
+            m = Wa[j] + alpha * Aa[j]
+            Wa[j] = m
+            za[j] += qa * m
+            zb[j] += kb * m
+
+
+@kernel
 def _read_row(M, spec, x, Z, H, HD1, ln, y, want_d1):
     """One row ``x`` ``(1, d)`` through the memory ``M`` into the tape rows; ``y = M(x)``."""
     L = spec.shapes.shape[0]
@@ -123,6 +148,7 @@ def token_loop(M, S, spec, seq, tape, seg, stop, out):
     nz = zoff[L]
     n_k, n_q = tape.KZ.shape[0], tape.QZ.shape[0]  # T + 1 each, or 2 and 1 (workspace)
     keep = tape.ckM.shape[0] > 0
+    anchored = seq.anchor.shape[0] > 0
     zero_row = np.zeros((1, K.shape[1]), M.dtype)
     # the first key (and query) through M_0; later rows are read inside the update pass
     _read_row(M, spec, K[0:1], tape.KZ[0], tape.KH[0], tape.KD1[0], tape.kln[0:1],
@@ -153,11 +179,14 @@ def token_loop(M, S, spec, seq, tape, seg, stop, out):
             lo, hi = zoff[i], zoff[i + 1]
             W = layer(M, spec.shapes, spec.offsets, i)
             h0, h1 = hoff[i - 1], hoff[i]
+            ra, rb = (xa[0], xb[0]) if i == 0 else (ha[h0:h1], hb[h0:h1])
             update_and_read(W, layer(S, spec.shapes, spec.offsets, i), key.D[lo:hi],
                             K[t] if i == 0 else key.H[h0:h1], seq.eta[t],
-                            t_(1.0) - seq.alpha[t], -seq.theta[t] * c,
-                            xa[0] if i == 0 else ha[h0:h1], xb[0] if i == 0 else hb[h0:h1],
-                            za[lo:hi], zb[lo:hi])
+                            t_(1.0) - seq.alpha[t], -seq.theta[t] * c, ra, rb, za[lo:hi],
+                            zb[lo:hi])
+            if anchored:
+                forget_towards(W, layer(seq.anchor, spec.shapes, spec.offsets, i),
+                               seq.alpha[t], ra, rb, za[lo:hi], zb[lo:hi])
             # a non-finite weight in column j makes za[j] non-finite; confirm on W itself
             if not all_finite(za[lo:hi]) and not all_finite(W.ravel()):
                 bad = True
@@ -200,6 +229,7 @@ def token_vjp(spec, seq, tape, seg, gout, Mbar, Sbar, grads, Mbuf, Sbuf):
     B = np.empty(nin, Mbar.dtype)  # δ_i ū_iᵀ
     work = np.empty(hvp_work_size(shapes, 1), Mbar.dtype)
     corr, coef = np.empty(1, Mbar.dtype), np.empty(1, Mbar.dtype)
+    anchored = seq.anchor.shape[0] > 0  # grads.anchor accumulates (zero on entry)
     eta_next = t_(1.0)  # η_{t+1}: S̄_t = η_{t+1} S̄_{t+1} + M̄_t
     keep = t_(1.0)  # 1 - α_{t+1}: M̄ waits for the next pass to be multiplied by it
     for k in range((T - 1) // seg, -1, -1):
@@ -212,9 +242,8 @@ def token_vjp(spec, seq, tape, seg, gout, Mbar, Sbar, grads, Mbuf, Sbuf):
             read = Mbuf[j + 1] if spec.read_after else Mbuf[j]
             if not spec.read_after:
                 _read_back(read, spec, seq, tape, t, gout[t], ZQ[j], DHQ, grads.Q[t:t + 1])
-            apply_update(Mbuf[j], Sbuf[j], Mbuf[j + 1], Sbuf[j + 1], spec, K[t:t + 1],
-                         tape.KH[t], tape.KD[t], 0, seq.theta[t] * tape.uscale[t],
-                         t_(1.0) - seq.alpha[t], seq.eta[t])
+            apply_update(Mbuf[j], Sbuf[j], Mbuf[j + 1], Sbuf[j + 1], spec, seq,
+                         key_rows(seq, tape, t, 1, t, t), 0, t, tape.uscale[t])
             if spec.read_after:
                 _read_back(read, spec, seq, tape, t, gout[t], ZQ[j], DHQ, grads.Q[t:t + 1])
         # 2. reverse
@@ -226,6 +255,9 @@ def token_vjp(spec, seq, tape, seg, gout, Mbar, Sbar, grads, Mbuf, Sbuf):
             dot_m, dot_s = _pass(Mbar, Sbar, Mbuf[j], Sbuf[j], spec, PL, PR, keep, eta_next,
                                  t_(1.0), key, A)
             grads.alpha[t] = -dot_m  # Eq. 13
+            if anchored:  # M_t = (1 - α_t) M_{t-1} + α_t M̄ + S_t
+                grads.alpha[t] += np.dot(Mbar[:P], seq.anchor[:P])
+                add_scaled(Mbar[:P], seq.alpha[t], grads.anchor)
             grads.eta[t] = dot_s  # Eq. 14
             dot_u = t_(0.0)  # ⟨S̄_t, u_t⟩
             for i in range(L):

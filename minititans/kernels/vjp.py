@@ -6,7 +6,10 @@ Eqs. 16–18):
 
 $$u_t = \nabla_W \ell(\mathcal{M}_{t'}; k_t, v_t),\quad S_t = \eta_t S_{t-1} - \theta_t u_t,\quad
   \mathcal{M}_t = (1-\alpha_t)\mathcal{M}_{t-1} + S_t,\quad y_t = \mathcal{M}_t(q_t)\ \text{or}\
-  \mathcal{M}_{t-1}(q_t).$$
+  \mathcal{M}_{t-1}(q_t),$$
+
+or, with an anchor $\bar{\mathcal{M}}$, $\mathcal{M}_t = \bar{\mathcal{M}} + (1-\alpha_t)
+(\mathcal{M}_{t-1} - \bar{\mathcal{M}}) + S_t$.
 
 Its vector-Jacobian product runs the recurrences backwards. With $\bar{\mathcal{M}}_t$,
 $\bar S_t$ the cotangents of the state after token $t$ (the read of $y_t$ included):
@@ -19,12 +22,16 @@ $$\bar S_t = \eta_{t+1}\bar S_{t+1} + \bar{\mathcal{M}}_t,\quad
 
 and $\bar u_t = -\theta_t\bar S_t$ goes through the surprise by a Hessian-vector product
 (:mod:`.hvp`) into $\bar{\mathcal{M}}_{t'}$, $\bar k_t$, $\bar v_t$. Clipping the
-surprise, $u \leftarrow u\min(1, c/\lVert u\rVert)$, adds its own Jacobian. The kernels:
+surprise, $u \leftarrow u\min(1, c/\lVert u\rVert)$, adds its own Jacobian. With an anchor,
+$\bar\alpha_t = -\langle\bar{\mathcal{M}}_t, \mathcal{M}_{t-1} - \bar{\mathcal{M}}\rangle$ and
+the anchor's own cotangent is $\sum_t \alpha_t\bar{\mathcal{M}}_t$ (in a model the anchor is
+$\mathcal{M}_0$ too, and autograd adds the two cotangents). The kernels:
 :func:`.token.token_vjp` (``chunk_size=1``) and :func:`.chunk.chunk_backward`
 (``chunk_size > 1``, every product a GEMM over the chunk).
 
 **What autograd sees.** One primitive of flat arrays,
-``_scan_primitive(keys, values, queries, alpha, eta, theta, W_1..W_L, S_1..S_L)``, returning
+``_scan_primitive(keys, values, queries, alpha, eta, theta, W_1..W_L, S_1..S_L[, A_1..A_L])``
+(the anchor only when there is one), returning
 the tuple ``(out, W_1..W_L, S_1..S_L)``. Autograd boxes a tuple result as a sequence, so the
 final state is differentiable too: a later call can send gradients back through it
 (streaming). :func:`numba_scan_differentiable` takes and returns the weights as lists.
@@ -75,6 +82,7 @@ class _Config:
     chunk_size: int
     checkpoint_every: int
     on_nonfinite: str
+    anchored: bool  # memory holds an anchor M̄ after the momentum (Eq. 13 around M̄)
 
 
 class _BufferPool:
@@ -129,14 +137,16 @@ class _Tape:
 
 @primitive
 def _scan_primitive(keys, values, queries, alpha, eta, theta, *memory, config, tape):
-    """The scan on flat arrays: ``memory = (W_1..W_L, S_1..S_L)``; returns ``(out, W..., S...)``."""
+    """The scan on flat arrays: ``memory = (W_1..W_L, S_1..S_L)``, then the anchor
+    ``(A_1..A_L)`` when ``config.anchored``; returns ``(out, W..., S...)``."""
     cf, dt = config, config.dtype
     spec = cf.spec
     L = len(spec.shapes)
+    anchor = pack_weights(memory[2 * L:], dt)[0] if cf.anchored else np.zeros(0, dt)
     seq = Seq(*(np.ascontiguousarray(x, dtype=dt)
-                for x in (keys, values, queries, alpha, eta, theta)))
+                for x in (keys, values, queries, alpha, eta, theta)), anchor)
     M, _, _ = pack_weights(memory[:L], dt)
-    S, _, _ = pack_weights(memory[L:], dt)
+    S, _, _ = pack_weights(memory[L:2 * L], dt)
     T, P = seq.K.shape[0], M.shape[0]
     b, seg = cf.chunk_size, cf.checkpoint_every
 
@@ -183,7 +193,7 @@ def _backward(cf, tape, g_out, g_M, g_S):
     tp, seq, dt, spec = tape.arrays["tape"], tape.arrays["seq"], cf.dtype, cf.spec
     Mbar, _, _ = pack_weights(g_M, dt)  # in: of the final state; out: of the initial one
     Sbar, _, _ = pack_weights(g_S, dt)
-    grads = Seq(*(np.empty_like(x) for x in seq))
+    grads = Seq(*(np.empty_like(x) for x in seq[:-1]), np.zeros_like(seq.anchor))
     b, seg = cf.chunk_size, cf.checkpoint_every
     buffers = [_POOL.take((seg // b + 1, padded(Mbar.shape[0], dt)), dt) for _ in range(2)]
     gout = np.ascontiguousarray(g_out, dtype=dt)
@@ -192,8 +202,9 @@ def _backward(cf, tape, g_out, g_M, g_S):
     else:
         chunk_backward(spec, seq, tp, b, seg, gout, Mbar, Sbar, grads, *buffers)
     _POOL.give(buffers)
-    return [*grads, *unpack_weights(Mbar, spec.shapes, spec.offsets),
-            *unpack_weights(Sbar, spec.shapes, spec.offsets)]
+    anchor = unpack_weights(grads.anchor, spec.shapes, spec.offsets) if cf.anchored else []
+    return [*grads[:-1], *unpack_weights(Mbar, spec.shapes, spec.offsets),
+            *unpack_weights(Sbar, spec.shapes, spec.offsets), *anchor]
 
 
 def default_checkpoint_every(T: int, chunk_size: int) -> int:
@@ -203,11 +214,12 @@ def default_checkpoint_every(T: int, chunk_size: int) -> int:
 
 def numba_scan_differentiable(weights, momentum, spec, keys, values, queries, alpha, eta,
                               theta, *, chunk_size=1, on_nonfinite="raise",
-                              checkpoint_every=None):
+                              checkpoint_every=None, anchor=None):
     r"""The numba scan that autograd can differentiate (Eqs. 13–18), on lists of arrays.
 
-    ``weights`` and ``momentum`` ``[W_1, ..., W_L]``, the sequence ``(T, d)`` and the gates
-    ``(T,)`` (``T >= 1``) may be autograd boxes; ``spec`` is a :class:`.layout.Spec` of the
+    ``weights`` and ``momentum`` ``[W_1, ..., W_L]``, the sequence ``(T, d)``, the gates
+    ``(T,)`` (``T >= 1``) and the ``anchor`` (None, or weights like ``weights`` that Eq. 13
+    forgets towards) may be autograd boxes; ``spec`` is a :class:`.layout.Spec` of the
     common dtype. The returned ``out`` and final state are differentiable with respect to all
     of them (first order).
 
@@ -227,7 +239,8 @@ def numba_scan_differentiable(weights, momentum, spec, keys, values, queries, al
         raise ValueError(f"checkpoint_every must be a positive multiple of chunk_size={b}, "
                          f"got {seg}")
     config = _Config(spec=spec, dtype=np.dtype(type(spec.p)), chunk_size=b,
-                     checkpoint_every=seg, on_nonfinite=on_nonfinite)
-    res = _scan_primitive(keys, values, queries, *gates, *weights, *momentum, config=config,
-                          tape=_Tape())
+                     checkpoint_every=seg, on_nonfinite=on_nonfinite,
+                     anchored=anchor is not None)
+    res = _scan_primitive(keys, values, queries, *gates, *weights, *momentum, *(anchor or ()),
+                          config=config, tape=_Tape())
     return res[0], [res[1 + i] for i in range(L)], [res[1 + L + i] for i in range(L)]

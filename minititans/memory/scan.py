@@ -240,17 +240,11 @@ def _check_chunk(M_all, start, on_nonfinite):
     return False
 
 
-def _refuse_anchor(state):
-    if state.anchor is not None:
-        raise ValueError("backend='numba' does not support an anchored MemoryState yet "
-                         "(forgetting towards the anchor); use backend='reference'")
-
-
 def numba_memory_scan(state, keys, values, queries, alpha, eta, theta, *, chunk_size=1,
                       read="after", loss="l2", p=3.0, delta=1.0, max_grad_norm=None,
                       on_nonfinite="raise", checkpoint_every=None):
     r"""``memory_scan(..., backend="numba")``: Eqs. 13–18 by the kernels of
-    :mod:`minititans.kernels`, on a MemoryState.
+    :mod:`minititans.kernels`, on a MemoryState (with or without an anchor).
 
     Arguments are those of :func:`memory_scan`, checked there (the state, the chunk size,
     ``read`` and the inner loss are checked here too, for direct calls); the gates are
@@ -262,7 +256,6 @@ def numba_memory_scan(state, keys, values, queries, alpha, eta, theta, *, chunk_
         ``(out (T, d_out), MemoryState)`` in the common dtype, like the reference.
     """
     spec = check_state(state)
-    _refuse_anchor(state)
     check_choice("read", read, READS)
     check_choice("on_nonfinite", on_nonfinite, ("raise", "warn"))
     check_loss(loss, p, delta)
@@ -277,8 +270,9 @@ def numba_memory_scan(state, keys, values, queries, alpha, eta, theta, *, chunk_
         list(state.params), list(state.momentum), keys, values, queries, alpha, eta, theta,
         activation=spec.activation, residual_norm=spec.residual_norm, chunk_size=chunk_size,
         read=read, loss=loss, p=p, delta=delta, max_grad_norm=max_grad_norm,
-        on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every)
-    return out, MemoryState(spec.like(M), spec.like(S))
+        on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every,
+        anchor=None if state.anchor is None else list(state.anchor))
+    return out, MemoryState(spec.like(M), spec.like(S), state.anchor)
 
 
 def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *,
@@ -293,8 +287,8 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
     the cores.
 
     Args:
-        state: MemoryState whose weights and momentum have a leading batch axis,
-            ``W_i`` ``(B, fan_in, fan_out)``.
+        state: MemoryState whose weights and momentum (and anchor, if any) have a leading
+            batch axis, ``W_i`` ``(B, fan_in, fan_out)``.
         keys ``(B, T, d_in)``, values ``(B, T, d_out)``, queries ``(B, T, d_in)``.
         alpha, eta, theta: ``(B, T)`` arrays (or floats).
         chunk_size, read, loss, p, delta, max_grad_norm, on_nonfinite: as ``memory_scan``.
@@ -306,22 +300,23 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
     """
     if not isinstance(state, MemoryState):
         raise TypeError(f"state must be a MemoryState, got {type(state).__name__}")
-    leaves = (*state.params, *state.momentum, keys, values, queries, alpha, eta, theta)
+    leaves = (*state.params, *state.momentum, *(state.anchor or ()), keys, values, queries,
+              alpha, eta, theta)
     if any(isbox(x) for x in leaves):
         raise NotImplementedError("the batched numba scan is not differentiable; map "
                                   "memory_scan over the batch to differentiate")
-    _refuse_anchor(state)
     spec = state.params
     weights = [onp.asarray(w) for w in spec]
     momentum = [onp.asarray(w) for w in state.momentum]
+    anchor = None if state.anchor is None else [onp.asarray(w) for w in state.anchor]
     K, V, Q = (onp.asarray(x) for x in (keys, values, queries))
     if K.ndim != 3 or V.ndim != 3 or Q.ndim != 3:
         raise ValueError("keys, values and queries must have shape (B, T, d), got "
                          f"{K.shape}, {V.shape} and {Q.shape}")
     B, T = K.shape[:2]
-    if any(w.ndim != 3 or w.shape[0] != B for w in weights + momentum):
-        raise ValueError(f"state weights and momentum must have a leading batch axis of {B}, "
-                         f"got {[w.shape for w in weights]}")
+    if any(w.ndim != 3 or w.shape[0] != B for w in weights + momentum + (anchor or [])):
+        raise ValueError(f"state weights, momentum and anchor must have a leading batch axis "
+                         f"of {B}, got {[w.shape for w in weights]}")
     d_in, d_out = weights[0].shape[1], weights[-1].shape[2]
     if (V.shape[:2] != (B, T) or Q.shape[:2] != (B, T) or K.shape[2] != d_in
             or Q.shape[2] != d_in or V.shape[2] != d_out):
@@ -356,7 +351,7 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
     out, M, S = numba_scan_batched(
         weights, momentum, K.astype(dtype, copy=False), V, Q, *gates, activation=spec.activation,
         residual_norm=spec.residual_norm, chunk_size=chunk_size, read=read, loss=loss, p=p,
-        delta=delta, max_grad_norm=max_grad_norm, on_nonfinite=on_nonfinite)
-    new = MemoryState(spec.like(M), spec.like(S))
+        delta=delta, max_grad_norm=max_grad_norm, on_nonfinite=on_nonfinite, anchor=anchor)
+    new = MemoryState(spec.like(M), spec.like(S), state.anchor)
     _check_outputs(out, new, on_nonfinite)
     return out, new
