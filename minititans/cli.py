@@ -294,7 +294,8 @@ def run_lm(args) -> int:
     print(format_lm_table(result, settings.window))
     print(f"\nsample from {timing['best']} (seed {timing['best_seed']}; the first "
           f"{timing['prompt_chars']} characters are the prompt):\n{result['sample']}\n")
-    print(f"lm: {timing['seconds']:.1f} s, backend {timing['backend']}")
+    print(f"lm: {timing['seconds']:.1f} s ({timing['cpu_seconds']:.0f} s of CPU in the jobs), "
+          f"backend {timing['backend']}")
     if args.out is not None:
         import matplotlib
 

@@ -162,11 +162,11 @@ def _lm_job(args) -> dict:
     kind, config, s, seed, corpus = args
     model = Model(config)
     task = CorpusTask(corpus, s.length)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     params, _, history = train(model, task, TrainConfig(seed=seed, **s.train), progress=False)
     bits = evaluate_bpc(model, params, corpus.validation_windows(s.length, s.eval_windows))
     return {"kind": kind, "config": config, "seed": seed, "bits": bits, "params": params,
-            "seconds": time.perf_counter() - start,
+            "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
             "final_loss": float(np.mean([h["loss"] for h in history[-20:]]))}
 
 
@@ -239,12 +239,14 @@ def lm_experiment(settings: LMSettings = LMSettings(), corpus: Corpus | None = N
     result = {"corpus": corpus.info(), "rows": rows, "depth": depth,
               "sample": corpus.decode(prompt) + corpus.decode(gen)}
     timing = {"seconds": round(time.perf_counter() - start, 1), "backend": backend,
+              "cpu_seconds": round(sum(d["cpu_seconds"] for d in done), 1),
               "best": DISPLAY_NAMES[best], "best_seed": run["seed"],
               "prompt_chars": settings.sample_prompt,
               "train_seconds": [{"model": DISPLAY_NAMES[d["config"].model], "kind": d["kind"],
                                  "memory_depth": d["config"].memory_depth, "seed": d["seed"],
                                  "d_model": d["config"].d_model,
                                  "seconds": round(d["seconds"], 1),
+                                 "cpu_seconds": round(d["cpu_seconds"], 1),
                                  "final_loss": d["final_loss"]} for d in done]}
     return result, timing
 
