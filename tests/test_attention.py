@@ -16,6 +16,7 @@ from minititans.attention import (
     merge_heads,
     multi_head_attention,
     plot_mask,
+    sliding_window_mask,
     split_heads,
 )
 
@@ -61,6 +62,32 @@ def test_eq2_causal_attention_matches_naive_loop(window, prefix):
     np.testing.assert_allclose(causal_attention(q, k, v, window=window, prefix=prefix),
                                naive_causal_attention(q, k, v, window, prefix),
                                rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("window,prefix", [(5, 0), (7, 3), (1, 2), (30, 1)])
+def test_eq2_banded_window_for_long_sequences_matches_naive_loop(window, prefix):
+    """Past 2 (64 + w + p) tokens the window is computed in blocks of 64 queries."""
+    q, k, v = qkv(T=200, d=3, d_v=2, seed=4)
+    np.testing.assert_allclose(causal_attention(q, k, v, window=window, prefix=prefix),
+                               naive_causal_attention(q, k, v, window, prefix),
+                               rtol=RTOL, atol=ATOL)
+
+
+def test_eq2_banded_window_gradient():
+    q, k, v = qkv(T=150, d=2, d_v=2, seed=5)
+    check_grads(lambda q, k, v: causal_attention(q, k, v, 3, 1), modes=["rev"], order=1)(q, k, v)
+
+
+@pytest.mark.parametrize("window,prefix,T", [(None, 0, 9), (3, 2, 9), (4, 1, 200)])
+def test_eq2_kv_cache_queries_are_the_last_rows(window, prefix, T):
+    """k, v longer than q: the queries stand at the last positions (a cache holds the rest)."""
+    q, k, v = qkv(T=T, seed=6)
+    full = naive_causal_attention(q, k, v, window, prefix)
+    for n in (1, 4, T - prefix):
+        np.testing.assert_allclose(causal_attention(q[-n:], k, v, window, prefix), full[-n:],
+                                   rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(attention_mask(T, window, prefix, num_queries=4),
+                                  attention_mask(T, window, prefix)[-4:])
 
 
 @pytest.mark.parametrize("window,prefix", SETTINGS)
@@ -136,9 +163,33 @@ def test_eq23_mac_mask_full_prefix_and_memory_causal_segment():
 
 
 def test_eq27_mag_mask_is_sliding_window_plus_prefix():
-    m = mag_mask(num_persistent=2, T=6, window=3)
+    """Eqs. 27 and 31 share one mask (MAG and MAL); ``mag_mask`` is its older name."""
+    m = sliding_window_mask(num_persistent=2, T=6, window=3)
     np.testing.assert_array_equal(m, attention_mask(8, window=3, prefix=2))
     assert m[7, :2].all() and not m[7, 4] and m[7, 5:].all()
+    assert mag_mask is sliding_window_mask
+
+
+def test_eq2_explicit_mask_equals_window_and_prefix_and_mac_mask_matches_naive():
+    q, k, v = qkv(T=9, d=4, d_v=3)
+    np.testing.assert_array_equal(
+        causal_attention(q, k, v, mask=attention_mask(9, window=3, prefix=2)),
+        causal_attention(q, k, v, window=3, prefix=2))
+    mask = mac_mask(1, 4, 4, memory_causal=True)  # segment row s sees memory m <= s
+    y = multi_head_attention(q, k, v[:, :2], num_heads=2, mask=mask)
+    for h in range(2):  # each head: softmax over the keys its row may see, written out
+        qh, kh, vh = q[:, 2 * h:2 * h + 2], k[:, 2 * h:2 * h + 2], v[:, h:h + 1]
+        for i in range(9):
+            js = np.flatnonzero(mask[i])
+            s = np.array([qh[i] @ kh[j] for j in js]) / math.sqrt(2)
+            w = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+            np.testing.assert_allclose(y[i, h], w @ vh[js, 0], rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="either mask or window"):
+        causal_attention(q, k, v, window=2, mask=mask)
+    with pytest.raises(ValueError, match=r"mask must be a boolean array of shape \(9, 9\)"):
+        causal_attention(q, k, v, mask=mask[:8])
+    with pytest.raises(ValueError, match="at least one key"):
+        causal_attention(q, k, v, mask=np.zeros((9, 9), dtype=bool))
 
 
 def test_plot_mask_draws_the_mask():
