@@ -140,23 +140,6 @@ def parameter_count(config: ModelConfig) -> int:
     return _count(config)
 
 
-def _sample(model: Model, params, prompt, num_tokens: int, rng, temperature: float):
-    """Sample ``num_tokens`` after ``prompt`` (``(P,)`` ids) at ``temperature``.
-
-    Uses ``Model.generate`` where the model has it; otherwise a plain loop that runs
-    ``apply`` on the whole sequence so far for every new token (quadratic, but exact).
-    """
-    if hasattr(model, "generate"):
-        return np.asarray(model.generate(params, prompt, num_tokens, rng,
-                                         temperature=temperature))
-    seq = list(np.asarray(prompt))
-    for _ in range(num_tokens):
-        logits = np.asarray(model.apply(params, np.asarray(seq)))[-1]  # (V,)
-        p = np.exp(log_softmax(logits / temperature))
-        seq.append(int(rng.choice(p.size, p=p / p.sum())))
-    return np.asarray(seq[len(prompt):])
-
-
 def _lm_job(args) -> dict:
     """Train one model with one seed; its validation bits (a process-pool job)."""
     kind, config, s, seed, corpus = args
@@ -234,8 +217,9 @@ def lm_experiment(settings: LMSettings = LMSettings(), corpus: Corpus | None = N
     run = min((d for d in done if d["kind"] == "row" and d["config"].model == best),
               key=lambda d: float(d["bits"].mean()))
     prompt = corpus.validation_windows(settings.length, 1)[0, :settings.sample_prompt]
-    gen = _sample(Model(run["config"]), run["params"], prompt, settings.sample_len,
-                  np.random.default_rng(30_000), settings.temperature)
+    gen = Model(run["config"]).generate(run["params"], prompt, settings.sample_len,
+                                        np.random.default_rng(30_000),
+                                        temperature=settings.temperature)
     result = {"corpus": corpus.info(), "rows": rows, "depth": depth,
               "sample": corpus.decode(prompt) + corpus.decode(gen)}
     timing = {"seconds": round(time.perf_counter() - start, 1), "backend": backend,
