@@ -131,9 +131,14 @@ def model_config(name: str, s: LMSettings, vocab_size: int, backend: str, *,
     if d_model is not None:
         return ModelConfig(d_model=d_model, **base)
     step = base["num_heads"]
-    sizes = range(step * max(1, 8 // step), 257, step)
-    return min((ModelConfig(d_model=d, **base) for d in sizes),
-               key=lambda c: abs(_count(c) - s.params_target))
+    best = None
+    for d in range(step * max(1, 8 // step), 1025, step):  # the count grows with d_model
+        cfg = ModelConfig(d_model=d, **base)
+        if best is None or abs(_count(cfg) - s.params_target) < abs(_count(best) - s.params_target):
+            best = cfg
+        if _count(cfg) >= s.params_target:
+            break
+    return best
 
 
 def parameter_count(config: ModelConfig) -> int:
