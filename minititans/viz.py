@@ -194,7 +194,7 @@ def plot_lm(result: dict, window: int, axes=None):
     ax.set_xticks(xs, [f"{edge(a)}-{edge(b)}\n({a}-{b})" for a, b in buckets])
     ax.set_xlabel(f"position in the window (w = {window} characters)")
     ax.set_ylabel("validation bits per character")
-    ax.set_title("bpc by position: beyond w, only a memory adds context", fontsize=10)
+    ax.set_title("bpc by position (beyond w, SWA sees nothing new)", fontsize=10)
     ax.legend(fontsize=8, ncol=2)
     depth = result["depth"]
     if depth:
