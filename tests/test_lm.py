@@ -186,3 +186,40 @@ def test_lm_command_rejects_bad_text_files_naming_them(tmp_path, content, messag
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--text" in err and "mine.txt" in err and message in err
+
+
+def test_plot_lm_draws_seed_means_by_position_and_by_depth():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from minititans.viz import plot_lm
+
+    def row(model, seed, vals):
+        return {"model": model, "params": 100, "seed": seed, "bpc": float(np.mean(vals)),
+                "bpc_by_position": [{"start": a, "stop": b, "bpc": v}
+                                    for (a, b), v in zip([(0, 4), (4, 16), (16, 64)], vals)]}
+
+    result = {"corpus": {"name": "toy", "checksum": "ab" * 32, "n_chars": 1000,
+                         "python_version": "3.x"},
+              "rows": [row("SWA", 0, [3.0, 2.0, 2.0]), row("SWA", 1, [3.2, 2.2, 2.4]),
+                       row("LMM", 0, [3.1, 2.1, 1.5]), row("LMM", 1, [2.9, 1.9, 1.7])],
+              "depth": [{"memory_depth": L, "seed": s, "bpc": 2.0 + 0.1 * L + 0.2 * s}
+                        for L in (1, 2, 3) for s in (0, 1)],
+              "sample": "x"}
+    fig = plot_lm(result, window=4)
+    ax, ax_d = fig.axes
+    means = {c.get_label(): c.lines[0].get_ydata() for c in ax.containers}
+    np.testing.assert_allclose(means["SWA"], [3.1, 2.1, 2.2], atol=1e-12)
+    np.testing.assert_allclose(means["LMM"], [3.0, 2.0, 1.6], atol=1e-12)
+    # the bars span the seeds' min to max: SWA's last bucket from 2.0 to 2.4
+    segs = {c.get_label(): c.lines[2][0].get_segments() for c in ax.containers}
+    np.testing.assert_allclose([segs["SWA"][2][0][1], segs["SWA"][2][1][1]], [2.0, 2.4],
+                               atol=1e-12)
+    assert [t.get_text().split("\n")[0] for t in ax.get_xticklabels()] == [
+        "0-1w", "1w-4w", "4w-16w"]
+    depth_line = ax_d.containers[0].lines[0]
+    np.testing.assert_allclose(np.asarray(depth_line.get_xdata(), float), [1, 2, 3])
+    np.testing.assert_allclose(depth_line.get_ydata(), [2.2, 2.3, 2.4], atol=1e-12)
+    plt.close(fig)
