@@ -206,8 +206,8 @@ def load_text_file(path, *, min_chars: int = 0, block_len: int = 4096,
             :func:`min_chars_for` its window length).
 
     Raises:
-        ValueError: naming the file, if it is missing, empty, binary, not UTF-8, or shorter
-        than ``min_chars``.
+        ValueError: naming the file, if it is missing, empty, binary, not UTF-8, or
+            shorter than ``min_chars``.
     """
     path = Path(path)
     if not path.is_file():
