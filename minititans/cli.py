@@ -268,6 +268,15 @@ def _add_ablate(sub):
 
 
 def run_lm(args) -> int:
+    from .bench.timing import SINGLE_THREAD_ENV, single_threaded_blas
+
+    if not single_threaded_blas():
+        # BLAS reads its thread count when it loads: two training processes, each with a
+        # multi-threaded BLAS, oversubscribe the cores (on a busy 2-core machine a
+        # transformer step took 12x the CPU time), so run again in a child with one thread
+        env = dict(os.environ, **{k: "1" for k in SINGLE_THREAD_ENV})
+        argv = [sys.executable, "-m", "minititans.cli", *args.argv]
+        return subprocess.run(argv, env=env).returncode
     from .experiments.lm import QUICK, LMSettings, format_lm_table, lm_experiment
     from .io import update_results_json
 
@@ -476,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.func in (run_demo, run_recall):
         if args.d < 1:
             parser.error("--d must be >= 1")
