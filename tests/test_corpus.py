@@ -102,13 +102,13 @@ def test_corpus_task_samples_training_windows_with_every_position_scored():
         assert any(c.decode(inp) in blk for blk in valid)
 
 
-def test_python_corpus_is_the_topics_and_the_listed_modules(monkeypatch):
+def test_python_corpus_is_the_topics_and_the_listed_modules():
     from pydoc_data.topics import topics
 
     sources = builtin_sources()
     labels = [label for label, _ in sources]
     assert labels[:len(topics)] == [f"pydoc topic {k}" for k in sorted(topics)]
-    assert [lab for lab in labels[len(topics):]] == [f"{m}.py" for m in STDLIB_MODULES]
+    assert labels[len(topics):] == [f"{m}.py" for m in STDLIB_MODULES]
     c = python_corpus()
     text = "".join(t for _, t in sources)
     assert c.n_chars == len(text) > 400_000

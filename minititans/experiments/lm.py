@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -276,9 +276,3 @@ def format_lm_table(result: dict, window: int) -> str:
             lines.append(f"  L_M = {L}: {_mean_range(vals)}")
     return "\n".join(lines)
 
-
-def fast_settings() -> LMSettings:
-    """The notebook's and the tests' tiny setting (``MINITITANS_FAST=1``): seconds, not minutes."""
-    return replace(QUICK, models=("swa", "lmm"), window=8, length=64, params_target=6_000,
-                   train=dict(steps=30, batch_size=4, lr=5e-3, warmup=5), depths=(1, 2),
-                   eval_windows=8, sample_prompt=16, sample_len=32)

@@ -234,8 +234,9 @@ def min_chars_for(length: int, valid_every: int = 10) -> int:
 class CorpusTask:
     """Next-character prediction on random windows of one split of a corpus.
 
-    ``split`` is ``"train"`` (the default) or ``"valid"``. Every position is scored (``mask`` all True); ``metric`` is ``"token"`` and ``chance``
-    is the accuracy of a uniform guess, ``1 / vocab_size``.
+    ``split`` is ``"train"`` (the default) or ``"valid"``. Every position is scored
+    (``mask`` all True); ``metric`` is ``"token"`` and ``chance`` is the accuracy of a
+    uniform guess, ``1 / vocab_size``.
     """
 
     corpus: Corpus
