@@ -303,7 +303,11 @@ def attention_token(p_attn, x, cfg, st, window, is_prefix=False):
     q, k, v = (conv_step(p_attn["qkv"][n], x, st["conv"][n]) for n in "qkv")
     (st["prefix"] if is_prefix else st["keys"]).append((k, v))
     recent = st["keys"] if window is None else st["keys"][-window:]
-    kv = st["prefix"] + recent
+    return attend_one(q, st["prefix"] + recent, cfg) @ p_attn["W_O"]["W"]
+
+
+def attend_one(q, kv, cfg):
+    """softmax(q k_j / sqrt(d_h)) v_j over the (k_j, v_j) pairs ``kv``, head by head."""
     H = cfg.num_heads
     dh = len(q) // H
     y = np.zeros_like(q)
@@ -312,7 +316,7 @@ def attention_token(p_attn, x, cfg, st, window, is_prefix=False):
         s = np.array([q[c] @ kj[c] for kj, _ in kv]) / math.sqrt(dh)
         e = np.exp(s - s.max())
         y[c] = sum(wt * vj[c] for wt, (_, vj) in zip(e / e.sum(), kv))
-    return y @ p_attn["W_O"]["W"]
+    return y
 
 
 def gated_out(p, y, x):
@@ -320,11 +324,11 @@ def gated_out(p, y, x):
 
 
 class NaiveDecoder:
-    """``step(token) -> logits (V,)`` for LMM, MAG, MAL, SWA, transformer, linear attention
-    and the gated delta rule (``chunk_size`` 1), one token per call."""
+    """``step(token) -> logits (V,)`` for every model (``chunk_size`` 1; MAC with
+    ``memory_causal``), one token per call."""
 
     def __init__(self, params, cfg):
-        assert cfg.chunk_size == 1 and cfg.model != "mac"
+        assert cfg.chunk_size == 1 and (cfg.model != "mac" or cfg.memory_causal)
         self.params, self.cfg = params, cfg
         self.states = [None] * len(params["layers"])
 
@@ -351,6 +355,10 @@ class NaiveDecoder:
             return {"attn": new_attention_state(), "mem": new_memory_state(p["lmm"]["memory"])}
         if m in ("swa", "transformer"):
             return new_attention_state()
+        if m == "mac":
+            return {"qx": [], "attn": {n: [] for n in "qkv"}, "memory_kv": [], "segment_kv": [],
+                    "writer": new_memory_state(p["memory"]),
+                    "start": MemoryState.initial(p["memory"]["M0"])}
         d = self.cfg.d_model
         return {"conv": {n: [] for n in "qkv"}, "W": np.zeros((d, d))}
 
@@ -390,6 +398,26 @@ class NaiveDecoder:
         y = lmm_row(h)
         return y + attention_token(p["attn"], rms(p["attn_norm"]["g"], y), cfg, st["attn"],
                                    cfg.window)  # Eq. 31
+
+    def _mac(self, p, h, st, first):
+        """Eqs. 21-25 for one token: retrieve with the memory of the segment's start, attend
+        to [p] ‖ the segment's memory tokens so far ‖ its tokens so far, write y_t, gate."""
+        cfg = self.cfg
+        mem, attn = p["memory"], p["attn"]
+        x = rms(p["norm"]["g"], h)
+        qx = l2n(silu(conv_step(mem["qkv"]["q"], x, st["qx"])))
+        q, k, v = (conv_step(attn["qkv"][n], x, st["attn"][n]) for n in "qkv")
+        h_mem = rms(p["memory_tokens"]["g"], memory_forward(st["start"].params, qx))  # Eq. 21
+        lin = {n: attn["qkv"][n]["lin"]["W"] for n in "kv"}
+        st["memory_kv"].append((h_mem @ lin["k"], h_mem @ lin["v"]))
+        st["segment_kv"].append((k, v))
+        P = p["persistent"]["P"][:cfg.num_persistent]
+        kv = list(zip(P @ lin["k"], P @ lin["v"])) + st["memory_kv"] + st["segment_kv"]
+        y = x + attend_one(q, kv, cfg) @ attn["W_O"]["W"]  # Eqs. 22-23
+        m = memory_token(mem, y, cfg, st["writer"])  # Eq. 24, then M*_t(y_t)
+        if len(st["segment_kv"]) == cfg.segment_len:  # the next segment retrieves from here
+            st["start"], st["memory_kv"], st["segment_kv"] = st["writer"]["mem"], [], []
+        return h + combine(p["combine"], y, m) @ p["W_O"]["W"]  # Eq. 25
 
     def _swa(self, p, h, st, first):
         return h + attention_token(p["attn"], rms(p["norm"]["g"], h), self.cfg, st,

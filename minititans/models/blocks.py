@@ -15,7 +15,6 @@ one recurrence per sequence, loops over the batch.
 
 from __future__ import annotations
 
-
 import autograd.numpy as np
 import numpy as onp
 from autograd.tracer import Box
@@ -151,14 +150,21 @@ def init_attention(rng, cfg):
             "W_O": init_linear(rng, cfg.d_model, cfg.d_model)}
 
 
+# the numba attention costs ~20 ms a call on a busy 2-core machine whatever the length;
+# the NumPy banded form is faster below about this many keys
+NUMBA_ATTENTION_MIN_KEYS = 2048
+
+
 def attend(q, k, v, cfg, *, window=None, prefix=0, mask=None):
     """:func:`minititans.attention.multi_head_attention` in ``cfg.num_heads`` heads.
 
-    With ``cfg.backend == "numba"``, a window and plain arrays (nothing to differentiate)
-    its numba twin :func:`minititans.kernels.attention.causal_attention` computes the same
-    numbers; ``k``, ``v`` may hold more (cached) rows than ``q``.
+    With ``cfg.backend == "numba"``, a window, plain arrays (nothing to differentiate) and
+    at least ``NUMBA_ATTENTION_MIN_KEYS`` keys, its numba twin
+    :func:`minititans.kernels.attention.causal_attention` computes the same numbers;
+    ``k``, ``v`` may hold more (cached) rows than ``q``.
     """
     if (cfg.backend == "numba" and window is not None and mask is None
+            and onp.shape(k)[1] >= NUMBA_ATTENTION_MIN_KEYS
             and not any(isinstance(z, Box) for z in (q, k, v))):
         from ..kernels.attention import causal_attention as numba_causal_attention
 
