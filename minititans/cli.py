@@ -1,6 +1,7 @@
 """The ``minititans`` command line: every subcommand and every flag lives here.
 
-``demo`` (recall, then needle), ``recall``, ``needle``, ``ablate``, ``train`` and ``bench``.
+``demo`` (recall, then needle), ``recall``, ``needle``, ``ablate``, ``lm``, ``train`` and
+``bench``.
 Each experiment command parses its flags into the experiment's settings dataclass and calls
 the experiment module in :mod:`minititans.experiments`; nothing heavy is imported before a
 command runs, so ``minititans --help`` is quick. Run ``minititans COMMAND --help``.
@@ -555,6 +556,111 @@ def _add_ablate(sub):
     p.set_defaults(func=run_ablate, _parser=p)
 
 
+# --- lm ----------------------------------------------------------------------------------------
+
+
+def run_lm(args) -> int:
+    from .bench.timing import SINGLE_THREAD_ENV, single_threaded_blas
+
+    if not single_threaded_blas():
+        # BLAS reads its thread count when it loads: two training processes, each with a
+        # multi-threaded BLAS, oversubscribe the cores (on a busy 2-core machine a
+        # transformer step took 12x the CPU time), so run again in a child with one thread
+        env = dict(os.environ, **{k: "1" for k in SINGLE_THREAD_ENV})
+        argv = [sys.executable, "-m", "minititans.cli", *args.argv]
+        return subprocess.run(argv, env=env).returncode
+    from .experiments.lm import QUICK, LMSettings, format_lm_table, lm_experiment
+    from .io import update_results_json
+
+    settings = QUICK if args.quick else LMSettings()
+    changes = {"backend": args.backend}
+    if args.seeds is not None:
+        changes["seeds"] = tuple(range(args.seeds))
+    if args.steps is not None:
+        changes["train"] = {**settings.train, "steps": args.steps,
+                            "warmup": min(settings.train["warmup"], args.steps)}
+    if args.models is not None:
+        changes["models"] = tuple(dict.fromkeys(args.models))
+    settings = replace(settings, **changes)
+    corpus = args.corpus  # read (and checked) by main() before any work
+    if corpus is None:
+        from .tasks import python_corpus
+
+        corpus = python_corpus()
+    c = corpus.info()
+    print(f"corpus {c['name']}: {c['n_chars']:,} characters, {corpus.vocab_size} distinct, "
+          f"Python {c['python_version']}, sha256 {c['checksum']}")
+    result, timing = lm_experiment(settings, corpus, progress=not args.quiet,
+                                   workers=args.workers)
+    print(format_lm_table(result, settings.window))
+    print(f"\nsample from {timing['best']} (seed {timing['best_seed']}; the first "
+          f"{timing['prompt_chars']} characters are the prompt):\n{result['sample']}\n")
+    print(f"lm: {timing['seconds']:.1f} s ({timing['cpu_seconds']:.0f} s of CPU in the jobs), "
+          f"backend {timing['backend']}")
+    if args.out is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from .viz import plot_lm
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        fig = plot_lm(result, settings.window)
+        fig.savefig(out / "lm.png", dpi=120)
+        plt.close(fig)
+        path = update_results_json(out, "lm", result)
+        print(f"wrote {out / 'lm.png'} and {path}")
+    return 0
+
+
+def _add_lm(sub):
+    from .models.config import MODEL_NAMES
+
+    p = sub.add_parser(
+        "lm", help="character-level language modelling on Python's own docs (Table 1, Fig. 7)",
+        description="Train the transformer, SWA, linear attention, Gated DeltaNet and the "
+                    "four Titans at the same parameter count on a character-level corpus "
+                    "built from this Python's pydoc topics and a fixed set of standard-library "
+                    "sources (or --text FILE), over several seeds; print validation bits per "
+                    "character overall and by position (0-w, w-4w, 4w-16w), the memory-depth "
+                    "study L_M = 1-4, and a sample from the best model. The default takes "
+                    "about 20 minutes on 2 cores, --quick about 3.")
+    _common(p, "write lm.png and results.json (key 'lm') into DIR")
+    p.add_argument("--quick", action="store_true",
+                   help="one seed, 100 training steps (about 3 minutes on 2 cores)")
+    p.add_argument("--text", metavar="FILE", default=None,
+                   help="train on this UTF-8 text file instead of the built-in corpus")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="number of seeds (default 3; 1 with --quick)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per model (default 400; 100 with --quick)")
+    p.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=None, metavar="MODEL",
+                   help=f"models to train (default all: {' '.join(MODEL_NAMES)})")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel training processes (default: number of cores)")
+    p.set_defaults(func=run_lm)
+
+
+def _check_lm_args(parser, args) -> None:
+    """Validate ``lm``'s flags, and read ``--text``, before any training starts."""
+    for flag in ("seeds", "steps", "workers"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} must be >= 1, got {value}")
+    args.corpus = None
+    if args.text is not None:
+        from .experiments.lm import QUICK, LMSettings
+        from .tasks.corpus import load_text_file, min_chars_for
+
+        length = (QUICK if args.quick else LMSettings()).length
+        try:
+            args.corpus = load_text_file(args.text, min_chars=min_chars_for(length))
+        except (OSError, ValueError) as e:
+            parser.error(f"--text: {e}")
+
+
 # --- bench --------------------------------------------------------------------------------------
 
 
@@ -664,6 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_needle(sub)
     _add_train(sub)
     _add_ablate(sub)
+    _add_lm(sub)
     _add_bench(sub)
     return parser
 
@@ -671,12 +778,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.func in (run_demo, run_recall):
         if args.d < 1:
             parser.error("--d must be >= 1")
         for name in ("sizes", "passes"):
             if any(v < 1 for v in getattr(args, name)):
                 parser.error(f"--{name} values must be >= 1")
+    if args.func is run_lm:
+        _check_lm_args(parser, args)
     return args.func(args)
 
 

@@ -182,3 +182,61 @@ def plot_needle(result: dict, ax=None):
     return ax.figure
 
 
+
+
+def plot_lm(result: dict, window: int, axes=None):
+    """Character-level LM: bpc by position bucket per model, and bpc against memory depth.
+
+    Args:
+        result: the ``"lm"`` results of :func:`minititans.experiments.lm.lm_experiment`.
+        window: the attention window ``w`` (the bucket edges are drawn in units of it).
+        axes: two matplotlib Axes (a new figure if None).
+
+    Returns:
+        The Figure. Points are means over seeds; bars span the seeds' min to max.
+    """
+    import numpy as np
+
+    if axes is None:
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [2, 1]})
+    ax, ax_d = axes
+    rows = result["rows"]
+    buckets = [(b["start"], b["stop"]) for b in rows[0]["bpc_by_position"]]
+    xs = np.arange(len(buckets))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for i, m in enumerate(models):
+        per = np.array([[b["bpc"] for b in r["bpc_by_position"]]
+                        for r in rows if r["model"] == m])  # (seeds, buckets)
+        mean = per.mean(axis=0)
+        off = (i - (len(models) - 1) / 2) * 0.04  # keep the bars of the seeds apart
+        style = {"SWA": "--", "Transformer": ":"}.get(m, "-")
+        ax.errorbar(xs + off, mean, yerr=[mean - per.min(axis=0), per.max(axis=0) - mean],
+                    marker="o", linestyle=style, capsize=2, label=m)
+
+    def edge(n):
+        return "0" if n == 0 else (f"{n // window}w" if n % window == 0 else str(n))
+
+    ax.set_xticks(xs, [f"{edge(a)}-{edge(b)}\n({a}-{b})" for a, b in buckets])
+    ax.set_xlabel(f"position in the window (w = {window} characters)")
+    ax.set_ylabel("validation bits per character")
+    ax.set_title("bpc by position (beyond w, SWA sees nothing new)", fontsize=10)
+    ax.legend(fontsize=8, ncol=2)
+    depth = result["depth"]
+    if depth:
+        Ls = sorted({r["memory_depth"] for r in depth})
+        vals = [np.array([r["bpc"] for r in depth if r["memory_depth"] == L]) for L in Ls]
+        mean = np.array([v.mean() for v in vals])
+        lo = mean - np.array([v.min() for v in vals])
+        hi = np.array([v.max() for v in vals]) - mean
+        ax_d.errorbar(Ls, mean, yerr=[lo, hi], marker="o", capsize=3, color="tab:purple")
+        ax_d.set_xticks(Ls)
+    ax_d.set_xlabel("memory depth $L_\\mathcal{M}$ (LMM)")
+    ax_d.set_ylabel("validation bits per character")
+    ax_d.set_title("bpc vs memory depth (Fig. 7 in small)", fontsize=10)
+    c = result["corpus"]
+    ax.figure.suptitle(f"{c['name']}: {c['n_chars']:,} characters, Python "
+                       f"{c['python_version']}, sha256 {c['checksum'][:12]}", fontsize=10)
+    ax.figure.tight_layout()
+    return ax.figure

@@ -5,6 +5,8 @@ r"""Synthetic tasks with a seed and a controllable length (Titans Section 5, in 
   ``"w"`` a 4-symbol UUID-like hex value, both in a haystack of random filler tokens.
 * :class:`MQARTask` — multi-query associative recall (Zoology): key-value pairs, then
   queries that must be answered with the stored value.
+* :class:`CorpusTask` — real text: next-character prediction on the running Python's own
+  documentation and sources (:func:`python_corpus`) or a user's file (:func:`load_text_file`).
 
 Every task returns a :class:`Batch` of next-token prediction data whose ``mask`` marks the
 positions where the answer is predicted; only those count in the loss and the accuracy.
@@ -12,7 +14,10 @@ A batch depends only on the ``np.random.Generator`` passed in, so a seed reprodu
 """
 
 from .._checks import check_choice
+from functools import lru_cache
+
 from .base import Batch, check_rng, to_batch
+from .corpus import STDLIB_MODULES, Corpus, CorpusTask, load_text_file, python_corpus
 from .mqar import MQARTask
 from .needle import FILLER, KEY, NEEDLE_KINDS, NEEDLE_VOCAB, PK_PATTERN, QUERY, NeedleTask
 
@@ -22,8 +27,14 @@ FACTORIES = {
     "needle-n": lambda length: NeedleTask(kind="n", length=length),
     "needle-w": lambda length: NeedleTask(kind="w", length=length),
     "mqar": lambda length: MQARTask(length=length),
+    "python-docs": lambda length: CorpusTask(_python_corpus(), length),
 }
 TASKS = tuple(FACTORIES)
+
+
+@lru_cache(maxsize=1)
+def _python_corpus():
+    return python_corpus()
 
 
 def make_task(name: str, length: int):
@@ -32,5 +43,6 @@ def make_task(name: str, length: int):
     return FACTORIES[name](length)
 
 
-__all__ = ["FACTORIES", "Batch", "FILLER", "KEY", "MQARTask", "NEEDLE_KINDS", "NEEDLE_VOCAB",
-           "NeedleTask", "PK_PATTERN", "QUERY", "TASKS", "check_rng", "make_task", "to_batch"]
+__all__ = ["FACTORIES", "Batch", "Corpus", "CorpusTask", "FILLER", "KEY", "MQARTask", "NEEDLE_KINDS", "NEEDLE_VOCAB",
+           "NeedleTask", "PK_PATTERN", "QUERY", "STDLIB_MODULES", "TASKS", "check_rng", "load_text_file",
+           "make_task", "python_corpus", "to_batch"]
