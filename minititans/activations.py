@@ -6,7 +6,7 @@ function, not the tanh approximation. The numba kernels implement the same formu
 
 import math
 
-import autograd.numpy as np
+import autograd.numpy as anp
 from autograd.scipy.special import erf
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)  # a Python float, so float32 inputs stay float32
@@ -14,7 +14,7 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)  # a Python float, so float32 inputs stay floa
 
 def sigmoid(x):
     r"""Logistic function $\sigma(x) = 1 / (1 + e^{-x})$, written via tanh so it never overflows."""
-    return 0.5 * (np.tanh(0.5 * x) + 1.0)
+    return 0.5 * (anp.tanh(0.5 * x) + 1.0)
 
 
 def silu(x):

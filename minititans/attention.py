@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 
-import autograd.numpy as np
-import numpy as onp
+import autograd.numpy as anp
+import numpy as np
 
 from ._checks import check_array, check_int
 
@@ -53,7 +53,7 @@ def attention_mask(T: int, window=None, prefix: int = 0, *, num_queries=None):
     n = T if num_queries is None else check_int("num_queries", num_queries, minimum=0)
     if n > T:
         raise ValueError(f"num_queries must be <= the sequence length {T}, got {n}")
-    return _visible(onp.arange(T - n, T), onp.arange(T), window, prefix)
+    return _visible(np.arange(T - n, T), np.arange(T), window, prefix)
 
 
 def _visible(rows, cols, window, prefix):
@@ -91,7 +91,7 @@ def mac_mask(num_persistent: int, num_memory: int, segment_len: int, *,
         raise ValueError(
             f"memory_causal=True needs num_memory == segment_len, got {n_m} and {C}"
         )
-    m = onp.arange(n_m)
+    m = np.arange(n_m)
     visible = m[None, :] <= m[:, None]  # (C, C): memory/segment token s sees memory m <= s
     mask[n_p:n_p + n_m, n_p:n_p + n_m] = visible
     mask[n_p + n_m:, n_p:n_p + n_m] = visible
@@ -119,7 +119,7 @@ def plot_mask(mask, ax=None, title=None):
     """Draw a boolean attention mask (rows: queries, columns: keys); returns the Axes."""
     import matplotlib.pyplot as plt  # lazily: plotting is optional for the maths
 
-    mask = onp.asarray(mask)
+    mask = np.asarray(mask)
     if mask.ndim != 2 or mask.dtype != bool:
         raise ValueError(f"mask must be a 2-D boolean array, got {mask.dtype} {mask.shape}")
     if ax is None:
@@ -170,11 +170,11 @@ def causal_attention(q, k, v, window=None, prefix: int = 0, *, mask=None):
     if mask is not None:
         mask = _check_mask(mask, (T_q, T_k), window, prefix)
         if T_q == 0:
-            return np.zeros(q_.shape[:-1] + v_.shape[-1:], dtype=np.result_type(q_, k_, v_))
+            return anp.zeros(q_.shape[:-1] + v_.shape[-1:], dtype=anp.result_type(q_, k_, v_))
         return _attend(q, k, v, mask)
     if T_q == 0:  # an empty sequence attends to nothing (and a max over no keys is undefined)
         attention_mask(T_k, window=window, prefix=prefix)  # still check the arguments
-        return np.zeros(q_.shape[:-1] + v_.shape[-1:], dtype=np.result_type(q_, k_, v_))
+        return anp.zeros(q_.shape[:-1] + v_.shape[-1:], dtype=anp.result_type(q_, k_, v_))
     if (T_q * T_k <= _DENSE_MAX if window is None
             else T_k <= 2 * (_BLOCK + check_int("window", window, minimum=1) + prefix)):
         mask = attention_mask(T_k, window=window, prefix=prefix, num_queries=T_q)  # (T_q, T_k)
@@ -189,12 +189,12 @@ def causal_attention(q, k, v, window=None, prefix: int = 0, *, mask=None):
         i1 = min(i0 + _BLOCK, T_q)
         a0, a1 = T_k - T_q + i0, T_k - T_q + i1  # the block's positions among the keys
         lo = prefix if window is None else max(prefix, a0 - window + 1)
-        cols = onp.concatenate([onp.arange(prefix), onp.arange(lo, a1)])
-        kb = np.concatenate([k[..., :prefix, :], k[..., lo:a1, :]], axis=-2)
-        vb = np.concatenate([v[..., :prefix, :], v[..., lo:a1, :]], axis=-2)
+        cols = np.concatenate([np.arange(prefix), np.arange(lo, a1)])
+        kb = anp.concatenate([k[..., :prefix, :], k[..., lo:a1, :]], axis=-2)
+        vb = anp.concatenate([v[..., :prefix, :], v[..., lo:a1, :]], axis=-2)
         outs.append(_attend(q[..., i0:i1, :], kb, vb,
-                            _visible(onp.arange(a0, a1), cols, window, prefix)))
-    return np.concatenate(outs, axis=-2)  # (..., T_q, d_v)
+                            _visible(np.arange(a0, a1), cols, window, prefix)))
+    return anp.concatenate(outs, axis=-2)  # (..., T_q, d_v)
 
 
 _BLOCK = 64  # queries per block of the banded (windowed) form
@@ -203,12 +203,12 @@ _DENSE_MAX = 2**22  # without a window, one (T_q, T_k) score matrix up to 4M ent
 
 def _attend(q, k, v, mask):
     """Eq. 2 under a boolean ``mask`` ``(T_q, T_k)``: softmax of the scaled, masked scores."""
-    scores = np.matmul(q, np.swapaxes(k, -1, -2)) / math.sqrt(q.shape[-1])  # (..., T_q, T_k)
-    scores = np.where(mask, scores, -np.inf)
+    scores = anp.matmul(q, anp.swapaxes(k, -1, -2)) / math.sqrt(q.shape[-1])  # (..., T_q, T_k)
+    scores = anp.where(mask, scores, -anp.inf)
     # softmax is shift-invariant; subtracting the row max keeps exp() <= 1
-    e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
-    weights = e / np.sum(e, axis=-1, keepdims=True)
-    return np.matmul(weights, v)  # (..., T_q, d_v)
+    e = anp.exp(scores - anp.max(scores, axis=-1, keepdims=True))
+    weights = e / anp.sum(e, axis=-1, keepdims=True)
+    return anp.matmul(weights, v)  # (..., T_q, d_v)
 
 
 def _check_cached_qkv(q, k, v):
@@ -230,7 +230,7 @@ def _check_cached_qkv(q, k, v):
 def _check_mask(mask, shape, window, prefix):
     if window is not None or prefix != 0:
         raise ValueError("pass either mask or window/prefix, not both")
-    m = onp.asarray(mask)
+    m = np.asarray(mask)
     if m.dtype != bool or m.shape != shape:
         raise ValueError(f"mask must be a boolean array of shape {shape}, got {m.dtype} "
                          f"{m.shape}")
@@ -247,7 +247,7 @@ def split_heads(x, num_heads: int):
         raise ValueError(f"x must have shape (..., T, d) with d divisible by num_heads={H}, "
                          f"got shape {x_.shape}")
     *lead, T, d = x_.shape
-    return np.swapaxes(np.reshape(x, tuple(lead) + (T, H, d // H)), -2, -3)
+    return anp.swapaxes(anp.reshape(x, tuple(lead) + (T, H, d // H)), -2, -3)
 
 
 def merge_heads(x):
@@ -256,7 +256,7 @@ def merge_heads(x):
     if x_.ndim < 3:
         raise ValueError(f"x must have shape (..., H, T, d_h), got shape {x_.shape}")
     *lead, H, T, dh = x_.shape
-    return np.reshape(np.swapaxes(x, -2, -3), tuple(lead) + (T, H * dh))
+    return anp.reshape(anp.swapaxes(x, -2, -3), tuple(lead) + (T, H * dh))
 
 
 def multi_head_attention(q, k, v, num_heads: int, window=None, prefix: int = 0, *,

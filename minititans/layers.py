@@ -9,8 +9,8 @@ dict of arrays) and ``x(params, inputs)``, a pure function autograd can differen
 
 from __future__ import annotations
 
-import autograd.numpy as np
-import numpy as onp
+import autograd.numpy as anp
+import numpy as np
 
 from ._checks import check_array, check_float_dtype, check_int, check_rng
 from .activations import sigmoid, silu
@@ -26,11 +26,11 @@ NORM_EPS = 1e-6  # RMSNorm / LayerNorm epsilon, inside the square root
 
 def _check_eps(eps):
     # a negative eps takes the square root of a negative number for a small row: NaN
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, onp.floating)) or not eps >= 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not eps >= 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
 
 
-def init_linear(rng, d_in: int, d_out: int, bias: bool = False, *, dtype=onp.float64):
+def init_linear(rng, d_in: int, d_out: int, bias: bool = False, *, dtype=np.float64):
     r"""A projection $x W (+ b)$, $W \sim \mathcal{N}(0, 1/d_{in})$, $b = 0$.
 
     Returns:
@@ -40,9 +40,9 @@ def init_linear(rng, d_in: int, d_out: int, bias: bool = False, *, dtype=onp.flo
     d_in = check_int("d_in", d_in, minimum=1)
     d_out = check_int("d_out", d_out, minimum=1)
     dtype = check_float_dtype(dtype)
-    p = {"W": (rng.standard_normal((d_in, d_out)) / onp.sqrt(d_in)).astype(dtype)}
+    p = {"W": (rng.standard_normal((d_in, d_out)) / np.sqrt(d_in)).astype(dtype)}
     if bias:
-        p["b"] = onp.zeros(d_out, dtype)
+        p["b"] = np.zeros(d_out, dtype)
     return p
 
 
@@ -55,7 +55,7 @@ def linear(p, x):
     Returns:
         ``(..., d_out)``.
     """
-    check_array("x", x, last_dim=onp.shape(p["W"])[0])
+    check_array("x", x, last_dim=np.shape(p["W"])[0])
     y = x @ p["W"]
     return y + p["b"] if "b" in p else y
 
@@ -74,11 +74,11 @@ def l2_normalize(x, eps: float = 1e-6):
     """
     _check_eps(eps)
     check_array("x", x)
-    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + eps)
+    return x / anp.sqrt(anp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
 def init_depthwise_conv(rng, channels: int, kernel_size: int = 4, bias: bool = True, *,
-                        dtype=onp.float64):
+                        dtype=np.float64):
     r"""A depthwise causal convolution: a $K$-tap filter per channel, $w \sim \mathcal{N}(0, 1/K)$.
 
     Returns:
@@ -89,9 +89,9 @@ def init_depthwise_conv(rng, channels: int, kernel_size: int = 4, bias: bool = T
     C = check_int("channels", channels, minimum=1)
     K = check_int("kernel_size", kernel_size, minimum=1)
     dtype = check_float_dtype(dtype)
-    p = {"w": (rng.standard_normal((K, C)) / onp.sqrt(K)).astype(dtype)}
+    p = {"w": (rng.standard_normal((K, C)) / np.sqrt(K)).astype(dtype)}
     if bias:
-        p["b"] = onp.zeros(C, dtype)
+        p["b"] = np.zeros(C, dtype)
     return p
 
 
@@ -114,17 +114,17 @@ def depthwise_conv(p, x, state=None):
         ``(y, new_state)``: ``y`` ``(..., T, C)``, ``new_state`` ``(..., K - 1, C)`` (the
         last $K-1$ rows of ``state ‖ x``).
     """
-    K, C = onp.shape(p["w"])
+    K, C = np.shape(p["w"])
     x_ = check_array("x", x, last_dim=C)
     if x_.ndim < 2:
         raise ValueError(f"x must have shape (..., T, {C}), got shape {x_.shape}")
     lead, T = x_.shape[:-2], x_.shape[-2]
     if state is None:
-        state = onp.zeros(lead + (K - 1, C), x_.dtype)
+        state = np.zeros(lead + (K - 1, C), x_.dtype)
     elif check_array("state", state).shape != lead + (K - 1, C):
         raise ValueError(f"state must have shape {lead + (K - 1, C)} (..., kernel_size - 1, "
-                         f"channels), got {onp.shape(state)}")
-    xp = np.concatenate([state, x], axis=-2)  # (..., K - 1 + T, C)
+                         f"channels), got {np.shape(state)}")
+    xp = anp.concatenate([state, x], axis=-2)  # (..., K - 1 + T, C)
     # tap j reads x_{t-j}, which sits at row K - 1 + t - j of the padded input
     y = sum(p["w"][j] * xp[..., K - 1 - j:K - 1 - j + T, :] for j in range(K))  # (..., T, C)
     if "b" in p:
@@ -132,10 +132,10 @@ def depthwise_conv(p, x, state=None):
     return y, xp[..., xp.shape[-2] - (K - 1):, :]
 
 
-def init_rms_norm(rng, d: int, *, dtype=onp.float64):
+def init_rms_norm(rng, d: int, *, dtype=np.float64):
     """RMSNorm gain ``{"g": ones (d,)}`` (``rng`` is unused; kept for one init signature)."""
     check_rng(rng)
-    return {"g": onp.ones(check_int("d", d, minimum=1), check_float_dtype(dtype))}
+    return {"g": np.ones(check_int("d", d, minimum=1), check_float_dtype(dtype))}
 
 
 def rms_norm(p, x, eps: float = NORM_EPS):
@@ -148,15 +148,15 @@ def rms_norm(p, x, eps: float = NORM_EPS):
         ``(..., d)``.
     """
     _check_eps(eps)
-    check_array("x", x, last_dim=onp.shape(p["g"])[0])
-    return p["g"] * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    check_array("x", x, last_dim=np.shape(p["g"])[0])
+    return p["g"] * x / anp.sqrt(anp.mean(x * x, axis=-1, keepdims=True) + eps)
 
 
-def init_layer_norm(rng, d: int, *, dtype=onp.float64):
+def init_layer_norm(rng, d: int, *, dtype=np.float64):
     """LayerNorm gain and bias ``{"g": ones (d,), "b": zeros (d,)}`` (``rng`` unused)."""
     check_rng(rng)
     d = check_int("d", d, minimum=1)
-    return {"g": onp.ones(d, check_float_dtype(dtype)), "b": onp.zeros(d, check_float_dtype(dtype))}
+    return {"g": np.ones(d, check_float_dtype(dtype)), "b": np.zeros(d, check_float_dtype(dtype))}
 
 
 def layer_norm(p, x, eps: float = NORM_EPS):
@@ -169,13 +169,13 @@ def layer_norm(p, x, eps: float = NORM_EPS):
         ``(..., d)``.
     """
     _check_eps(eps)
-    check_array("x", x, last_dim=onp.shape(p["g"])[0])
-    mu = np.mean(x, axis=-1, keepdims=True)
-    var = np.mean((x - mu) ** 2, axis=-1, keepdims=True)
-    return p["g"] * (x - mu) / np.sqrt(var + eps) + p["b"]
+    check_array("x", x, last_dim=np.shape(p["g"])[0])
+    mu = anp.mean(x, axis=-1, keepdims=True)
+    var = anp.mean((x - mu) ** 2, axis=-1, keepdims=True)
+    return p["g"] * (x - mu) / anp.sqrt(var + eps) + p["b"]
 
 
-def init_output_gate(rng, d: int, d_x=None, *, dtype=onp.float64):
+def init_output_gate(rng, d: int, d_x=None, *, dtype=np.float64):
     r"""The output gate's RMSNorm gain and gate projection $W_g \sim \mathcal{N}(0, 1/d_x)$.
 
     Returns:
@@ -200,11 +200,11 @@ def output_gate(p, y, x):
     Returns:
         ``(..., d)``.
     """
-    check_array("x", x, last_dim=onp.shape(p["W_g"])[0])
+    check_array("x", x, last_dim=np.shape(p["W_g"])[0])
     return rms_norm(p["norm"], y) * sigmoid(x @ p["W_g"])
 
 
-def init_persistent(rng, num_tokens: int, d: int, *, dtype=onp.float64):
+def init_persistent(rng, num_tokens: int, d: int, *, dtype=np.float64):
     r"""$N_p$ learnable persistent tokens, rows $\sim \mathcal{N}(0, I/d)$ (about unit norm).
 
     Returns:
@@ -213,7 +213,7 @@ def init_persistent(rng, num_tokens: int, d: int, *, dtype=onp.float64):
     check_rng(rng)
     n = check_int("num_tokens", num_tokens, minimum=0)
     d = check_int("d", d, minimum=1)
-    return {"P": (rng.standard_normal((n, d)) / onp.sqrt(d)).astype(check_float_dtype(dtype))}
+    return {"P": (rng.standard_normal((n, d)) / np.sqrt(d)).astype(check_float_dtype(dtype))}
 
 
 def prepend_persistent(p, x):
@@ -225,14 +225,14 @@ def prepend_persistent(p, x):
     Returns:
         ``(..., N_p + T, d)``; the same tokens lead every sequence of a batch.
     """
-    n, d = onp.shape(p["P"])
+    n, d = np.shape(p["P"])
     x_ = check_array("x", x, last_dim=d)
     if x_.ndim < 2:
         raise ValueError(f"x must have shape (..., T, {d}), got shape {x_.shape}")
     lead = x_.shape[:-2]
     # reshape first: autograd can broadcast_to over axes of size 1, not over new leading axes
-    P = np.broadcast_to(np.reshape(p["P"], (1,) * len(lead) + (n, d)), lead + (n, d))
-    return np.concatenate([P, x], axis=-2)  # (..., N_p + T, d)
+    P = anp.broadcast_to(anp.reshape(p["P"], (1,) * len(lead) + (n, d)), lead + (n, d))
+    return anp.concatenate([P, x], axis=-2)  # (..., N_p + T, d)
 
 
 def residual(f, x):

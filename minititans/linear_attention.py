@@ -15,8 +15,8 @@ DeltaNet's placement of the forgetting gate, for comparison.
 
 from __future__ import annotations
 
-import autograd.numpy as np
-import numpy as onp
+import autograd.numpy as anp
+import numpy as np
 
 from ._checks import (
     DELTA_HINT,
@@ -49,7 +49,7 @@ def apply_feature_map(x, feature_map: str = "identity"):
     if feature_map == "identity":
         return x
     # exp of the clipped value so positive x never overflows in the discarded branch
-    return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+    return anp.where(x > 0, x + 1.0, anp.exp(anp.minimum(x, 0.0)))
 
 
 def _check_qkv(q, k, v):
@@ -84,13 +84,13 @@ def linear_attention_parallel(q, k, v, feature_map: str = "identity", normalize:
     q_, _ = _check_qkv(q, k, v)
     T = q_.shape[-2]
     # an overflow or a zero normaliser is named below, by token
-    with onp.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         phi_q, phi_k = apply_feature_map(q, feature_map), apply_feature_map(k, feature_map)
-        A = np.matmul(phi_q, np.swapaxes(phi_k, -1, -2))  # (..., T, T)
-        A = np.where(onp.tril(onp.ones((T, T), dtype=bool)), A, 0.0)
-        y = np.matmul(A, v)  # (..., T, d_v)
+        A = anp.matmul(phi_q, anp.swapaxes(phi_k, -1, -2))  # (..., T, T)
+        A = anp.where(np.tril(np.ones((T, T), dtype=bool)), A, 0.0)
+        y = anp.matmul(A, v)  # (..., T, d_v)
         if normalize:
-            y = y / np.sum(A, axis=-1, keepdims=True)
+            y = y / anp.sum(A, axis=-1, keepdims=True)
     check_recurrence(y, on_nonfinite, what=LINEAR_WHAT, hint=LINEAR_HINT)
     return y
 
@@ -123,9 +123,9 @@ def linear_attention_recurrent(q, k, v, feature_map: str = "identity", normalize
     *lead, T, d = q_.shape
     d_v = v_.shape[-1]
     if state is None:
-        dtype = onp.result_type(q_, v_)
-        M = onp.zeros(tuple(lead) + (d, d_v), dtype)
-        z = onp.zeros(tuple(lead) + (d,), dtype)
+        dtype = np.result_type(q_, v_)
+        M = np.zeros(tuple(lead) + (d, d_v), dtype)
+        z = np.zeros(tuple(lead) + (d,), dtype)
     else:
         if not isinstance(value_of(state), tuple) or len(state) != 2:
             raise TypeError("state must be None or the (M, z) tuple of a previous call")
@@ -138,7 +138,7 @@ def linear_attention_recurrent(q, k, v, feature_map: str = "identity", normalize
                              f"{value_of(z).shape}")
     z0 = z
     errors = dict(over="ignore", invalid="ignore", divide="ignore")  # named below, by token
-    with onp.errstate(**errors):
+    with np.errstate(**errors):
         phi_q, phi_k = apply_feature_map(q, feature_map), apply_feature_map(k, feature_map)
         ys = []
         for t in range(T):
@@ -147,17 +147,17 @@ def linear_attention_recurrent(q, k, v, feature_map: str = "identity", normalize
             M = M + kt[..., :, None] * vt[..., None, :]  # (..., d, d_v)
             z = z + kt
             # Eq. 5: read after write
-            y = np.matmul(qt[..., None, :], M)[..., 0, :]  # (..., d_v)
+            y = anp.matmul(qt[..., None, :], M)[..., 0, :]  # (..., d_v)
             if normalize:
-                y = y / np.sum(qt * z, axis=-1, keepdims=True)
+                y = y / anp.sum(qt * z, axis=-1, keepdims=True)
             ys.append(y)
-    y = np.stack(ys, axis=-2) if T else onp.zeros(tuple(lead) + (0, d_v), onp.result_type(q_, v_))
+    y = anp.stack(ys, axis=-2) if T else np.zeros(tuple(lead) + (0, d_v), np.result_type(q_, v_))
     # a non-finite M_t makes y_t non-finite; z_t (only divided by) may overflow alone
     state_token = -1
     if not all_finite(z):
-        with onp.errstate(**errors):
+        with np.errstate(**errors):
             state_token = first_nonfinite_token(
-                value_of(z0)[..., None, :] + onp.cumsum(value_of(phi_k), axis=-2))
+                value_of(z0)[..., None, :] + np.cumsum(value_of(phi_k), axis=-2))
     check_recurrence(y, on_nonfinite, what=LINEAR_WHAT, hint=LINEAR_HINT,
                      state_token=state_token)
     return y, (M, z)
@@ -169,19 +169,19 @@ def _delta_scan(q, k, v, beta, alpha, state, return_state, gated, on_nonfinite):
     q_, k_, v_ = check_qkv_rows(q, k, v)
     T, d = q_.shape
     d_v = v_.shape[1]
-    dtype = onp.result_type(q_, k_, v_)
+    dtype = np.result_type(q_, k_, v_)
     beta = cast_gate(check_gate("beta", beta, T, low=0.0), dtype)
     alpha = cast_gate(check_gate("alpha", 0.0 if alpha is None else alpha, T,
                                    low=0.0, high=1.0), dtype)
     if state is None:
-        W = onp.zeros((d, d_v), dtype)
+        W = np.zeros((d, d_v), dtype)
     else:
         W_ = check_array("state", state, ndim=2)
         if W_.shape != (d, d_v):
             raise ValueError(f"state must have shape {(d, d_v)}, got {W_.shape}")
         W = state
     ys = []
-    with onp.errstate(over="ignore", invalid="ignore"):  # a divergence is named below
+    with np.errstate(over="ignore", invalid="ignore"):  # a divergence is named below
         for t in range(T):
             kt, vt = k[t:t + 1], v[t:t + 1]  # (1, d), (1, d_v)
             if gated:
@@ -192,7 +192,7 @@ def _delta_scan(q, k, v, beta, alpha, state, return_state, gated, on_nonfinite):
                 # Titans: decay and gradient step both at W_{t-1} (Eq. 13, theta = beta / 2)
                 W = (1.0 - alpha[t]) * W - beta[t] * (kt.T @ (kt @ W - vt))  # (d, d_v)
             ys.append((q[t:t + 1] @ W)[0])
-    y = np.stack(ys) if T else onp.zeros((0, d_v), dtype)
+    y = anp.stack(ys) if T else np.zeros((0, d_v), dtype)
     # y_t = q_t W_t is non-finite wherever W_t is, so the outputs name the first bad token
     check_recurrence(y, on_nonfinite, what=DELTA_WHAT, hint=DELTA_HINT)
     return (y, W) if return_state else y

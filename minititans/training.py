@@ -24,8 +24,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import autograd.numpy as np
-import numpy as onp
+import autograd.numpy as anp
+import numpy as np
 from autograd import grad
 from autograd.scipy.special import logsumexp
 from autograd.tracer import getval
@@ -93,13 +93,13 @@ def numba_available() -> bool:
             from .memory import MemoryState, init_memory, memory_scan
 
             def f(k):
-                W = init_memory(onp.random.default_rng(0), 2, 2, depth=1)
+                W = init_memory(np.random.default_rng(0), 2, 2, depth=1)
                 y, _ = memory_scan(MemoryState.initial(W), k, k, k, alpha=0.1, eta=0.5,
                                    theta=0.1, backend="numba")
-                return np.sum(y)
+                return anp.sum(y)
 
-            g = grad(f)(onp.ones((3, 2)))
-            if not onp.all(onp.isfinite(g)):
+            g = grad(f)(np.ones((3, 2)))
+            if not np.all(np.isfinite(g)):
                 why = "its gradient of a tiny scan is not finite"
         except Exception as err:  # noqa: BLE001 - any failure means: use the reference backend
             why = f"{type(err).__name__}: {err}"
@@ -128,11 +128,11 @@ def cross_entropy(logits, targets, mask):
         logits: ``(B, T, V)``; targets: ``(B, T)`` ints; mask: ``(B, T)`` bool.
     """
     logp = logits - logsumexp(logits, axis=-1, keepdims=True)  # (B, T, V)
-    picked = onp.zeros(onp.shape(logits), dtype=bool)
-    onp.put_along_axis(picked, onp.asarray(targets)[..., None], True, axis=-1)
-    nll = -np.sum(np.where(picked, logp, 0.0), axis=-1)  # (B, T)
-    m = onp.asarray(mask, dtype=float)
-    return np.sum(nll * m) / max(1.0, m.sum())
+    picked = np.zeros(np.shape(logits), dtype=bool)
+    np.put_along_axis(picked, np.asarray(targets)[..., None], True, axis=-1)
+    nll = -anp.sum(anp.where(picked, logp, 0.0), axis=-1)  # (B, T)
+    m = np.asarray(mask, dtype=float)
+    return anp.sum(nll * m) / max(1.0, m.sum())
 
 
 def answer_accuracy(logits, batch) -> tuple[float, float]:
@@ -140,29 +140,29 @@ def answer_accuracy(logits, batch) -> tuple[float, float]:
 
     A sequence is right when every one of its answer tokens is right.
     """
-    right = (onp.argmax(getval(logits), axis=-1) == batch.targets) | ~batch.mask  # (B, T)
+    right = (np.argmax(getval(logits), axis=-1) == batch.targets) | ~batch.mask  # (B, T)
     token = float(((right) & batch.mask).sum() / max(1, batch.mask.sum()))
-    return float(onp.mean(onp.all(right, axis=1))), token
+    return float(np.mean(np.all(right, axis=1))), token
 
 
 def batch_for_step(task, cfg: TrainConfig, step: int):
     """The batch of step ``step``: a function of ``(seed, step)`` only."""
-    return task.sample(onp.random.default_rng([cfg.seed, step]), cfg.batch_size)
+    return task.sample(np.random.default_rng([cfg.seed, step]), cfg.batch_size)
 
 
 @dataclass
 class TrainState:
     """Everything a resumed run needs: flat parameters, Adam's moments, the step count."""
 
-    params: onp.ndarray
-    m: onp.ndarray
-    v: onp.ndarray
+    params: np.ndarray
+    m: np.ndarray
+    v: np.ndarray
     step: int
 
 
 def adamw_step(state: TrainState, g, cfg: TrainConfig) -> tuple[TrainState, float]:
     """Clip ``g`` to ``clip_norm``, then one AdamW step; returns the new state and |g|."""
-    norm = float(onp.sqrt(onp.sum(g * g)))
+    norm = float(np.sqrt(np.sum(g * g)))
     if cfg.clip_norm and norm > cfg.clip_norm:
         g = g * (cfg.clip_norm / norm)
     t = state.step + 1
@@ -171,7 +171,7 @@ def adamw_step(state: TrainState, g, cfg: TrainConfig) -> tuple[TrainState, floa
     m_hat = m / (1 - cfg.beta1**t)
     v_hat = v / (1 - cfg.beta2**t)
     lr = learning_rate(state.step, cfg)
-    p = state.params - lr * (m_hat / (onp.sqrt(v_hat) + cfg.eps) + cfg.weight_decay * state.params)
+    p = state.params - lr * (m_hat / (np.sqrt(v_hat) + cfg.eps) + cfg.weight_decay * state.params)
     return TrainState(p, m, v, t), norm
 
 
@@ -182,19 +182,19 @@ def _check_model(model):
 
 
 def init_state(model: Model, cfg: TrainConfig) -> TrainState:
-    flat, _ = ravel(model.init(onp.random.default_rng(cfg.seed)))
-    return TrainState(flat, onp.zeros_like(flat), onp.zeros_like(flat), 0)
+    flat, _ = ravel(model.init(np.random.default_rng(cfg.seed)))
+    return TrainState(flat, np.zeros_like(flat), np.zeros_like(flat), 0)
 
 
 def _check_train_state(state: TrainState, model: Model, cfg: TrainConfig) -> TrainState:
     """A TrainState passed as ``resume``: the checks :func:`load_checkpoint` makes on a file."""
-    n = ravel(model.init(onp.random.default_rng(0)))[0].size
+    n = ravel(model.init(np.random.default_rng(0)))[0].size
     for name in ("params", "m", "v"):
-        arr = onp.asarray(getattr(state, name))
-        if arr.dtype not in (onp.float32, onp.float64) or arr.shape != (n,):
+        arr = np.asarray(getattr(state, name))
+        if arr.dtype not in (np.float32, np.float64) or arr.shape != (n,):
             raise ValueError(f"resume.{name} must be a float vector of shape ({n},) for this "
                              f"model, got dtype {arr.dtype} and shape {arr.shape}")
-        if not onp.all(onp.isfinite(arr)):
+        if not np.all(np.isfinite(arr)):
             raise ValueError(f"resume.{name} contains NaN or inf")
     step = check_int("resume.step", state.step, minimum=0)
     if step > cfg.steps:
@@ -227,16 +227,16 @@ def save_checkpoint(path, state: TrainState, model: Model, cfg: TrainConfig, *,
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     _check_task_record(task_name, length)
-    n = ravel(model.init(onp.random.default_rng(0)))[0].size
-    if onp.shape(state.params) != (n,):
-        raise ValueError(f"state has {onp.size(state.params)} parameters, the model "
+    n = ravel(model.init(np.random.default_rng(0)))[0].size
+    if np.shape(state.params) != (n,):
+        raise ValueError(f"state has {np.size(state.params)} parameters, the model "
                          f"{model.config.model!r} of this config {n}: it is another model's state")
     for name in ("m", "v"):
-        if onp.shape(getattr(state, name)) != (n,):
+        if np.shape(getattr(state, name)) != (n,):
             raise ValueError(f"state.{name} must have shape ({n},) like the parameters, got "
-                             f"{onp.shape(getattr(state, name))}")
+                             f"{np.shape(getattr(state, name))}")
     check_int("state.step", state.step, minimum=0)
-    arrays = dict(params=state.params, m=state.m, v=state.v, step=onp.int64(state.step))
+    arrays = dict(params=state.params, m=state.m, v=state.v, step=np.int64(state.step))
     meta = {"model_config": json.loads(model.config.to_json()), "train_config": asdict(cfg),
             "task": task_name, "length": length}
     return save_arrays(path, arrays, kind="checkpoint", meta=meta)
@@ -269,7 +269,7 @@ def _read_checkpoint(path):
         _check_task_record(task_name, length)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path} has bad metadata 'task'/'length': {e}") from e
-    template, unravel = ravel(model.init(onp.random.default_rng(0)))
+    template, unravel = ravel(model.init(np.random.default_rng(0)))
     n = template.size
     if f["params"].shape != (n,):
         raise ValueError(f"{path}: array 'params' has shape {f['params'].shape}, but the "
@@ -277,7 +277,7 @@ def _read_checkpoint(path):
     params = check_float_array(path, "params", f["params"], shape=(n,))
     m = check_float_array(path, "m", f["m"], shape=(n,))
     v = check_float_array(path, "v", f["v"], shape=(n,))
-    if onp.any(v < 0):
+    if np.any(v < 0):
         raise ValueError(f"{path}: array 'v' (Adam's second moment) has negative entries")
     step = f["step"]
     if step.shape != () or step.dtype.kind not in "iu":
@@ -360,7 +360,7 @@ def train(model: Model, task, cfg: TrainConfig, *, resume=None, checkpoint=None,
             warnings.warn(f"resuming with a train config that differs from the checkpoint's "
                           f"in {', '.join(changed)}: the run will not equal one straight "
                           "through", RuntimeWarning, stacklevel=2)
-    _, unravel = ravel(model.init(onp.random.default_rng(0)))
+    _, unravel = ravel(model.init(np.random.default_rng(0)))
     seen = {}
 
     def loss(flat, batch):
@@ -397,7 +397,7 @@ def evaluate(model: Model, params, task, *, num_samples: int = 64, seed: int = 1
         ``{"accuracy", "sequence_accuracy", "token_accuracy", "loss"}``; ``accuracy`` is the
         task's own ``metric`` (whole answers for the needle, single queries for MQAR).
     """
-    rng = onp.random.default_rng(seed)
+    rng = np.random.default_rng(seed)
     seq_right, tok_right, tokens, losses, n = 0.0, 0.0, 0, 0.0, 0
     while n < num_samples:
         batch = task.sample(rng, min(batch_size, num_samples - n))

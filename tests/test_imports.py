@@ -160,3 +160,17 @@ def test_no_function_takes_more_than_12_positional_parameters():
                 if count > 12:
                     wide.append(f"{path.relative_to(PACKAGE)}:{node.lineno} ({count})")
     assert not wide, "functions with more than 12 positional parameters: " + ", ".join(wide)
+
+
+def test_one_alias_rule_anp_for_autograd_numpy_np_for_numpy():
+    """Inside the package ``np`` is always NumPy and ``anp`` always autograd.numpy."""
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    want = {"numpy": "np", "autograd.numpy": "anp"}.get(alias.name)
+                    if want and (alias.asname or alias.name) != want:
+                        wrong.append(f"{path.relative_to(PACKAGE)}: import {alias.name} as "
+                                     f"{alias.asname}")
+    assert not wrong, "\n".join(wrong)

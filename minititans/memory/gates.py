@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-import autograd.numpy as np
+import autograd.numpy as anp
 
 from .._checks import check_array, check_int, check_rng
 from ..activations import sigmoid
@@ -62,7 +62,7 @@ def init_gates(rng, d_model: int, *, alpha_init: float = ALPHA_INIT, eta_init: f
 
 def compute_gates(gate_params: dict, x, *, theta_max: float = THETA_MAX):
     r"""$(\alpha_t, \eta_t, \theta_t)$ for every token of ``x`` ``(T, d_model)``; each ``(T,)``."""
-    check_array("x", x, ndim=2, last_dim=np.shape(gate_params["w_alpha"])[0])
+    check_array("x", x, ndim=2, last_dim=anp.shape(gate_params["w_alpha"])[0])
     if not theta_max > 0:
         raise ValueError(f"theta_max must be > 0, got {theta_max!r}")
     g = gate_params

@@ -12,8 +12,8 @@ turns the update into linear attention), Huber, and $\ell_p$.
 
 from __future__ import annotations
 
-import autograd.numpy as np
-import numpy as onp
+import autograd.numpy as anp
+import numpy as np
 from autograd import grad
 
 from .._checks import check_array, check_choice
@@ -25,9 +25,9 @@ LOSSES = ("l2", "dot", "huber", "lp")
 def check_loss(loss: str, p: float, delta: float) -> None:
     check_choice("loss", loss, LOSSES)
     for name, val in (("p", p), ("delta", delta)):
-        if isinstance(val, bool) or not isinstance(val, (int, float, onp.integer, onp.floating)):
+        if isinstance(val, bool) or not isinstance(val, (int, float, np.integer, np.floating)):
             raise TypeError(f"{name} must be a float, got {val!r}")
-        if not onp.isfinite(val):
+        if not np.isfinite(val):
             raise ValueError(f"{name} must be finite, got {val!r}")
     if loss == "lp" and not (p >= 1.0):
         raise ValueError(f"p must be >= 1 for the lp loss, got {p!r}")
@@ -38,17 +38,17 @@ def check_loss(loss: str, p: float, delta: float) -> None:
 def _loss_of_prediction(pred, v, loss: str, p: float, delta: float):
     if loss == "dot":
         # -<M(k), v>: its gradient step M += θ kᵀv is linear attention (Eqs. 4-5)
-        return -np.sum(pred * v)
+        return -anp.sum(pred * v)
     r = pred - v
     if loss == "l2":
         # Eq. 12: ||M(k) - v||², summed over tokens and channels
-        return np.sum(r**2)
+        return anp.sum(r**2)
     if loss == "huber":
         # r² inside [-δ, δ], 2δ|r| - δ² outside: continuous, gradient 2r or 2δ·sign(r)
-        a = np.abs(r)
-        return np.sum(np.where(a <= delta, r**2, 2.0 * delta * a - delta**2))
+        a = anp.abs(r)
+        return anp.sum(anp.where(a <= delta, r**2, 2.0 * delta * a - delta**2))
     # lp: Σ |r|^p
-    return np.sum(np.abs(r) ** p)
+    return anp.sum(anp.abs(r) ** p)
 
 
 def associative_loss(params, k, v, loss: str = "l2", *, p: float = 3.0, delta: float = 1.0):
@@ -114,5 +114,5 @@ def per_token_surprise(params, k, v, loss: str = "l2", *, p: float = 3.0, delta:
         raise ValueError(f"k and v must have the same number of rows, got {k_arr.shape} and "
                          f"{v_arr.shape}")
     b = k_arr.shape[0]
-    copies = spec.like(np.broadcast_to(W[None], (b,) + W.shape) for W in params)
+    copies = spec.like(anp.broadcast_to(W[None], (b,) + W.shape) for W in params)
     return grad(_per_token_total)(copies, k, v, loss, p, delta)

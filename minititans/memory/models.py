@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import importlib
 
-import autograd.numpy as np
-import numpy as onp
+import autograd.numpy as anp
+import numpy as np
 from autograd.builtins import SequenceBox, SequenceVSpace
 from autograd.extend import VSpace
 from autograd.tracer import getval
@@ -151,7 +151,7 @@ def check_params(params, *, name: str = "params", finite: bool = True) -> Memory
 
 def init_memory(rng, d_in: int, d_out: int, depth: int = 2, expansion: int = 4,
                 activation: str = "gelu", residual_norm: bool = False, *,
-                init: str = "normal", dtype=np.float64) -> MemoryParams:
+                init: str = "normal", dtype=anp.float64) -> MemoryParams:
     r"""Initial weights $\mathcal{M}_0$ of a memory.
 
     Args:
@@ -178,7 +178,7 @@ def init_memory(rng, d_in: int, d_out: int, depth: int = 2, expansion: int = 4,
     check_choice("activation", activation, tuple(ACTIVATIONS))
     check_choice("init", init, ("normal", "zero_out"))
     dtype = check_float_dtype(dtype)
-    if not isinstance(residual_norm, (bool, onp.bool_)):
+    if not isinstance(residual_norm, (bool, np.bool_)):
         raise TypeError(f"residual_norm must be True or False, got {residual_norm!r}")
     if residual_norm and d_in != d_out:
         raise ValueError(f"residual_norm=True needs d_in == d_out, got d_in={d_in}, d_out={d_out}")
@@ -187,18 +187,18 @@ def init_memory(rng, d_in: int, d_out: int, depth: int = 2, expansion: int = 4,
     weights = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
         if init == "zero_out" and i == depth - 1:
-            W = onp.zeros((a, b))
+            W = np.zeros((a, b))
         else:
-            W = rng.standard_normal((a, b)) / onp.sqrt(a)
+            W = rng.standard_normal((a, b)) / np.sqrt(a)
         weights.append(W.astype(dtype))
     return MemoryParams(weights, activation, residual_norm)
 
 
 def layer_norm_plain(h):
     r"""LayerNorm over the last axis, no gain or bias: $(h - \mu) / \sqrt{\sigma^2 + \epsilon}$."""
-    mu = np.mean(h, axis=-1, keepdims=True)
-    var = np.mean((h - mu) ** 2, axis=-1, keepdims=True)
-    return (h - mu) / np.sqrt(var + LN_EPS)
+    mu = anp.mean(h, axis=-1, keepdims=True)
+    var = anp.mean((h - mu) ** 2, axis=-1, keepdims=True)
+    return (h - mu) / anp.sqrt(var + LN_EPS)
 
 
 def _run(params, x, matmul):
@@ -238,4 +238,4 @@ def forward_per_token(params_b, x):
     Used by the chunked scan, where token i of a chunk is read with its own $\\mathcal{M}_i$,
     and to take per-token gradients (every token gets its own copy of the weights).
     """
-    return _run(params_b, x, lambda h, W: np.matmul(h[:, None, :], W)[:, 0, :])
+    return _run(params_b, x, lambda h, W: anp.matmul(h[:, None, :], W)[:, 0, :])

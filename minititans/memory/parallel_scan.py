@@ -14,12 +14,12 @@ so it stays exact when a gate is 0 (Eq. 16's $\beta_t/\beta_i$ would divide by z
 
 from __future__ import annotations
 
-import autograd.numpy as np
+import autograd.numpy as anp
 
 
 def _expand(a, like):
     """Reshape per-step scalars ``(n,)`` to broadcast against ``like`` ``(n, ...)``."""
-    return np.reshape(a, (a.shape[0],) + (1,) * (like.ndim - 1))
+    return anp.reshape(a, (a.shape[0],) + (1,) * (like.ndim - 1))
 
 
 def associative_scan(a, x):
@@ -38,8 +38,8 @@ def associative_scan(a, x):
     shift = 1
     while shift < n:
         # the element `shift` places back; before the start, the identity pair (1, 0)
-        A_prev = np.concatenate([np.ones(shift, dtype=A.dtype), A[:-shift]])
-        X_prev = np.concatenate([np.zeros((shift,) + X.shape[1:], dtype=X.dtype), X[:-shift]])
+        A_prev = anp.concatenate([anp.ones(shift, dtype=A.dtype), A[:-shift]])
+        X_prev = anp.concatenate([anp.zeros((shift,) + X.shape[1:], dtype=X.dtype), X[:-shift]])
         X = _expand(A, X) * X_prev + X  # (a', x') applied after (a, x): a' x + x'
         A = A * A_prev
         shift *= 2
@@ -65,4 +65,4 @@ def linear_recurrence_loop(a, x, h0):
     for i in range(a.shape[0]):
         h = a[i] * h + x[i]
         out.append(h)
-    return np.stack(out)
+    return anp.stack(out)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import numpy as onp
+import numpy as np
 
 from .models import init_memory
 from .scan import memory_scan
@@ -51,7 +51,7 @@ class MemoryRule:
         """A copy with some fields changed (``rule.with_(eta=0.0)``)."""
         return replace(self, **changes)
 
-    def init_state(self, rng, d_in: int, d_out: int, dtype=onp.float64) -> MemoryState:
+    def init_state(self, rng, d_in: int, d_out: int, dtype=np.float64) -> MemoryState:
         """An empty memory ($\\mathcal{M}_0(k) = 0$, $S_0 = 0$) of this architecture."""
         params = init_memory(rng, d_in, d_out, depth=self.depth, expansion=self.expansion,
                              activation=self.activation, residual_norm=self.residual_norm,

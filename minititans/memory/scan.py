@@ -22,8 +22,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import replace
 
-import autograd.numpy as np
-import numpy as onp
+import autograd.numpy as anp
+import numpy as np
 from autograd.tracer import getval, isbox
 
 from .._checks import (
@@ -121,7 +121,7 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
     state = state_in_dtype(state, dtype)
     keys, values, queries = (_to_dtype(x, dtype) for x in (keys, values, queries))
     if T == 0:
-        return onp.zeros((0, spec.d_out), dtype=dtype), state
+        return np.zeros((0, spec.d_out), dtype=dtype), state
     if state.open_chunk is not None and partial_chunk == "warn":
         r, b0 = state.open_chunk
         warnings.warn(
@@ -139,7 +139,7 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
                        on_nonfinite=on_nonfinite, read=read)
         # overflow is caught by the explicit finiteness check after every update, which
         # names the token; NumPy's own overflow warnings would only say less, earlier
-        with onp.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):
             if b == 1:
                 out, new = _token_loop(state, keys, values, queries, *gates, **options)
             else:
@@ -184,7 +184,7 @@ def _token_loop(state, K, V, Q, alpha, eta, theta, *, loss, p, delta, max_grad_n
             finite = check_finite(M, t, on_nonfinite)
         if read == "after":
             outs.append(memory_forward(M, Q[t]))  # y_t = M_t(q_t)
-    return np.stack(outs), MemoryState(M, S, A)
+    return anp.stack(outs), MemoryState(M, S, A)
 
 
 def _chunked(state, K, V, Q, alpha, eta, theta, b, *, loss, p, delta, max_grad_norm,
@@ -201,7 +201,7 @@ def _chunked(state, K, V, Q, alpha, eta, theta, b, *, loss, p, delta, max_grad_n
         u = _clip_per_token(u, max_grad_norm)
         th = theta[c]
         # Eq. 18: S_i = η_i S_{i-1} - θ_i u_i, a linear recurrence in S
-        S_all = [linear_recurrence(eta[c], -np.reshape(th, (-1, 1, 1)) * g, s)
+        S_all = [linear_recurrence(eta[c], -anp.reshape(th, (-1, 1, 1)) * g, s)
                  for g, s in zip(u, S)]
         # Eq. 13: M_i = (1 - α_i) M_{i-1} + S_i, the same recurrence with a = 1 - α
         # (with an anchor M̄, for M_i - M̄: M_i = M̄ + (1 - α_i)(M_{i-1} - M̄) + S_i)
@@ -215,28 +215,28 @@ def _chunked(state, K, V, Q, alpha, eta, theta, b, *, loss, p, delta, max_grad_n
         if read == "after":
             outs.append(forward_per_token(spec.like(M_all), Q[c]))
         else:
-            M_before = [np.concatenate([w[None], w_all[:-1]]) for w, w_all in zip(M, M_all)]
+            M_before = [anp.concatenate([w[None], w_all[:-1]]) for w, w_all in zip(M, M_all)]
             outs.append(forward_per_token(spec.like(M_before), Q[c]))
         M = spec.like(w_all[-1] for w_all in M_all)
         S = spec.like(s_all[-1] for s_all in S_all)
-    return np.concatenate(outs), MemoryState(M, S, A)
+    return anp.concatenate(outs), MemoryState(M, S, A)
 
 
 def _clip_per_token(u, max_norm):
     if max_norm is None:
         return u
-    sq = sum(np.sum(g**2, axis=(1, 2)) for g in u)  # (n,)
-    scale = np.minimum(1.0, max_norm / np.maximum(np.sqrt(sq), 1e-30))
-    return spec_of(u).like(np.reshape(scale, (-1, 1, 1)) * g for g in u)
+    sq = sum(anp.sum(g**2, axis=(1, 2)) for g in u)  # (n,)
+    scale = anp.minimum(1.0, max_norm / anp.maximum(anp.sqrt(sq), 1e-30))
+    return spec_of(u).like(anp.reshape(scale, (-1, 1, 1)) * g for g in u)
 
 
 def _check_chunk(M_all, start, on_nonfinite):
-    ok = onp.ones(getval(M_all[0]).shape[0], dtype=bool)
+    ok = np.ones(getval(M_all[0]).shape[0], dtype=bool)
     for w in M_all:
-        ok &= onp.all(onp.isfinite(getval(w)), axis=(1, 2))
+        ok &= np.all(np.isfinite(getval(w)), axis=(1, 2))
     if ok.all():
         return True
-    report_divergence(start + int(onp.argmin(ok)), on_nonfinite)
+    report_divergence(start + int(np.argmin(ok)), on_nonfinite)
     return False
 
 
@@ -259,13 +259,13 @@ def numba_memory_scan(state, keys, values, queries, alpha, eta, theta, *, chunk_
     check_choice("read", read, READS)
     check_choice("on_nonfinite", on_nonfinite, ("raise", "warn"))
     check_loss(loss, p, delta)
-    dtype = result_dtype(state, *(onp.asarray(getval(x)) for x in (keys, values, queries)))
-    if onp.shape(getval(keys))[0] == 0:
-        return onp.zeros((0, spec.d_out), dtype=dtype), state
+    dtype = result_dtype(state, *(np.asarray(getval(x)) for x in (keys, values, queries)))
+    if np.shape(getval(keys))[0] == 0:
+        return np.zeros((0, spec.d_out), dtype=dtype), state
     from ..kernels.scan import numba_scan  # imports numba: only when the backend is used
 
     # the kernels take the dtype of the weights and rows: the keys carry the momentum's
-    keys = _to_dtype(onp.asarray(keys) if not isbox(keys) else keys, dtype)
+    keys = _to_dtype(np.asarray(keys) if not isbox(keys) else keys, dtype)
     out, M, S = numba_scan(
         list(state.params), list(state.momentum), keys, values, queries, alpha, eta, theta,
         activation=spec.activation, residual_norm=spec.residual_norm, chunk_size=chunk_size,
@@ -306,10 +306,10 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
         raise NotImplementedError("the batched numba scan is not differentiable; map "
                                   "memory_scan over the batch to differentiate")
     spec = state.params
-    weights = [onp.asarray(w) for w in spec]
-    momentum = [onp.asarray(w) for w in state.momentum]
-    anchor = None if state.anchor is None else [onp.asarray(w) for w in state.anchor]
-    K, V, Q = (onp.asarray(x) for x in (keys, values, queries))
+    weights = [np.asarray(w) for w in spec]
+    momentum = [np.asarray(w) for w in state.momentum]
+    anchor = None if state.anchor is None else [np.asarray(w) for w in state.anchor]
+    K, V, Q = (np.asarray(x) for x in (keys, values, queries))
     if K.ndim != 3 or V.ndim != 3 or Q.ndim != 3:
         raise ValueError("keys, values and queries must have shape (B, T, d), got "
                          f"{K.shape}, {V.shape} and {Q.shape}")
@@ -327,20 +327,20 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
     check_choice("on_nonfinite", on_nonfinite, ("raise", "warn"))
     check_loss(loss, p, delta)
     check_max_grad_norm(max_grad_norm)
-    dtype = onp.result_type(K, V, Q, *weights, *momentum)  # the rule of memory_scan
-    if dtype not in (onp.float32, onp.float64):
+    dtype = np.result_type(K, V, Q, *weights, *momentum)  # the rule of memory_scan
+    if dtype not in (np.float32, np.float64):
         raise TypeError(f"inputs must be float32 or float64, got {dtype}")
     for name, x in (("keys", K), ("values", V), ("queries", Q)):
-        if not onp.all(onp.isfinite(x)):
+        if not np.all(np.isfinite(x)):
             raise ValueError(f"{name} contains NaN or inf")
     gates = []
     for name, g, high in (("alpha", alpha, 1.0), ("eta", eta, 1.0), ("theta", theta, None)):
         try:
-            g = onp.broadcast_to(onp.asarray(g, dtype=dtype), (B, T))
+            g = np.broadcast_to(np.asarray(g, dtype=dtype), (B, T))
         except ValueError:
             raise ValueError(f"{name} must be a float or have shape ({B}, {T}), got shape "
-                             f"{onp.shape(g)}") from None
-        if not onp.all(onp.isfinite(g)):
+                             f"{np.shape(g)}") from None
+        if not np.all(np.isfinite(g)):
             raise ValueError(f"{name} contains NaN or inf")
         if g.size and (g.min() < 0 or (high is not None and g.max() > high)):
             bounds = "[0, 1]" if high is not None else ">= 0"

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import autograd.numpy as np
-import numpy as onp
+import autograd.numpy as anp
+import numpy as np
 from autograd.tracer import getval
 
 from .._checks import (
@@ -65,7 +65,7 @@ class MemoryState:
         spec = spec_of(params)
         if not isinstance(anchored, bool):
             raise TypeError(f"anchored must be True or False, got {anchored!r}")
-        return cls(params, spec.like(np.zeros_like(getval(W)) for W in spec),
+        return cls(params, spec.like(anp.zeros_like(getval(W)) for W in spec),
                    params if anchored else None)
 
     def __post_init__(self):
@@ -114,13 +114,13 @@ def result_dtype(state: MemoryState, *arrays):
     momentum and anchor and of the input rows (float32 only when all are float32); the
     gates are cast to it and never change it."""
     trees = (state.params, state.momentum) + (() if state.anchor is None else (state.anchor,))
-    return onp.result_type(*(getval(w) for tree in trees for w in tree),
+    return np.result_type(*(getval(w) for tree in trees for w in tree),
                            *(getval(x) for x in arrays))
 
 
 def tree_norm(tree) -> float:
     """Global Euclidean norm of all the weights (a plain float)."""
-    return float(onp.sqrt(sum(onp.sum(onp.square(getval(w))) for w in tree)))
+    return float(np.sqrt(sum(np.sum(np.square(getval(w))) for w in tree)))
 
 
 def check_max_grad_norm(max_grad_norm):
@@ -128,7 +128,7 @@ def check_max_grad_norm(max_grad_norm):
     if max_grad_norm is None:
         return None
     raw = getval(max_grad_norm)
-    arr = onp.asarray(raw)
+    arr = np.asarray(raw)
     if isinstance(raw, bool) or arr.ndim or arr.dtype.kind not in "fiu":
         raise TypeError(f"max_grad_norm must be a float > 0 or None, got {raw!r}")
     if not float(raw) > 0:
@@ -140,8 +140,8 @@ def clip_by_norm(u, max_norm):
     """Scale the surprise so its global norm is at most ``max_norm`` (None: unchanged)."""
     if max_norm is None:
         return u
-    total = np.sqrt(sum(np.sum(w**2) for w in u))
-    scale = np.minimum(1.0, max_norm / np.maximum(total, 1e-30))
+    total = anp.sqrt(sum(anp.sum(w**2) for w in u))
+    scale = anp.minimum(1.0, max_norm / anp.maximum(total, 1e-30))
     return spec_of(u).like(scale * w for w in u)
 
 
@@ -151,7 +151,7 @@ def check_finite(params, token: int, on_nonfinite: str) -> bool:
     With ``on_nonfinite="warn"`` the caller stops checking after the first warning, so a
     diverged scan warns once, naming the first bad token.
     """
-    if all(onp.all(onp.isfinite(getval(w))) for w in params):
+    if all(np.all(np.isfinite(getval(w))) for w in params):
         return True
     report_divergence(token, on_nonfinite)
     return False
@@ -204,11 +204,11 @@ def memory_step(state: MemoryState, k, v, *, alpha, eta, theta, loss: str = "l2"
     dtype = result_dtype(state, k_, v_)
     state = state_in_dtype(state, dtype)
     k, v = (x if getval(x).dtype == dtype else x.astype(dtype) for x in (k, v))
-    a, e, th = (g.astype(dtype)[0] if isinstance(g, onp.ndarray) else g[0] for g in (
+    a, e, th = (g.astype(dtype)[0] if isinstance(g, np.ndarray) else g[0] for g in (
         check_gate("alpha", alpha, 1, low=0.0, high=1.0),
         check_gate("eta", eta, 1, low=0.0, high=1.0),
         check_gate("theta", theta, 1, low=0.0)))
-    with onp.errstate(over="ignore", invalid="ignore"):  # non-finite weights raise below
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite weights raise below
         u = clip_by_norm(surprise(state.params, k[None], v[None], loss, p=p, delta=delta),
                          max_grad_norm)
         M, S = apply_update(state.params, state.momentum, u, a, e, th, state.anchor)

@@ -9,8 +9,8 @@ $\ell_2$-normalised $q$, $k$ and the output gate, exactly as the memory does.
 
 from __future__ import annotations
 
-import autograd.numpy as np
-import numpy as onp
+import autograd.numpy as anp
+import numpy as np
 
 from ..activations import sigmoid
 from ..layers import rms_norm
@@ -53,8 +53,8 @@ def init_linear_layer(rng, cfg) -> dict:
     return {"norm": init_norm(rng, cfg), "qkv": init_qkv(rng, cfg),
             "out": init_gated_output(rng, cfg),
             # β_t and α_t of the gated delta rule (ignored by linear attention)
-            "w_beta": 0.01 * rng.standard_normal(d), "b_beta": np.zeros(()),
-            "w_alpha": 0.01 * rng.standard_normal(d), "b_alpha": np.full((), -4.0)}
+            "w_beta": 0.01 * rng.standard_normal(d), "b_beta": anp.zeros(()),
+            "w_alpha": 0.01 * rng.standard_normal(d), "b_alpha": anp.full((), -4.0)}
 
 
 def linear_attention_chunks(q, k, v, M, size=64):
@@ -66,9 +66,9 @@ def linear_attention_chunks(q, k, v, M, size=64):
     ys = []
     for s in range(0, q.shape[1], size):
         c = slice(s, s + size)
-        ys.append(np.matmul(q[:, c], M) + linear_attention(q[:, c], k[:, c], v[:, c]))
-        M = M + np.matmul(np.swapaxes(k[:, c], 1, 2), v[:, c])  # M += Σ k_j^T v_j
-    return np.concatenate(ys, axis=1), M
+        ys.append(anp.matmul(q[:, c], M) + linear_attention(q[:, c], k[:, c], v[:, c]))
+        M = M + anp.matmul(anp.swapaxes(k[:, c], 1, 2), v[:, c])  # M += Σ k_j^T v_j
+    return anp.concatenate(ys, axis=1), M
 
 
 def linear_attention_layer(p, h, cfg):
@@ -76,7 +76,7 @@ def linear_attention_layer(p, h, cfg):
     x = rms_norm(p["norm"], h)
     q, k, v, _ = qkv(p["qkv"], x)
     d = cfg.d_model
-    y, _ = linear_attention_chunks(q, k, v, onp.zeros((onp.shape(h)[0], d, d)))
+    y, _ = linear_attention_chunks(q, k, v, np.zeros((np.shape(h)[0], d, d)))
     return h + gated_output(p["out"], y, x)
 
 
@@ -87,7 +87,7 @@ def gated_delta_layer(p, h, cfg):
     beta = sigmoid(x @ p["w_beta"] + p["b_beta"])  # (B, T) in (0, 1): stable with |k| = 1
     alpha = sigmoid(x @ p["w_alpha"] + p["b_alpha"])  # (B, T), starts near 0.02
     # one recurrence per sequence
-    y = np.stack([gated_delta_rule(q[b], k[b], v[b], beta[b], alpha[b])
+    y = anp.stack([gated_delta_rule(q[b], k[b], v[b], beta[b], alpha[b])
                   for b in range(h.shape[0])])  # (B, T, d)
     return h + gated_output(p["out"], y, x)
 
@@ -112,7 +112,7 @@ def attention_layer_stream(p, h, cfg, state, t):
 def linear_layer_state(p, cfg, batch_size, t) -> dict:
     """The matrix memory $M_t$ (``W`` ``(B, d, d)``) and the convolutions' last inputs."""
     d = cfg.d_model
-    return {"conv": conv_state(cfg, batch_size), "W": onp.zeros((batch_size, d, d))}
+    return {"conv": conv_state(cfg, batch_size), "W": np.zeros((batch_size, d, d))}
 
 
 def linear_layer_stream(p, h, cfg, state, t):
@@ -126,5 +126,5 @@ def linear_layer_stream(p, h, cfg, state, t):
         alpha = sigmoid(x @ p["w_alpha"] + p["b_alpha"])
         out = [gated_delta_rule(q[b], k[b], v[b], beta[b], alpha[b], state=state["W"][b],
                                 return_state=True) for b in range(h.shape[0])]
-        y, W = np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+        y, W = anp.stack([o[0] for o in out]), anp.stack([o[1] for o in out])
     return h + gated_output(p["out"], y, x), {"conv": conv_dict(conv), "W": W}

@@ -15,8 +15,8 @@ one recurrence per sequence, loops over the batch.
 
 from __future__ import annotations
 
-import autograd.numpy as np
-import numpy as onp
+import autograd.numpy as anp
+import numpy as np
 from autograd.tracer import Box
 
 from .._checks import first_nonfinite_token, report_divergence
@@ -117,11 +117,11 @@ def gates(p, x, cfg):
 
     The ablations replace $\eta$ by 0 ("w/o momentum") or $\alpha$ by 0 ("w/o weight decay").
     """
-    B, T, d = onp.shape(x)
-    alpha, eta, theta = (np.reshape(g, (B, T)) for g in
-                         compute_gates(p["gates"], np.reshape(x, (B * T, d)),
+    B, T, d = np.shape(x)
+    alpha, eta, theta = (anp.reshape(g, (B, T)) for g in
+                         compute_gates(p["gates"], anp.reshape(x, (B * T, d)),
                                        theta_max=cfg.theta_max))
-    zero = onp.zeros((B, T))
+    zero = np.zeros((B, T))
     return (alpha if cfg.forgetting else zero), (eta if cfg.momentum else zero), theta
 
 
@@ -142,7 +142,7 @@ def memory_core(p, x, cfg, states=None, conv_states=None, read="after"):
     """
     q, k, v, conv_states = qkv(p["qkv"], x, conv_states)
     if states is None:
-        states = initial_states(p, onp.shape(x)[0])
+        states = initial_states(p, np.shape(x)[0])
     alpha, eta, theta = gates(p, x, cfg)
     ys, new_states = [], []
     for b, state in enumerate(states):
@@ -153,7 +153,7 @@ def memory_core(p, x, cfg, states=None, conv_states=None, read="after"):
                                partial_chunk="ok")  # MAC restarts the chunks every segment
         ys.append(y)
         new_states.append(state)
-    return np.stack(ys), new_states, conv_states
+    return anp.stack(ys), new_states, conv_states
 
 
 # --- attention under a mask -----------------------------------------------------------------
@@ -183,13 +183,13 @@ def attend(q, k, v, cfg, *, window=None, prefix=0, mask=None):
     ``k``, ``v`` may hold more (cached) rows than ``q``.
     """
     if (cfg.backend == "numba" and window is not None and mask is None
-            and onp.shape(k)[1] >= NUMBA_ATTENTION_MIN_KEYS
+            and np.shape(k)[1] >= NUMBA_ATTENTION_MIN_KEYS
             and not any(isinstance(z, Box) for z in (q, k, v))):
         from ..kernels.attention import causal_attention as numba_causal_attention
 
-        n_cached = onp.shape(k)[1] - onp.shape(q)[1]
+        n_cached = np.shape(k)[1] - np.shape(q)[1]
         # the kernel wants one query per key: the cached rows get zero queries, dropped after
-        q = onp.concatenate([onp.zeros(onp.shape(q)[:1] + (n_cached,) + onp.shape(q)[2:]), q],
+        q = np.concatenate([np.zeros(np.shape(q)[:1] + (n_cached,) + np.shape(q)[2:]), q],
                             axis=1)
         heads = [split_heads(z, cfg.num_heads) for z in (q, k, v)]  # (B, H, T_k, d_h)
         y = numba_causal_attention(*heads, window=window, prefix=prefix)
@@ -220,7 +220,7 @@ def init_combine(rng, d):
     ln_y = init_layer_norm(rng, d)
     # bias 1: at the start o = (1 + LN(y)) ⊙ σ(LN(m)), so the memory branch is not muted
     # wherever LN(y) happens to be near zero
-    ln_y["b"] = onp.ones(d)
+    ln_y["b"] = np.ones(d)
     return {"ln_y": ln_y, "ln_m": init_layer_norm(rng, d)}
 
 
@@ -234,7 +234,7 @@ def combine(p, y, m):
     """
     # a memory whose finite weights read ~1e160 overflows in its LayerNorm: that is the
     # memory diverging, and it is said so, naming the token, not as a NaN a layer later
-    with onp.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         gate = sigmoid(layer_norm(p["ln_m"], m))
     bad = first_nonfinite_token(gate)
     if bad >= 0:
@@ -306,7 +306,7 @@ def init_norm(rng, cfg):
 
 def embed(p, tokens):
     """Rows of the embedding matrix: ``(B, T)`` integer tokens -> ``(B, T, d)``."""
-    tokens = onp.asarray(tokens)
+    tokens = np.asarray(tokens)
     if tokens.dtype.kind not in "iu":
         raise TypeError(f"tokens must be integers, got dtype {tokens.dtype}")
     return p["E"][tokens]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import numpy as onp
+import numpy as np
 from autograd.tracer import getval
 
 from .._checks import check_rng
@@ -72,12 +72,12 @@ def init(rng, config: ModelConfig) -> dict:
 def reference_params(config: ModelConfig) -> dict:
     """``init(default_rng(0), config)``: a parameter tree whose shapes every tree of
     ``config`` has (they do not depend on the rng). Cached; do not modify it."""
-    return init(onp.random.default_rng(0), config)
+    return init(np.random.default_rng(0), config)
 
 
 @lru_cache(maxsize=64)
 def _param_shapes(config: ModelConfig) -> tuple:
-    return tuple(onp.shape(w) for w in tree_leaves(reference_params(config)))
+    return tuple(np.shape(w) for w in tree_leaves(reference_params(config)))
 
 
 def check_params_fit(params, config: ModelConfig) -> None:
@@ -88,7 +88,7 @@ def check_params_fit(params, config: ModelConfig) -> None:
         raise TypeError("params must be the dict returned by init(rng, config) (keys embed, "
                         f"layers, head), got {type(params).__name__}")
     want = _param_shapes(config)
-    got = tuple(onp.shape(getval(w)) for w in tree_leaves(params))
+    got = tuple(np.shape(getval(w)) for w in tree_leaves(params))
     if got != want:
         first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b),
                      min(len(got), len(want)))
@@ -112,7 +112,7 @@ def _apply_batch(params, tokens, config):
 
 def check_tokens(tokens, config: ModelConfig, name: str = "tokens"):
     """Integer tokens ``(T,)`` or ``(B, T)`` with ``B, T >= 1`` in ``[0, vocab_size)``."""
-    tokens = onp.asarray(tokens)
+    tokens = np.asarray(tokens)
     if tokens.dtype.kind not in "iu":
         raise TypeError(f"{name} must be integers, got dtype {tokens.dtype}")
     if tokens.ndim not in (1, 2) or 0 in tokens.shape:

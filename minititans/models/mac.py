@@ -26,8 +26,8 @@ give the outputs of one call on the whole sequence.
 
 from __future__ import annotations
 
-import autograd.numpy as np
-import numpy as onp
+import autograd.numpy as anp
+import numpy as np
 
 from .._checks import first_nonfinite_token, report_divergence
 from ..activations import silu
@@ -89,8 +89,8 @@ def layer(p, h, cfg):
         seg = slice(start, min(start + C, T))
         n = seg.stop - seg.start
         # Eq. 21: h_t = M*_{t-1}(q_t), each sequence's memory as it was before this segment
-        with onp.errstate(over="ignore", invalid="ignore"):  # said by check_read
-            h_mem = np.stack([memory_forward(s.params, q_x[b, seg])
+        with np.errstate(over="ignore", invalid="ignore"):  # said by check_read
+            h_mem = anp.stack([memory_forward(s.params, q_x[b, seg])
                               for b, s in enumerate(states)])  # (B, n, d)
         check_read(h_mem, start)
         # as memory tokens, RMS-normalised: their scale drifts as the memory fills or
@@ -98,8 +98,8 @@ def layer(p, h, cfg):
         h_mem = rms_norm(p["memory_tokens"], h_mem)
         # Eq. 22: S̃ = [p] ‖ h_t ‖ S^(t); persistent and memory tokens are projected
         # without the convolution (they are not part of the token stream)
-        prefix = np.concatenate([P, h_mem], axis=1)  # (B, N_p + n, d)
-        Q, K, V = (np.concatenate([linear(attn["qkv"][name]["lin"], prefix), z[:, seg]], axis=1)
+        prefix = anp.concatenate([P, h_mem], axis=1)  # (B, N_p + n, d)
+        Q, K, V = (anp.concatenate([linear(attn["qkv"][name]["lin"], prefix), z[:, seg]], axis=1)
                    for name, z in zip(("q", "k", "v"), QKV_x))  # (B, N_p + 2n, d)
         mask = mac_mask(n_p, n, n, memory_causal=cfg.memory_causal)
         # Eq. 23: y_t = Attn(S̃) at the segment's positions, with the residual connection
@@ -110,15 +110,15 @@ def layer(p, h, cfg):
         # Eq. 24: M_t = M_{t-1}(y_t), then M*_t(y_t) read token by token (read after write)
         m, states, conv_states = memory_core(mem, y, cfg, states, conv_states)  # (B, n, d)
         outs.append(combine(p["combine"], y, m))  # Eq. 25: o_t = y_t ⊗ M*_t(y_t)
-    return h + linear(p["W_O"], np.concatenate(outs, axis=1))
+    return h + linear(p["W_O"], anp.concatenate(outs, axis=1))
 
 
 def layer_state(p, cfg, batch_size, t) -> dict:
     """The state of :func:`layer_stream` after ``t`` tokens (``t mod C`` into a segment)."""
     B, d, pos = batch_size, cfg.d_model, t % cfg.segment_len
-    seg = onp.zeros((B, pos, d))
+    seg = np.zeros((B, pos, d))
     return {"conv_q": conv_state(cfg, B, ("q",)), "conv_attn": conv_state(cfg, B),
-            "M_segment": [onp.zeros((B,) + onp.shape(W)) for W in p["memory"]["M0"]],
+            "M_segment": [np.zeros((B,) + np.shape(W)) for W in p["memory"]["M0"]],
             "memory_k": seg, "memory_v": seg.copy(), "segment_k": seg.copy(),
             "segment_v": seg.copy(),
             "memory": memory_state(p["memory"], cfg, B, pos % cfg.chunk_size)}
@@ -143,16 +143,16 @@ def layer_stream(p, h, cfg, state, t):
         n = min(C - pos, T - start)
         part = slice(start, start + n)
         # Eq. 21 with the memory of the segment's start, then its keys and values (Eq. 22)
-        with onp.errstate(over="ignore", invalid="ignore"):  # said by check_read
-            h_read = np.stack([memory_forward(M, q_x[b, part]) for b, M in enumerate(M_seg)])
+        with np.errstate(over="ignore", invalid="ignore"):  # said by check_read
+            h_read = anp.stack([memory_forward(M, q_x[b, part]) for b, M in enumerate(M_seg)])
         check_read(h_read, t + start)
         h_mem = rms_norm(p["memory_tokens"], h_read)
         for name, z in (("memory_k", linear(attn["qkv"]["k"]["lin"], h_mem)),
                         ("memory_v", linear(attn["qkv"]["v"]["lin"], h_mem)),
                         ("segment_k", QKV[1][0][:, part]), ("segment_v", QKV[2][0][:, part])):
-            cache[name] = np.concatenate([cache[name], z], axis=1)  # (B, pos + n, d)
-        K = np.concatenate([P_k, cache["memory_k"], cache["segment_k"]], axis=1)
-        V = np.concatenate([P_v, cache["memory_v"], cache["segment_v"]], axis=1)
+            cache[name] = anp.concatenate([cache[name], z], axis=1)  # (B, pos + n, d)
+        K = anp.concatenate([P_k, cache["memory_k"], cache["segment_k"]], axis=1)
+        V = anp.concatenate([P_v, cache["memory_v"], cache["segment_v"]], axis=1)
         m_all = pos + n
         # the rows of mac_mask that belong to this part's segment tokens
         mask = mac_mask(n_p, m_all, m_all, memory_causal=cfg.memory_causal)[n_p + m_all + pos:]
@@ -168,6 +168,6 @@ def layer_stream(p, h, cfg, state, t):
         start, pos = start + n, m_all % C
     new_state = {"conv_q": conv_dict({"q": cq}),
                  "conv_attn": conv_dict(dict(zip("qkv", (c for _, c in QKV)))),
-                 "M_segment": [np.stack([M[j] for M in M_seg]) for j in range(len(M_seg[0]))],
+                 "M_segment": [anp.stack([M[j] for M in M_seg]) for j in range(len(M_seg[0]))],
                  **cache, "memory": memory}
-    return h + linear(p["W_O"], np.concatenate(outs, axis=1)), new_state
+    return h + linear(p["W_O"], anp.concatenate(outs, axis=1)), new_state

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import numbers
 
-import numpy as onp
+import numpy as np
 from autograd.tracer import getval
 
 from .._checks import check_int, check_rng
@@ -50,7 +50,7 @@ def state_after(config: ModelConfig, batch_size: int, t: int) -> dict:
     """Zeros of the shapes a stream state has after ``t`` tokens (``t = 0``: the initial one)."""
     state_of, _ = STREAM_LAYERS[config.model]
     params = reference_params(config)
-    return {"t": onp.asarray(t, dtype=onp.int64),
+    return {"t": np.asarray(t, dtype=np.int64),
             "layers": [{"mixer": state_of(block["mixer"], config, batch_size, t)}
                        for block in params["layers"]]}
 
@@ -78,7 +78,7 @@ def _shapes(tree, path="state"):
         for i, x in enumerate(tree):
             out.update(_shapes(x, f"{path}[{i}]"))
         return out
-    return {path: onp.shape(getval(tree))}
+    return {path: np.shape(getval(tree))}
 
 
 def check_state(state, config: ModelConfig, batch_size: int) -> int:
@@ -95,7 +95,7 @@ def check_state(state, config: ModelConfig, batch_size: int) -> int:
         raise TypeError("state must be the dict returned by initial_state / Model.initial_state "
                         f"or by a previous stream call (keys t, layers), got "
                         f"{type(state).__name__}")
-    t = onp.asarray(getval(state["t"]))
+    t = np.asarray(getval(state["t"]))
     if t.shape != () or t.dtype.kind not in "iu" or t < 0:
         raise ValueError(f"state['t'] must be an integer >= 0 (tokens read so far), got {t!r}")
     t = int(t)
@@ -142,7 +142,7 @@ def stream(params, tokens, state, config: ModelConfig):
         if "ffn" in block:
             h = ffn(block["ffn"], h)
     logits = head(params["head"], h)  # (B, T, V)
-    new_state = {"t": onp.asarray(t + tokens.shape[1], dtype=onp.int64), "layers": layers}
+    new_state = {"t": np.asarray(t + tokens.shape[1], dtype=np.int64), "layers": layers}
     return (logits[0] if single else logits), new_state
 
 
@@ -163,18 +163,18 @@ def sample(logits, rng, temperature: float = 1.0, top_k=None):
     """One token per row of ``logits`` ``(B, V)``: from softmax(logits / temperature) over
     the ``top_k`` largest (all if None; logits tied with the k-th largest are kept too);
     ``top_k=1`` is the argmax, the first one on a tie (the rng is not used)."""
-    logits = onp.asarray(getval(logits), dtype=onp.float64)
+    logits = np.asarray(getval(logits), dtype=np.float64)
     if top_k == 1:
-        return onp.argmax(logits, axis=-1)
+        return np.argmax(logits, axis=-1)
     z = logits / temperature
     if top_k is not None:  # drop everything below the k-th largest logit of each row
-        kth = -onp.sort(-z, axis=-1)[:, top_k - 1:top_k]
-        z = onp.where(z >= kth, z, -onp.inf)
-    p = onp.exp(z - z.max(axis=-1, keepdims=True))
+        kth = -np.sort(-z, axis=-1)[:, top_k - 1:top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
     u = rng.random((z.shape[0], 1))
     # inverse CDF; the clip guards the last bin against cumsum rounding below u
-    return onp.minimum((onp.cumsum(p, axis=-1) < u).sum(axis=-1), z.shape[-1] - 1)
+    return np.minimum((np.cumsum(p, axis=-1) < u).sum(axis=-1), z.shape[-1] - 1)
 
 
 def generate(params, prompt, num_tokens: int, rng, config: ModelConfig, temperature=1.0,
@@ -202,7 +202,7 @@ def generate(params, prompt, num_tokens: int, rng, config: ModelConfig, temperat
     check_params_fit(params, config)
     single = prompt.ndim == 1
     prompt = prompt[None] if single else prompt
-    out = onp.zeros((prompt.shape[0], num_tokens), dtype=onp.int64)
+    out = np.zeros((prompt.shape[0], num_tokens), dtype=np.int64)
     if num_tokens:
         logits, state = stream(params, prompt, initial_state(config, prompt.shape[0]), config)
         for i in range(num_tokens):

@@ -22,8 +22,8 @@ the parameters (the learned $\mathcal{M}_0$), not from the zeros of the state.
 
 from __future__ import annotations
 
-import autograd.numpy as np
-import numpy as onp
+import autograd.numpy as anp
+import numpy as np
 
 from ..layers import linear
 from ..memory import MemoryState, memory_scan
@@ -36,7 +36,7 @@ def conv_state(cfg, batch_size, names=("q", "k", "v")) -> dict:
     """The last ``K - 1`` inputs of each projection's convolution, ``(B, K - 1, d)``."""
     if not cfg.conv_kernel:
         return {}
-    return {n: onp.zeros((batch_size, cfg.conv_kernel - 1, cfg.d_model)) for n in names}
+    return {n: np.zeros((batch_size, cfg.conv_kernel - 1, cfg.d_model)) for n in names}
 
 
 def conv_dict(states) -> dict:
@@ -50,7 +50,7 @@ def conv_dict(states) -> dict:
 def attention_state(cfg, batch_size, n, *, window, prefix) -> dict:
     """The KV cache after ``n`` tokens of the stream past the ``prefix`` rows."""
     L = 0 if n == 0 else prefix + (n if window is None else min(n, window - 1))
-    zeros = onp.zeros((batch_size, L, cfg.d_model))
+    zeros = np.zeros((batch_size, L, cfg.d_model))
     return {"conv": conv_state(cfg, batch_size), "k": zeros, "v": zeros.copy()}
 
 
@@ -66,13 +66,13 @@ def attention_stream(p, x, cfg, state, *, window, prefix):
     """
     conv = state["conv"]
     (q, cq), (k, ck), (v, cv) = (proj(p["qkv"][n], x, conv.get(n)) for n in ("q", "k", "v"))
-    K = np.concatenate([state["k"], k], axis=1)  # (B, L + T, d): cache, then the new rows
-    V = np.concatenate([state["v"], v], axis=1)
+    K = anp.concatenate([state["k"], k], axis=1)  # (B, L + T, d): cache, then the new rows
+    V = anp.concatenate([state["v"], v], axis=1)
     y = linear(p["W_O"], attend(q, K, V, cfg, window=window, prefix=prefix))
     if window is not None:  # keep the prefix and the last w - 1 rows
         start = max(prefix, K.shape[1] - (window - 1))
-        K = np.concatenate([K[:, :prefix], K[:, start:]], axis=1)
-        V = np.concatenate([V[:, :prefix], V[:, start:]], axis=1)
+        K = anp.concatenate([K[:, :prefix], K[:, start:]], axis=1)
+        V = anp.concatenate([V[:, :prefix], V[:, start:]], axis=1)
     return y, {"conv": conv_dict({"q": cq, "k": ck, "v": cv}), "k": K, "v": V}
 
 
@@ -82,10 +82,10 @@ def attention_stream(p, x, cfg, state, *, window, prefix):
 def memory_state(p, cfg, batch_size, n_buffered) -> dict:
     """$(\\mathcal{M}_{t'}, S_{t'})$ per sequence and the ``n_buffered`` tokens of the chunk."""
     B, d = batch_size, cfg.d_model
-    weights = [onp.zeros((B,) + onp.shape(W)) for W in p["M0"]]
+    weights = [np.zeros((B,) + np.shape(W)) for W in p["M0"]]
     return {"conv": conv_state(cfg, B), "M": weights, "S": [w.copy() for w in weights],
-            "k": onp.zeros((B, n_buffered, d)), "v": onp.zeros((B, n_buffered, d)),
-            "q": onp.zeros((B, n_buffered, d)), "gates": onp.zeros((B, n_buffered, 3))}
+            "k": np.zeros((B, n_buffered, d)), "v": np.zeros((B, n_buffered, d)),
+            "q": np.zeros((B, n_buffered, d)), "gates": np.zeros((B, n_buffered, 3))}
 
 
 def memory_stream(p, x, cfg, state, *, fresh, flush=False, read="after"):
@@ -103,9 +103,9 @@ def memory_stream(p, x, cfg, state, *, fresh, flush=False, read="after"):
     q, k, v, conv = qkv(p["qkv"], x, state["conv"])
     alpha, eta, theta = gates(p, x, cfg)
     n_buf = state["k"].shape[1]
-    Q, K, V = (np.concatenate([state[n], z], axis=1) for n, z in (("q", q), ("k", k),
+    Q, K, V = (anp.concatenate([state[n], z], axis=1) for n, z in (("q", q), ("k", k),
                                                                  ("v", v)))
-    G = np.concatenate([state["gates"], np.stack([alpha, eta, theta], axis=-1)], axis=1)
+    G = anp.concatenate([state["gates"], anp.stack([alpha, eta, theta], axis=-1)], axis=1)
     total, b = n_buf + x.shape[1], cfg.chunk_size
     cut = total if flush else total - total % b  # tokens in whole chunks
     spec = p["M0"]
@@ -127,15 +127,15 @@ def memory_stream(p, x, cfg, state, *, fresh, flush=False, read="after"):
             parts.append(y)
             if hi == cut:
                 st = new  # the weights at the start of the next chunk
-        ys.append(np.concatenate(parts)[n_buf:])
+        ys.append(anp.concatenate(parts)[n_buf:])
         Ms.append(st.params)
         Ss.append(st.momentum)
     depth = len(spec)
     new_state = {"conv": conv_dict(conv),
-                 "M": [np.stack([M[j] for M in Ms]) for j in range(depth)],
-                 "S": [np.stack([S[j] for S in Ss]) for j in range(depth)],
+                 "M": [anp.stack([M[j] for M in Ms]) for j in range(depth)],
+                 "S": [anp.stack([S[j] for S in Ss]) for j in range(depth)],
                  "k": K[:, cut:], "v": V[:, cut:], "q": Q[:, cut:], "gates": G[:, cut:]}
-    return np.stack(ys), new_state
+    return anp.stack(ys), new_state
 
 
 def memory_weights(spec, weights, fresh) -> list:
@@ -144,7 +144,7 @@ def memory_weights(spec, weights, fresh) -> list:
     ``spec`` is the learned $\\mathcal{M}_0$, whose structure (activation, residual form) the
     weights take.
     """
-    B = onp.shape(weights[0])[0]
+    B = np.shape(weights[0])[0]
     if fresh:
         return [spec] * B
     return [spec.like(W[i] for W in weights) for i in range(B)]

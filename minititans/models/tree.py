@@ -8,8 +8,8 @@ thing for every tree of the same structure.
 
 from __future__ import annotations
 
-import autograd.numpy as np
-import numpy as onp
+import autograd.numpy as anp
+import numpy as np
 
 from ..memory import MemoryParams
 
@@ -34,7 +34,7 @@ def tree_leaves(tree) -> list:
 
 def as_float_arrays(tree):
     """Every leaf as a float64 NumPy array (Python floats become 0-d arrays)."""
-    return tree_map(lambda x: onp.asarray(x, dtype=onp.float64), tree)
+    return tree_map(lambda x: np.asarray(x, dtype=np.float64), tree)
 
 
 def ravel(tree):
@@ -43,14 +43,14 @@ def ravel(tree):
     ``unravel(flat)`` is built from slices and reshapes, so autograd differentiates through
     it: the gradient of ``loss(unravel(flat))`` is a flat vector in the same order.
     """
-    leaves = [onp.asarray(x, dtype=onp.float64) for x in tree_leaves(tree)]
+    leaves = [np.asarray(x, dtype=np.float64) for x in tree_leaves(tree)]
     shapes = [x.shape for x in leaves]
     sizes = [x.size for x in leaves]
-    offsets = onp.concatenate([[0], onp.cumsum(sizes)]).astype(int)
-    flat = onp.concatenate([x.ravel() for x in leaves]) if leaves else onp.zeros(0)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    flat = np.concatenate([x.ravel() for x in leaves]) if leaves else np.zeros(0)
 
     def unravel(vec):
-        pieces = iter(np.reshape(vec[offsets[i]:offsets[i + 1]], shapes[i])
+        pieces = iter(anp.reshape(vec[offsets[i]:offsets[i + 1]], shapes[i])
                       for i in range(len(shapes)))
         return tree_map(lambda _: next(pieces), tree)
 
