@@ -5,6 +5,8 @@ r"""Synthetic tasks with a seed and a controllable length (Titans Section 5, in 
   ``"w"`` a 4-symbol UUID-like hex value, both in a haystack of random filler tokens.
 * :class:`MQARTask` — multi-query associative recall (Zoology): key-value pairs, then
   queries that must be answered with the stored value.
+* The six MAD tasks (:mod:`.mad`, Poli et al. 2024): in-context recall, fuzzy and noisy
+  in-context recall, selective copying, compression and memorization.
 
 Every task returns a :class:`Batch` of next-token prediction data whose ``mask`` marks the
 positions where the answer is predicted; only those count in the loss and the accuracy.
@@ -13,6 +15,15 @@ A batch depends only on the ``np.random.Generator`` passed in, so a seed reprodu
 
 from .._checks import check_choice
 from .base import Batch, check_rng, to_batch
+from .mad import (
+    MAD_TASKS,
+    CompressionTask,
+    FuzzyInContextRecallTask,
+    InContextRecallTask,
+    MemorizationTask,
+    NoisyInContextRecallTask,
+    SelectiveCopyingTask,
+)
 from .mqar import MQARTask
 from .needle import FILLER, KEY, NEEDLE_KINDS, NEEDLE_VOCAB, PK_PATTERN, QUERY, NeedleTask
 
@@ -22,6 +33,13 @@ FACTORIES = {
     "needle-n": lambda length: NeedleTask(kind="n", length=length),
     "needle-w": lambda length: NeedleTask(kind="w", length=length),
     "mqar": lambda length: MQARTask(length=length),
+    # MAD (their other settings at MAD's defaults; compression needs a bottleneck decoder)
+    "in_context_recall": lambda length: InContextRecallTask(length=length),
+    "fuzzy_in_context_recall": lambda length: FuzzyInContextRecallTask(length=length),
+    "noisy_in_context_recall": lambda length: NoisyInContextRecallTask(length=length),
+    "selective_copying": lambda length: SelectiveCopyingTask(length=length),
+    "compression": lambda length: CompressionTask(length=length),
+    "memorization": lambda length: MemorizationTask(length=length),
 }
 TASKS = tuple(FACTORIES)
 
@@ -32,5 +50,8 @@ def make_task(name: str, length: int):
     return FACTORIES[name](length)
 
 
-__all__ = ["FACTORIES", "Batch", "FILLER", "KEY", "MQARTask", "NEEDLE_KINDS", "NEEDLE_VOCAB",
-           "NeedleTask", "PK_PATTERN", "QUERY", "TASKS", "check_rng", "make_task", "to_batch"]
+__all__ = ["FACTORIES", "Batch", "CompressionTask", "FILLER", "FuzzyInContextRecallTask",
+           "InContextRecallTask", "KEY", "MAD_TASKS", "MQARTask", "MemorizationTask",
+           "NEEDLE_KINDS", "NEEDLE_VOCAB", "NeedleTask", "NoisyInContextRecallTask",
+           "PK_PATTERN", "QUERY", "SelectiveCopyingTask", "TASKS", "check_rng", "make_task",
+           "to_batch"]
