@@ -88,7 +88,8 @@ def protocol_differences(s) -> str:
     copied = s.task_sizes.get("selective_copying", MINI_TASKS["selective_copying"])["num_tokens"]
     return (f"MAD-mini, not MAD: {span([round(n[0], -2), round(n[-1], -2)])} parameters per "
             f"model at vocab 16 (d_model {span(d)}) instead of width 128; sequences of "
-            f"{span(lengths)} tokens (MAD: 32-256) and {copied} tokens to copy (MAD: 16); {steps} steps of {batch} fresh sequences "
+            f"{span(lengths)} tokens (MAD: 32-256) and {copied} tokens to copy (MAD: 16); "
+            f"{steps} steps of {batch} fresh sequences "
             f"({steps * batch} in all) instead of 200 epochs over 12,800 (memorization: 256); "
             "one setting per task instead of MAD's difficulty sweeps; "
             f"{len(s.lrs)} learning rate(s) {list(s.lrs)}, no weight-decay sweep, the best lr "
