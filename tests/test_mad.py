@@ -331,6 +331,11 @@ def test_mad_table_shows_seeds_published_rows_and_rankings(tiny_result):
     assert "49.4" in text  # the published Transformer compression score
     r = rankings(result)
     assert r["compression"]["published"] == ["LMM", "Transformer"]
+    rows = {(x["model"], x["task"]): x["accuracy"] for x in result["rows"]}
+    a, b = r["compression"]["here"]
+    assert rows[(a, "compression")] >= rows[(b, "compression")]
+    # one seed: separated exactly when the first is strictly better
+    assert r["compression"]["separated"] == (rows[(a, "compression")] > rows[(b, "compression")])
     assert set(PUBLISHED) == {"Transformer", "Gated DeltaNet", "LMM"}
 
 

@@ -317,7 +317,8 @@ def summarize(result: dict) -> dict:
 
 
 def rankings(result: dict) -> dict:
-    """Per task, the order of the published models here and in the paper (best first)."""
+    """Per task, the order of the published models here and in the paper (best first), and
+    whether the order here is ``separated`` (no overlap of the seeds' min-max ranges)."""
     here = summarize(result)
     common = [m for m in PUBLISHED if m in here]
     out = {}
@@ -328,7 +329,10 @@ def rankings(result: dict) -> dict:
                     if t == "MAD-mini" else row[t])
         mine = sorted(common, key=lambda m: -here[m][t][0])
         paper = sorted(common, key=lambda m: -pub(m))
-        out[t] = {"here": mine, "published": paper, "match": mine == paper}
+        # separated: each model's worst seed beats the next one's best (else it is noise)
+        separated = all(here[a][t][1] > here[b][t][2] for a, b in zip(mine, mine[1:]))
+        out[t] = {"here": mine, "published": paper, "match": mine == paper,
+                  "separated": t != "MAD-mini" and separated}
     return out
 
 
@@ -361,7 +365,9 @@ def format_mad_table(result: dict) -> str:
     for t, r in rankings(result).items():
         if len(r["here"]) > 1:
             lines.append(f"  {COLUMNS.get(t, t):10s} here {' > '.join(r['here'])}; paper "
-                         f"{' > '.join(r['published'])}: {'same' if r['match'] else 'differs'}")
+                         f"{' > '.join(r['published'])}: {'same' if r['match'] else 'differs'}"
+                         + ("" if r["separated"] or t == "MAD-mini"
+                            else " (seed ranges overlap: not a clear order)"))
     if result["diverged"]:
         lines.append(f"diverged runs (scored 0): {result['diverged']}")
     lines.append(result["protocol"])
