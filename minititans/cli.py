@@ -1,7 +1,7 @@
 """The ``minititans`` command line: every subcommand and every flag lives here.
 
-``demo`` (recall, then needle), ``recall``, ``needle``, ``ablate``, ``lm``, ``train`` and
-``bench``.
+``demo`` (recall, then needle), ``recall``, ``needle``, ``ablate``, ``lm``, ``mad``,
+``train`` and ``bench``.
 Each experiment command parses its flags into the experiment's settings dataclass and calls
 the experiment module in :mod:`minititans.experiments`; nothing heavy is imported before a
 command runs, so ``minititans --help`` is quick. Run ``minititans COMMAND --help``.
@@ -661,6 +661,85 @@ def _check_lm_args(parser, args) -> None:
             parser.error(f"--text: {e}")
 
 
+# --- mad ----------------------------------------------------------------------------------------
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def run_mad(args) -> int:
+    from .experiments.mad import QUICK, MadSettings
+    from .experiments.mad import run_mad as run_mad_experiment
+
+    settings = QUICK if args.quick else MadSettings()
+    changes = {"backend": args.backend}
+    if args.seeds is not None:
+        changes["seeds"] = tuple(range(args.seeds))
+    if args.models is not None:
+        changes["models"] = tuple(dict.fromkeys(args.models))
+    if args.tasks is not None:
+        changes["tasks"] = tuple(dict.fromkeys(args.tasks))
+    if args.lrs is not None:
+        changes["lrs"] = tuple(args.lrs)
+    if args.steps is not None:
+        warmup = min(settings.train["warmup"], args.steps // 2)
+        changes["train"] = {**settings.train, "steps": args.steps, "warmup": warmup}
+    start = time.perf_counter()
+    run_mad_experiment(replace(settings, **changes), None if args.out is None else Path(args.out),
+                       progress=not args.quiet, workers=args.workers)
+    print(f"mad: {time.perf_counter() - start:.0f} s in all")
+    return 0
+
+
+def _add_mad(sub):
+    from .models.config import MODEL_NAMES
+    from .tasks.mad import MAD_TASKS
+
+    p = sub.add_parser(
+        "mad", help="MAD-mini: the six MAD tasks for every model (Titans NeurIPS Table 10)",
+        description="Train every model (Transformer, SWA, linear attention, Gated DeltaNet, "
+                    "LMM, MAC, MAG, MAL) at about equal parameter count, 2 blocks, on the six "
+                    "MAD tasks (in-context recall, fuzzy and noisy recall, selective copying, "
+                    "compression, memorization), with a sweep of two learning rates and three "
+                    "seeds; print accuracy per task and the mean next to the published rows. "
+                    "A miniature (smaller width, shorter sequences and training, no "
+                    "difficulty sweeps): MAD-mini, not MAD. About 20 minutes on 2 cores; "
+                    "--quick: one seed, a few steps, under 3 minutes.")
+    _common(p, "write mad.png and results.json (key 'mad') into DIR")
+    p.add_argument("--quick", action="store_true",
+                   help="one seed, 25 steps of batch 4, shorter sequences (a smoke run)")
+    p.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
+                   help="number of seeds 0..N-1 (default 3; --quick: 1)")
+    p.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=None, metavar="MODEL",
+                   help=f"models to run (default all: {' '.join(MODEL_NAMES)})")
+    p.add_argument("--tasks", nargs="+", choices=tuple(MAD_TASKS), default=None,
+                   metavar="TASK", help=f"tasks to run (default all: {' '.join(MAD_TASKS)})")
+    p.add_argument("--lrs", nargs="+", type=_positive_float, default=None, metavar="LR",
+                   help="learning rates swept per run (default 0.003 0.01)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="training steps per run (default 150; --quick: 25)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="parallel training processes (default: number of cores)")
+    p.set_defaults(func=run_mad)
+
+
 # --- bench --------------------------------------------------------------------------------------
 
 
@@ -771,6 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_ablate(sub)
     _add_lm(sub)
+    _add_mad(sub)
     _add_bench(sub)
     return parser
 

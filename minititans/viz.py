@@ -240,3 +240,44 @@ def plot_lm(result: dict, window: int, axes=None):
                        f"{c['python_version']}, sha256 {c['checksum'][:12]}", fontsize=10)
     ax.figure.tight_layout()
     return ax.figure
+
+
+def plot_mad(result: dict, ax=None):
+    """MAD-mini: accuracy per task, one bar per model (mean over seeds, min-max whiskers,
+    seeds as dots); the published full-MAD values as hollow diamonds, chance as grey ticks."""
+    import numpy as np
+
+    from .experiments.mad import COLUMNS, PUBLISHED, TABLE_ORDER, summarize
+
+    stats = summarize(result)
+    tasks = [t for t in TABLE_ORDER if t in result["chance"]]
+    models = list(stats)
+    fig, ax = _axes(ax, figsize=(max(8, 1.6 * len(tasks) + 2), 4.4))
+    width = 0.8 / len(models)
+    for i, m in enumerate(models):
+        xs = np.arange(len(tasks)) - 0.4 + (i + 0.5) * width
+        mean = [stats[m][t][0] for t in tasks]
+        err = [[stats[m][t][0] - stats[m][t][1] for t in tasks],
+               [stats[m][t][2] - stats[m][t][0] for t in tasks]]
+        bars = ax.bar(xs, mean, width, yerr=err, capsize=2, label=m)
+        for x, t in zip(xs, tasks):
+            accs = [100 * r["accuracy"] for r in result["rows"]
+                    if r["model"] == m and r["task"] == t]
+            ax.plot([x] * len(accs), accs, ".", color="black", markersize=3)
+            if m in PUBLISHED:
+                ax.plot(x, PUBLISHED[m][t], "D", markerfacecolor="none",
+                        color=bars.patches[0].get_facecolor(), markeredgecolor="black",
+                        markersize=5)
+    for j, t in enumerate(tasks):
+        ax.hlines(100 * result["chance"][t], j - 0.45, j + 0.45, color="gray", linewidth=1,
+                  linestyle=":")
+    ax.plot([], [], "D", markerfacecolor="none", markeredgecolor="black",
+            label="published (full MAD)")
+    ax.set_xticks(range(len(tasks)), [COLUMNS[t] for t in tasks])
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("MAD-mini: every model at ~equal parameter count (dotted: chance)",
+                 fontsize=10)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    return fig

@@ -195,7 +195,7 @@ def lm_experiment(settings: LMSettings = LMSettings(), corpus: Corpus | None = N
     base = configs.get(settings.depth_model) or model_config(settings.depth_model, settings,
                                                              V, backend)
     depth_configs = {d: base.with_(memory_depth=d) for d in settings.depths}
-    for d, cfg in depth_configs.items():
+    for cfg in depth_configs.values():
         if cfg != configs.get(settings.depth_model):
             jobs += [("depth", cfg, settings, seed, corpus) for seed in settings.seeds]
     order = sorted(range(len(jobs)), key=lambda i: -_COST.get(jobs[i][1].model, 1)

@@ -95,7 +95,7 @@ def hvp_rows(W, spec, key, A, B, HD, ZB, Xbar, Vbar, work):
         Xbar ``(n, d_in)``, Vbar ``(n, d_out)``: written, $\bar k_r$ and $\bar v_r$.
         work: scratch of :func:`hvp_work_size` elements.
     """
-    X, V, Z, D, HD1, DH, ln, pred = key.X, key.V, key.Z, key.D, key.HD1, key.DH, key.ln, key.y
+    V, Z, D, HD1, DH, ln, pred = key.V, key.Z, key.D, key.HD1, key.DH, key.ln, key.y
     n, d_out = pred.shape
     shapes, offsets = spec.shapes, spec.offsets
     L = shapes.shape[0]

@@ -7,17 +7,28 @@ r"""Synthetic tasks with a seed and a controllable length (Titans Section 5, in 
   queries that must be answered with the stored value.
 * :class:`CorpusTask` — real text: next-character prediction on the running Python's own
   documentation and sources (:func:`python_corpus`) or a user's file (:func:`load_text_file`).
+* The six MAD tasks (:mod:`.mad`, Poli et al. 2024): in-context recall, fuzzy and noisy
+  in-context recall, selective copying, compression and memorization.
 
 Every task returns a :class:`Batch` of next-token prediction data whose ``mask`` marks the
 positions where the answer is predicted; only those count in the loss and the accuracy.
 A batch depends only on the ``np.random.Generator`` passed in, so a seed reproduces it.
 """
 
-from .._checks import check_choice
 from functools import lru_cache
 
+from .._checks import check_choice
 from .base import Batch, check_rng, to_batch
 from .corpus import STDLIB_MODULES, Corpus, CorpusTask, load_text_file, python_corpus
+from .mad import (
+    MAD_TASKS,
+    CompressionTask,
+    FuzzyInContextRecallTask,
+    InContextRecallTask,
+    MemorizationTask,
+    NoisyInContextRecallTask,
+    SelectiveCopyingTask,
+)
 from .mqar import MQARTask
 from .needle import FILLER, KEY, NEEDLE_KINDS, NEEDLE_VOCAB, PK_PATTERN, QUERY, NeedleTask
 
@@ -28,6 +39,13 @@ FACTORIES = {
     "needle-w": lambda length: NeedleTask(kind="w", length=length),
     "mqar": lambda length: MQARTask(length=length),
     "python-docs": lambda length: CorpusTask(_python_corpus(), length),
+    # MAD (their other settings at MAD's defaults; compression needs a bottleneck decoder)
+    "in_context_recall": lambda length: InContextRecallTask(length=length),
+    "fuzzy_in_context_recall": lambda length: FuzzyInContextRecallTask(length=length),
+    "noisy_in_context_recall": lambda length: NoisyInContextRecallTask(length=length),
+    "selective_copying": lambda length: SelectiveCopyingTask(length=length),
+    "compression": lambda length: CompressionTask(length=length),
+    "memorization": lambda length: MemorizationTask(length=length),
 }
 TASKS = tuple(FACTORIES)
 
@@ -43,6 +61,9 @@ def make_task(name: str, length: int):
     return FACTORIES[name](length)
 
 
-__all__ = ["FACTORIES", "Batch", "Corpus", "CorpusTask", "FILLER", "KEY", "MQARTask", "NEEDLE_KINDS", "NEEDLE_VOCAB",
-           "NeedleTask", "PK_PATTERN", "QUERY", "STDLIB_MODULES", "TASKS", "check_rng", "load_text_file",
-           "make_task", "python_corpus", "to_batch"]
+__all__ = ["FACTORIES", "Batch", "CompressionTask", "Corpus", "CorpusTask", "FILLER",
+           "FuzzyInContextRecallTask", "InContextRecallTask", "KEY", "MAD_TASKS", "MQARTask",
+           "MemorizationTask", "NEEDLE_KINDS", "NEEDLE_VOCAB", "NeedleTask",
+           "NoisyInContextRecallTask", "PK_PATTERN", "QUERY", "STDLIB_MODULES",
+           "SelectiveCopyingTask", "TASKS", "check_rng", "load_text_file", "make_task",
+           "python_corpus", "to_batch"]
