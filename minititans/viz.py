@@ -242,15 +242,17 @@ def plot_lm(result: dict, window: int, axes=None):
     return ax.figure
 
 
-def plot_mad(result: dict, ax=None):
+def plot_mad(result: dict, *, stats: dict, published: dict, columns: dict, order, ax=None):
     """MAD-mini: accuracy per task, one bar per model (mean over seeds, min-max whiskers,
-    seeds as dots); the published full-MAD values as hollow diamonds, chance as grey ticks."""
+    seeds as dots); the published full-MAD values as hollow diamonds, chance as grey ticks.
+
+    ``stats`` is ``{model: {task: (mean, min, max)}}`` in % (``experiments.mad.summarize``),
+    ``published`` the paper's rows, ``columns`` the short task names, ``order`` the tasks.
+    """
     import numpy as np
 
-    from .experiments.mad import COLUMNS, PUBLISHED, TABLE_ORDER, summarize
-
-    stats = summarize(result)
-    tasks = [t for t in TABLE_ORDER if t in result["chance"]]
+    PUBLISHED, COLUMNS = published, columns
+    tasks = [t for t in order if t in result["chance"]]
     models = list(stats)
     fig, ax = _axes(ax, figsize=(max(8, 1.6 * len(tasks) + 2), 4.4))
     width = 0.8 / len(models)

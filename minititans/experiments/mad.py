@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as onp
+import numpy as np
 
 from ..activations import gelu
 from ..layers import init_linear, init_rms_norm, linear, rms_norm
@@ -148,11 +148,11 @@ def make_task(name: str, s: MadSettings, *, evaluation: bool = False):
 
 def position_code(T: int, d: int):
     """Fixed sinusoidal codes ``(T, d)``: what MAD's decoder adds to tell positions apart."""
-    pos = onp.arange(T)[:, None]
-    freq = onp.exp(-math.log(10_000.0) * onp.arange(0, d, 2) / d)[None]  # (1, d/2)
-    code = onp.zeros((T, d))
-    code[:, 0::2] = onp.sin(pos * freq)
-    code[:, 1::2] = onp.cos(pos * freq)[:, :d // 2]
+    pos = np.arange(T)[:, None]
+    freq = np.exp(-math.log(10_000.0) * np.arange(0, d, 2) / d)[None]  # (1, d/2)
+    code = np.zeros((T, d))
+    code[:, 0::2] = np.sin(pos * freq)
+    code[:, 1::2] = np.cos(pos * freq)[:, :d // 2]
     return code
 
 
@@ -174,7 +174,7 @@ class AutoEncoder(Model):
         return params
 
     def apply(self, params, tokens):
-        tokens = onp.asarray(tokens)
+        tokens = np.asarray(tokens)
         if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
             raise ValueError(f"tokens must be ints of shape (B, T), got {tokens.shape}")
         cfg = self.config
@@ -199,7 +199,7 @@ def build_model(name: str, task, s: MadSettings, backend: str) -> Model:
 
 
 def count_params(model: Model) -> int:
-    return int(sum(onp.size(w) for w in tree_leaves(model.init(onp.random.default_rng(0)))))
+    return int(sum(np.size(w) for w in tree_leaves(model.init(np.random.default_rng(0)))))
 
 
 # --- one job, the experiment ------------------------------------------------------------------
@@ -310,8 +310,8 @@ def summarize(result: dict) -> dict:
         for t in dict.fromkeys(r["task"] for r in result["rows"]):
             accs = [100 * r["accuracy"] for r in result["rows"]
                     if r["model"] == m and r["task"] == t]
-            cells[t] = (float(onp.mean(accs)), float(min(accs)), float(max(accs)))
-        cells["MAD-mini"] = (float(onp.mean([c[0] for c in cells.values()])),) * 3
+            cells[t] = (float(np.mean(accs)), float(min(accs)), float(max(accs)))
+        cells["MAD-mini"] = (float(np.mean([c[0] for c in cells.values()])),) * 3
         out[m] = cells
     return out
 
@@ -325,7 +325,7 @@ def rankings(result: dict) -> dict:
     for t in [t for t in TABLE_ORDER if t in result["chance"]] + ["MAD-mini"]:
         def pub(m, t=t):
             row = PUBLISHED[m]
-            return (onp.mean([row[c] for c in TABLE_ORDER if c in result["chance"]])
+            return (np.mean([row[c] for c in TABLE_ORDER if c in result["chance"]])
                     if t == "MAD-mini" else row[t])
         mine = sorted(common, key=lambda m: -here[m][t][0])
         paper = sorted(common, key=lambda m: -pub(m))
@@ -358,7 +358,7 @@ def format_mad_table(result: dict) -> str:
     lines.append("published (Titans NeurIPS Table 10, full MAD; ICR and noisy ICR are one "
                  "column there):")
     for m, row in PUBLISHED.items():
-        mean = onp.mean([row[t] for t in tasks])
+        mean = np.mean([row[t] for t in tasks])
         lines.append(f"{m + ' (paper)':25s}" + "".join(f"{row[t]:{w}.1f}" for t in tasks)
                      + f"{mean:10.1f}")
     lines.append("ranking of Transformer / Gated DeltaNet / LMM, here vs published:")
@@ -398,7 +398,8 @@ def run_mad(settings: MadSettings, out_dir: Path | None = None, *, progress: boo
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        fig = plot_mad(result)
+        fig = plot_mad(result, stats=summarize(result), published=PUBLISHED, columns=COLUMNS,
+                       order=TABLE_ORDER)
         fig.savefig(out / "mad.png", dpi=120)
         plt.close(fig)
         path = update_results_json(out, "mad", result)
