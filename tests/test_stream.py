@@ -342,3 +342,19 @@ if __name__ == "__main__":  # python tests/test_stream.py [numba]
     print(f"{'model':18s} {'config':14s} " + " ".join(f"{k:>12s}" for k in splits))
     for model, label, diffs in rows:
         print(f"{model:18s} {label:14s} " + " ".join(f"{v:12.1e}" for v in diffs.values()))
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("model", ["lmm", "mac", "mag", "mal"])
+def test_anchored_memory_models_stream_exactly_and_differ_from_eq13(model, backend):
+    """``anchored_memory=True`` (forgetting towards M_0) streams like any model, and with
+    forgetting at work it is not the same model as Eq. 13 as printed."""
+    cfg = tiny(model, chunk_size=3).with_(anchored_memory=True, backend=backend,
+                                          alpha_init=0.3)
+    m, params, tokens = setup(cfg)
+    whole = m.apply(params, tokens)
+    for sizes in SPLITS[:2]:
+        got, _ = run_pieces(m, params, tokens, sizes)
+        assert max_diff(got, whole) < EXACT, sizes
+    plain = Model(cfg.with_(anchored_memory=False)).apply(params, tokens)
+    assert max_diff(plain, whole) > 1e-6

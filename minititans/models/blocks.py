@@ -125,9 +125,10 @@ def gates(p, x, cfg):
     return (alpha if cfg.forgetting else zero), (eta if cfg.momentum else zero), theta
 
 
-def initial_states(p, batch_size):
-    r"""One fresh memory per sequence: $(\mathcal{M}_0, S_0 = 0)$."""
-    return [MemoryState.initial(p["M0"]) for _ in range(batch_size)]
+def initial_states(p, batch_size, anchored=False):
+    r"""One fresh memory per sequence: $(\mathcal{M}_0, S_0 = 0)$, forgetting towards
+    $\mathcal{M}_0$ when ``anchored`` (``ModelConfig.anchored_memory``)."""
+    return [MemoryState.initial(p["M0"], anchored=anchored) for _ in range(batch_size)]
 
 
 def memory_core(p, x, cfg, states=None, conv_states=None, read="after"):
@@ -142,7 +143,7 @@ def memory_core(p, x, cfg, states=None, conv_states=None, read="after"):
     """
     q, k, v, conv_states = qkv(p["qkv"], x, conv_states)
     if states is None:
-        states = initial_states(p, np.shape(x)[0])
+        states = initial_states(p, np.shape(x)[0], cfg.anchored_memory)
     alpha, eta, theta = gates(p, x, cfg)
     ys, new_states = [], []
     for b, state in enumerate(states):

@@ -51,6 +51,8 @@ class ModelConfig:
     theta_max: float = 0.1         # the largest inner step the theta gate can give
     surprise_clip: float = 0.0     # clip each token's surprise to this norm (0: off); deep
     #                                memories with momentum can diverge without it
+    anchored_memory: bool = False  # forget towards the learned M_0 instead of 0 (our remedy
+    #                                for long streams, docs/design-decisions.md); False: Eq. 13
     memory_causal: bool = True     # MAC: memory token m visible only from segment token m on
     backend: str = "reference"     # memory scan: "reference" (NumPy+autograd) or "numba"
 

@@ -83,7 +83,7 @@ def layer(p, h, cfg):
     # the attention's projections of the segment tokens, also along the stream
     QKV_x = [proj(attn["qkv"][n], x)[0] for n in ("q", "k", "v")]  # 3 x (B, T, d)
     P = with_persistent(p["persistent"], x[:, :0], cfg)  # (B, N_p, d)
-    states, conv_states = initial_states(mem, B), None
+    states, conv_states = initial_states(mem, B, cfg.anchored_memory), None
     outs = []
     for start in range(0, T, C):
         seg = slice(start, min(start + C, T))

@@ -112,10 +112,11 @@ def memory_stream(p, x, cfg, state, *, fresh, flush=False, read="after"):
     ys, Ms, Ss = [], [], []
     for i in range(x.shape[0]):
         if fresh:
-            st = MemoryState.initial(spec)
+            st = MemoryState.initial(spec, anchored=cfg.anchored_memory)
         else:
             st = MemoryState(spec.like(W[i] for W in state["M"]),
-                             spec.like(S[i] for S in state["S"]))
+                             spec.like(S[i] for S in state["S"]),
+                             spec if cfg.anchored_memory else None)
         parts = []
         for lo, hi in ((0, cut), (cut, total)):
             if hi == lo:
