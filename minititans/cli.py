@@ -124,7 +124,6 @@ def _validate_recall(parser, args) -> None:
 
 def run_recall(args) -> int:
     from .experiments.recall import format_recall_table, recall_experiment
-    from .io import update_results_json
 
     if getattr(args, "_parser", None) is not None:  # the recall command's own flags
         _validate_recall(args._parser, args)
@@ -135,17 +134,9 @@ def run_recall(args) -> int:
     print(format_recall_table(result))
     print(f"recall: {time.perf_counter() - start:.1f} s")
     if args.out is not None:
-        import matplotlib
+        from .viz import plot_recall, write_outputs
 
-        matplotlib.use("Agg")
-        from .viz import plot_recall
-
-        out = Path(args.out)
-        fig = plot_recall(result)
-        out.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out / "recall.png", dpi=120)
-        path = update_results_json(out, "recall", result)
-        print(f"wrote {out / 'recall.png'} and {path}")
+        write_outputs(args.out, "recall", result, plot_recall, "recall.png")
     return 0
 
 
@@ -570,7 +561,6 @@ def run_lm(args) -> int:
         argv = [sys.executable, "-m", "minititans.cli", *args.argv]
         return subprocess.run(argv, env=env).returncode
     from .experiments.lm import QUICK, LMSettings, format_lm_table, lm_experiment
-    from .io import update_results_json
 
     settings = QUICK if args.quick else LMSettings()
     changes = {"backend": args.backend}
@@ -598,20 +588,9 @@ def run_lm(args) -> int:
     print(f"lm: {timing['seconds']:.1f} s ({timing['cpu_seconds']:.0f} s of CPU in the jobs), "
           f"backend {timing['backend']}")
     if args.out is not None:
-        import matplotlib
+        from .viz import plot_lm, write_outputs
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from .viz import plot_lm
-
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        fig = plot_lm(result, settings.window)
-        fig.savefig(out / "lm.png", dpi=120)
-        plt.close(fig)
-        path = update_results_json(out, "lm", result)
-        print(f"wrote {out / 'lm.png'} and {path}")
+        write_outputs(args.out, "lm", result, lambda r: plot_lm(r, settings.window), "lm.png")
     return 0
 
 

@@ -283,3 +283,24 @@ def plot_mad(result: dict, *, stats: dict, published: dict, columns: dict, order
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     return fig
+
+
+def write_outputs(out_dir, key: str, result: dict, plot, png: str) -> None:
+    """An experiment's ``--out DIR``: ``DIR/png`` from ``plot(result)`` (a function that
+    returns a Figure) and ``result`` under ``key`` in ``DIR/results.json``; says both."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import update_results_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig = plot(result)
+    fig.savefig(out / png, dpi=120)
+    plt.close(fig)
+    path = update_results_json(out, key, result)
+    print(f"wrote {out / png} and {path}")

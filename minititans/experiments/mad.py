@@ -378,7 +378,6 @@ def run_mad(settings: MadSettings, out_dir: Path | None = None, *, progress: boo
             workers: int | None = None) -> dict:
     """Run, print the table and the timing; with ``out_dir`` write ``mad.png`` and the
     ``"mad"`` key of ``results.json``. Returns the result dict."""
-    from ..io import update_results_json
 
     n = len(settings.models) * len(settings.tasks) * len(settings.seeds) * len(settings.lrs)
     print(f"MAD-mini: {len(settings.models)} models x {len(settings.tasks)} tasks x "
@@ -389,19 +388,9 @@ def run_mad(settings: MadSettings, out_dir: Path | None = None, *, progress: boo
     print(f"mad: {timing['seconds']:.0f} s on {timing['workers']} worker(s), backend "
           f"{timing['backend']}")
     if out_dir is not None:
-        import matplotlib
+        from ..viz import plot_mad, write_outputs
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from ..viz import plot_mad
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        fig = plot_mad(result, stats=summarize(result), published=PUBLISHED, columns=COLUMNS,
-                       order=TABLE_ORDER)
-        fig.savefig(out / "mad.png", dpi=120)
-        plt.close(fig)
-        path = update_results_json(out, "mad", result)
-        print(f"wrote {out / 'mad.png'} and {path}")
+        write_outputs(out_dir, "mad", result, lambda r: plot_mad(
+            r, stats=summarize(r), published=PUBLISHED, columns=COLUMNS, order=TABLE_ORDER),
+            "mad.png")
     return result
