@@ -49,7 +49,7 @@ class TrainConfig:
     beta2: float = 0.99         # Adam's second-moment decay
     eps: float = 1e-8
     weight_decay: float = 0.0   # AdamW's decoupled decay (the paper: 0.1)
-    clip_norm: float = 1.0      # global gradient norm clip; 0 turns it off
+    max_grad_norm: float = 1.0  # clip the outer gradient to this global norm; 0 turns it off
     seed: int = 0               # initial parameters and every batch
 
     def __post_init__(self):
@@ -58,7 +58,7 @@ class TrainConfig:
         check_int("warmup", self.warmup, minimum=0)
         check_int("seed", self.seed, minimum=0)
         for name in ("lr", "min_lr_ratio", "beta1", "beta2", "eps", "weight_decay",
-                     "clip_norm"):
+                     "max_grad_norm"):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, (int, float)):
                 raise TypeError(f"{name} must be a float, got {val!r}")
@@ -71,7 +71,7 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps!r}")
-        for name in ("weight_decay", "clip_norm"):
+        for name in ("weight_decay", "max_grad_norm"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
@@ -161,10 +161,10 @@ class TrainState:
 
 
 def adamw_step(state: TrainState, g, cfg: TrainConfig) -> tuple[TrainState, float]:
-    """Clip ``g`` to ``clip_norm``, then one AdamW step; returns the new state and |g|."""
+    """Clip ``g`` to ``max_grad_norm``, then one AdamW step; returns the new state and |g|."""
     norm = float(np.sqrt(np.sum(g * g)))
-    if cfg.clip_norm and norm > cfg.clip_norm:
-        g = g * (cfg.clip_norm / norm)
+    if cfg.max_grad_norm and norm > cfg.max_grad_norm:
+        g = g * (cfg.max_grad_norm / norm)
     t = state.step + 1
     m = cfg.beta1 * state.m + (1 - cfg.beta1) * g
     v = cfg.beta2 * state.v + (1 - cfg.beta2) * g * g

@@ -105,7 +105,7 @@ def memory_stream(p, x, cfg, state):
     ys = []
     for t in range(len(x)):
         state = memory_step(state, k[t], v[t], alpha=alpha[t], eta=eta[t], theta=theta[t],
-                            max_grad_norm=cfg.surprise_clip or None)
+                            max_grad_norm=cfg.max_grad_norm or None)
         ys.append(memory_forward(state.params, q[t]))
     return np.array(ys), state
 
@@ -199,7 +199,7 @@ def mac_block(p, h, cfg, order="paper"):
             ms, st = [], before
             for t in range(n):
                 st = memory_step(st, k[t], v[t], alpha=a[t], eta=e[t], theta=th[t],
-                                 max_grad_norm=cfg.surprise_clip or None)
+                                 max_grad_norm=cfg.max_grad_norm or None)
                 ms.append(memory_forward(st.params, q[t]))  # M*_t(y_t), Eq. 25
             state = st
             m = np.array(ms)
@@ -290,7 +290,7 @@ def memory_token(p_mem, x, cfg, st):
     q, k, v = l2n(silu(q)), l2n(silu(k)), silu(v)
     alpha, eta, theta = gates(p_mem["gates"], x[None], cfg)
     st["mem"] = memory_step(st["mem"], k, v, alpha=alpha[0], eta=eta[0], theta=theta[0],
-                            max_grad_norm=cfg.surprise_clip or None)
+                            max_grad_norm=cfg.max_grad_norm or None)
     return memory_forward(st["mem"].params, q)
 
 

@@ -71,7 +71,7 @@ def test_eq4_5_eq2_long_sequences_in_chunks_and_bands_match_hand_assembled_forwa
 
 @pytest.mark.parametrize("changes", [dict(momentum=False), dict(forgetting=False),
                                      dict(memory_depth=1), dict(conv_kernel=0),
-                                     dict(surprise_clip=0.05),
+                                     dict(max_grad_norm=0.05),
                                      dict(num_persistent=0)])
 def test_eq13_14_ablation_switches_match_hand_assembled_forward(changes):
     cfg = tiny("lmm", **changes)

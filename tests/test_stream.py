@@ -202,7 +202,7 @@ def test_windowed_models_evaluate_16384_tokens_without_a_T_by_T_matrix(model, ba
     if backend == "numba" and not numba_available():
         pytest.skip("needs numba")
     cfg = tiny(model, d_model=4, num_heads=1, num_layers=1, ffn_expansion=0, window=8,
-               chunk_size=16, theta_init=0.02, theta_max=0.1, surprise_clip=1.0,
+               chunk_size=16, theta_init=0.02, theta_max=0.1, max_grad_norm=1.0,
                backend=backend)
     m = Model(cfg)
     params = m.init(np.random.default_rng(0))
@@ -322,10 +322,10 @@ def exactness_table(T=160, seed=0, backend="reference"):
     rows = []
     for model in MODEL_NAMES:
         # clipped surprise: with a random M_0 (see setup) a long sequence can diverge
-        for label, cfg in (("tiny, chunk 3", tiny(model, chunk_size=3, surprise_clip=1.0,
+        for label, cfg in (("tiny, chunk 3", tiny(model, chunk_size=3, max_grad_norm=1.0,
                                                    backend=backend)),
                            ("defaults", ModelConfig(model=model, vocab_size=12,
-                                                    surprise_clip=1.0, backend=backend))):
+                                                    max_grad_norm=1.0, backend=backend))):
             m, params, tokens = setup(cfg, T=T)
             whole = m.apply(params, tokens)
             diffs = {k: max_diff(run_pieces(m, params, tokens, s)[0], whole)

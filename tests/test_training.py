@@ -48,7 +48,7 @@ def test_warmup_then_cosine_schedule():
 
 
 def test_adamw_step_clips_and_matches_the_formula():
-    cfg = TrainConfig(steps=10, warmup=0, lr=0.5, clip_norm=1.0, weight_decay=0.1)
+    cfg = TrainConfig(steps=10, warmup=0, lr=0.5, max_grad_norm=1.0, weight_decay=0.1)
     p = np.array([1.0, -2.0])
     g = np.array([3.0, 4.0])  # norm 5 -> clipped to (0.6, 0.8)
     state, norm = adamw_step(TrainState(p, np.zeros(2), np.zeros(2), 0), g, cfg)
@@ -185,12 +185,12 @@ def test_adamw_over_four_steps_matches_the_closed_form_moments():
     # m_t = (1 - β1) Σ_i β1^(t-i) g_i, v_t = (1 - β2) Σ_i β2^(t-i) g_i², bias-corrected by
     # 1 - β^t; p_t = p_{t-1} - lr (m̂_t / (√v̂_t + ε) + λ p_{t-1}). Constant lr (no schedule).
     cfg = TrainConfig(steps=4, warmup=0, min_lr_ratio=1.0, lr=0.05, beta1=0.8, beta2=0.95,
-                      clip_norm=2.0, weight_decay=0.1)
+                      max_grad_norm=2.0, weight_decay=0.1)
     rng = np.random.default_rng(7)
     grads = [rng.standard_normal(3) * s for s in (0.5, 3.0, 1.0, 4.0)]  # 2 and 4 are clipped
     p = rng.standard_normal(3)
     state = TrainState(p.copy(), np.zeros(3), np.zeros(3), 0)
-    clipped = [_naive_clip(g, cfg.clip_norm) for g in grads]
+    clipped = [_naive_clip(g, cfg.max_grad_norm) for g in grads]
     for t in range(1, 5):
         state, norm = adamw_step(state, grads[t - 1], cfg)
         assert norm == pytest.approx(np.linalg.norm(grads[t - 1]), rel=1e-12)
@@ -245,7 +245,7 @@ def test_table5_each_ablation_row_changes_exactly_its_switch():
     base = row_config("LMM", s, 32, "reference")
     assert (base.model, base.momentum, base.forgetting) == ("lmm", True, True)
     assert base.memory_depth == 1
-    assert base.conv_kernel > 0 and base.num_persistent > 0 and base.surprise_clip == 0.0
+    assert base.conv_kernel > 0 and base.num_persistent > 0 and base.max_grad_norm == 0.0
     assert (base.window, base.segment_len, base.vocab_size) == (s.window, s.window, 32)
     want = {  # Titans Table 5's rows, written out here rather than read from ABLATIONS
         "LMM": {},
@@ -253,7 +253,7 @@ def test_table5_each_ablation_row_changes_exactly_its_switch():
         "w/o weight decay": {"forgetting": False},
         "w/o conv": {"conv_kernel": 0},
         "w/o persistent memory": {"num_persistent": 0},
-        "deep memory (L_M = 2)": {"memory_depth": 2, "surprise_clip": 1.0},
+        "deep memory (L_M = 2)": {"memory_depth": 2, "max_grad_norm": 1.0},
         "MAC": {"model": "mac"}, "MAG": {"model": "mag"}, "MAL": {"model": "mal"},
     }
     assert set(ABLATIONS) | set(TITANS_ROWS) == set(want)

@@ -26,7 +26,7 @@ ABLATIONS = {
     "w/o weight decay": {"forgetting": False},
     "w/o conv": {"conv_kernel": 0},
     "w/o persistent memory": {"num_persistent": 0},
-    "deep memory (L_M = 2)": {"memory_depth": 2, "surprise_clip": 1.0},
+    "deep memory (L_M = 2)": {"memory_depth": 2, "max_grad_norm": 1.0},
 }
 TITANS_ROWS = {"MAC": {"model": "mac"}, "MAG": {"model": "mag"}, "MAL": {"model": "mal"}}
 # the needle experiment's per-model training changes, keyed by row label

@@ -47,7 +47,7 @@ class LMSettings:
     # one block, two heads; a deep memory (L_M = 2, the paper's default) with its surprise
     # clipped so that it cannot diverge (see docs/design-decisions.md)
     model: dict = field(default_factory=lambda: dict(num_layers=1, num_heads=2,
-                                                     memory_depth=2, surprise_clip=1.0))
+                                                     memory_depth=2, max_grad_norm=1.0))
     train: dict = field(default_factory=lambda: dict(steps=400, batch_size=4, lr=5e-3,
                                                      warmup=20))
     depths: tuple = (1, 2, 3, 4)   # the memory-depth study (Fig. 7), on depth_model

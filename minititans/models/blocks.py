@@ -150,7 +150,7 @@ def memory_core(p, x, cfg, states=None, conv_states=None, read="after"):
         y, state = memory_scan(state, k[b], v[b], q[b], alpha=alpha[b], eta=eta[b],
                                theta=theta[b], chunk_size=cfg.chunk_size, read=read,
                                backend=cfg.backend,
-                               max_grad_norm=cfg.surprise_clip or None,
+                               max_grad_norm=cfg.max_grad_norm or None,
                                partial_chunk="ok")  # MAC restarts the chunks every segment
         ys.append(y)
         new_states.append(state)

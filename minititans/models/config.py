@@ -49,7 +49,8 @@ class ModelConfig:
     #                                the memory per token until the gate learns otherwise
     theta_init: float = 0.02       # theta at initialisation (gates.THETA_INIT)
     theta_max: float = 0.1         # the largest inner step the theta gate can give
-    surprise_clip: float = 0.0     # clip each token's surprise to this norm (0: off); deep
+    max_grad_norm: float = 0.0     # clip the memory's inner gradient, each token's surprise,
+    #                                to this norm (memory_scan's max_grad_norm; 0: off); deep
     #                                memories with momentum can diverge without it
     anchored_memory: bool = False  # forget towards the learned M_0 instead of 0 (our remedy
     #                                for long streams, docs/design-decisions.md); False: Eq. 13
@@ -80,8 +81,8 @@ class ModelConfig:
             raise ValueError(f"alpha_init must be in (0, 1), got {self.alpha_init!r}")
         if not self.theta_max > 0 or self.theta_max == float("inf"):
             raise ValueError(f"theta_max must be a finite float > 0, got {self.theta_max!r}")
-        if not self.surprise_clip >= 0:
-            raise ValueError(f"surprise_clip must be >= 0, got {self.surprise_clip!r}")
+        if not self.max_grad_norm >= 0:
+            raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
         if not 0 < self.theta_init < self.theta_max:
             raise ValueError(f"need 0 < theta_init < theta_max, got {self.theta_init!r} and "
                              f"{self.theta_max!r}")

@@ -124,7 +124,7 @@ def memory_stream(p, x, cfg, state, *, fresh, flush=False, read="after"):
             y, new = memory_scan(st, K[i, lo:hi], V[i, lo:hi], Q[i, lo:hi],
                                  alpha=G[i, lo:hi, 0], eta=G[i, lo:hi, 1],
                                  theta=G[i, lo:hi, 2], chunk_size=b, read=read,
-                                 backend=cfg.backend, max_grad_norm=cfg.surprise_clip or None)
+                                 backend=cfg.backend, max_grad_norm=cfg.max_grad_norm or None)
             parts.append(y)
             if hi == cut:
                 st = new  # the weights at the start of the next chunk
