@@ -259,8 +259,10 @@ def parse_config(text):
 
 # train's defaults; the flags default to None so that --resume can tell a flag given on the
 # command line (which must agree with the checkpoint) from one left alone
-TRAIN_DEFAULTS = dict(task="needle-pk", model="lmm", length=32, window=16, steps=200,
-                      batch_size=8, lr=1e-2, seed=0, backend="auto")
+# (steps, batch_size, lr and warmup are TrainConfig's defaults, written here so that --help
+# imports nothing heavy; tests/test_cli.py checks that they are the same)
+TRAIN_DEFAULTS = dict(task="needle-pk", model="lmm", length=32, window=16, seed=0,
+                      backend="auto", steps=200, batch_size=8, lr=3e-3, warmup=20)
 
 
 def _validate_train_flags(parser, args) -> None:
@@ -400,7 +402,7 @@ def _plan_train(parser, args):
         try:
             cfg = TrainConfig(steps=steps, batch_size=args.batch_size or
                               TRAIN_DEFAULTS["batch_size"], lr=args.lr or TRAIN_DEFAULTS["lr"],
-                              warmup=min(10, steps), seed=args.seed or TRAIN_DEFAULTS["seed"])
+                              warmup=min(TRAIN_DEFAULTS["warmup"], steps), seed=args.seed or TRAIN_DEFAULTS["seed"])
         except (TypeError, ValueError) as e:
             parser.error(str(e))
     if model.config.vocab_size < task.vocab_size:
@@ -512,10 +514,12 @@ def _add_train(sub):
                         f"{MAX_LENGTH})")
     p.add_argument("--eval-samples", type=int, default=200,
                    help="sequences per length (default 200)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 200)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimiser steps (default {TRAIN_DEFAULTS['steps']})")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="sequences per step (default 8)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-2)")
+                   help=f"sequences per step (default {TRAIN_DEFAULTS['batch_size']})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (default {TRAIN_DEFAULTS['lr']:g}, as TrainConfig)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--checkpoint", default=None, metavar="PATH.npz",
                    help="write a checkpoint here (at the end, and every --checkpoint-every)")

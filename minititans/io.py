@@ -105,6 +105,13 @@ def remove_stale_temporaries(path) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write) -> Path:
     """``write(f)`` into a temporary file next to ``path``, fsync, rename over ``path``."""
     path = check_save_target(path)
@@ -113,6 +120,8 @@ def _atomic_write(path: Path, write) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.{os.getpid()}-", suffix=".tmp",
                                dir=path.parent)
     try:
+        # mkstemp creates the file 0600; the saved file gets the mode a plain open() would
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

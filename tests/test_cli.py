@@ -64,3 +64,28 @@ def test_bad_arguments_exit_with_a_message(argv, capsys):
         main(argv)
     assert info.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_train_command_defaults_are_train_configs():
+    """One source of truth: the optimiser defaults of ``minititans train`` are TrainConfig's."""
+    from minititans.cli import TRAIN_DEFAULTS
+    from minititans.training import TrainConfig
+
+    for name in ("steps", "batch_size", "lr", "warmup"):
+        assert TRAIN_DEFAULTS[name] == getattr(TrainConfig(), name), name
+
+
+def test_every_option_of_every_command_states_its_default(capsys):
+    """``--help`` says the default of every option that has one."""
+    from minititans.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    missing = []
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if (action.option_strings and action.default not in (None, False)
+                    and action.help and "default" not in action.help.lower()
+                    and action.dest != "help"):
+                missing.append(f"{name} {action.option_strings[-1]}")
+    assert not missing, missing

@@ -93,3 +93,21 @@ def test_a_bare_npy_file_is_refused(tmp_path):
 def test_object_arrays_are_not_saved(tmp_path):
     with pytest.raises(TypeError, match="object array"):
         save_arrays(tmp_path / "d.npz", {"x": np.array([None])}, kind="checkpoint")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_get_the_mode_of_the_umask_not_0600(tmp_path, umask):
+    import os
+    import stat
+
+    from minititans.io import update_results_json
+
+    old = os.umask(umask)
+    try:
+        params = mt.init_memory(np.random.default_rng(0), 4, 4, depth=1)
+        path = mt.save_memory_state(tmp_path / "m.npz", mt.MemoryState.initial(params))
+        json_path = update_results_json(tmp_path, "x", {"a": 1})
+    finally:
+        os.umask(old)
+    for p in (path, json_path):
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o666 & ~umask, p
