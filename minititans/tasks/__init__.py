@@ -5,6 +5,8 @@ r"""Synthetic tasks with a seed and a controllable length (Titans Section 5, in 
   ``"w"`` a 4-symbol UUID-like hex value, both in a haystack of random filler tokens.
 * :class:`MQARTask` — multi-query associative recall (Zoology): key-value pairs, then
   queries that must be answered with the stored value.
+* :class:`BabilongTask` — BABILong in miniature: bAbI-qa1 facts "entity moved place" in
+  filler, then "where entity?"; the answer is the entity's last place.
 
 Every task returns a :class:`Batch` of next-token prediction data whose ``mask`` marks the
 positions where the answer is predicted; only those count in the loss and the accuracy.
@@ -12,6 +14,15 @@ A batch depends only on the ``np.random.Generator`` passed in, so a seed reprodu
 """
 
 from .._checks import check_choice
+from .babilong import (
+    BABILONG_VOCAB,
+    ENTITIES,
+    MOVED,
+    PLACES,
+    STORY_FILLER,
+    WHERE,
+    BabilongTask,
+)
 from .base import Batch, check_rng, to_batch
 from .mqar import MQARTask
 from .needle import FILLER, KEY, NEEDLE_KINDS, NEEDLE_VOCAB, PK_PATTERN, QUERY, NeedleTask
@@ -22,6 +33,7 @@ FACTORIES = {
     "needle-n": lambda length: NeedleTask(kind="n", length=length),
     "needle-w": lambda length: NeedleTask(kind="w", length=length),
     "mqar": lambda length: MQARTask(length=length),
+    "babilong": lambda length: BabilongTask(length=length),
 }
 TASKS = tuple(FACTORIES)
 
@@ -32,5 +44,6 @@ def make_task(name: str, length: int):
     return FACTORIES[name](length)
 
 
-__all__ = ["FACTORIES", "Batch", "FILLER", "KEY", "MQARTask", "NEEDLE_KINDS", "NEEDLE_VOCAB",
-           "NeedleTask", "PK_PATTERN", "QUERY", "TASKS", "check_rng", "make_task", "to_batch"]
+__all__ = ["BABILONG_VOCAB", "ENTITIES", "FACTORIES", "FILLER", "KEY", "MOVED", "MQARTask",
+           "NEEDLE_KINDS", "NEEDLE_VOCAB", "PLACES", "STORY_FILLER", "WHERE", "BabilongTask",
+           "Batch", "NeedleTask", "PK_PATTERN", "QUERY", "TASKS", "check_rng", "make_task", "to_batch"]
