@@ -23,7 +23,7 @@ from .babilong import (
     WHERE,
     BabilongTask,
 )
-from .base import Batch, check_rng, to_batch
+from .base import Batch, MixedLengths, check_rng, to_batch
 from .mqar import MQARTask
 from .needle import FILLER, KEY, NEEDLE_KINDS, NEEDLE_VOCAB, PK_PATTERN, QUERY, NeedleTask
 
@@ -46,4 +46,5 @@ def make_task(name: str, length: int):
 
 __all__ = ["BABILONG_VOCAB", "ENTITIES", "FACTORIES", "FILLER", "KEY", "MOVED", "MQARTask",
            "NEEDLE_KINDS", "NEEDLE_VOCAB", "PLACES", "STORY_FILLER", "WHERE", "BabilongTask",
-           "Batch", "NeedleTask", "PK_PATTERN", "QUERY", "TASKS", "check_rng", "make_task", "to_batch"]
+           "Batch", "MixedLengths", "NeedleTask", "PK_PATTERN", "QUERY", "TASKS", "check_rng",
+           "make_task", "to_batch"]
