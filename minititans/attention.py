@@ -10,7 +10,7 @@ which is ``softmax(scores masked by attention_mask(T)) @ V``. The two restrictio
 the architectures of Section 4 are mask options: ``window=w`` (sliding-window attention,
 MAG Eq. 27 and MAL Eq. 31: token $i$ sees $i - w < j \le i$) and ``prefix=p`` (the $N_p$
 persistent tokens of Eq. 19, visible to every token whatever the window). :func:`mac_mask`
-and :func:`mag_mask` are the masks of the paper's Figure 3; :func:`plot_mask` draws them.
+and :func:`sliding_window_mask` are the masks of the paper's Figure 3; :func:`plot_mask` draws them.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import math
 import autograd.numpy as np
 import numpy as onp
 
-from ._checks import check_array, check_int, check_qkv
+from ._checks import check_array, check_int
 
 
-def attention_mask(T: int, window=None, prefix: int = 0):
+def attention_mask(T: int, window=None, prefix: int = 0, *, num_queries=None):
     r"""Which keys each query may see: ``mask[i, j]`` is True when token $i$ attends to $j$.
 
     $$\mathrm{mask}_{ij} = \big(j \le i \;\wedge\; (w = \text{None} \vee j > i - w)\big)
@@ -38,19 +38,29 @@ def attention_mask(T: int, window=None, prefix: int = 0):
         window: ``None`` (full causal) or an int $w \ge 1$, the number of most recent tokens
             (itself included) a token sees.
         prefix: $p$, with $0 \le p \le T$.
+        num_queries: ``None`` (every token is a query), or $n \le T$: only the rows of the
+            last $n$ tokens (the new tokens of a stream whose earlier keys are cached).
 
     Returns:
-        Boolean array ``(T, T)``.
+        Boolean array ``(T, T)``, or ``(num_queries, T)``.
     """
     T = check_int("T", T, minimum=0)
     prefix = check_int("prefix", prefix, minimum=0)
     if prefix > T:
         raise ValueError(f"prefix must be <= the sequence length {T}, got {prefix}")
-    i = onp.arange(T)[:, None]
-    j = onp.arange(T)[None, :]
-    mask = j <= i  # (T, T)
     if window is not None:
         window = check_int("window", window, minimum=1)
+    n = T if num_queries is None else check_int("num_queries", num_queries, minimum=0)
+    if n > T:
+        raise ValueError(f"num_queries must be <= the sequence length {T}, got {n}")
+    return _visible(onp.arange(T - n, T), onp.arange(T), window, prefix)
+
+
+def _visible(rows, cols, window, prefix):
+    """The mask of :func:`attention_mask` for query positions ``rows`` and key positions ``cols``."""
+    i, j = rows[:, None], cols[None, :]
+    mask = j <= i  # (len(rows), len(cols))
+    if window is not None:
         mask &= j > i - window
     return mask | (j < prefix)
 
@@ -88,12 +98,12 @@ def mac_mask(num_persistent: int, num_memory: int, segment_len: int, *,
     return mask
 
 
-def mag_mask(num_persistent: int, T: int, window: int):
-    r"""The attention mask of MAG (and MAL) over $[p] \,\|\, x$: a sliding window plus the prefix.
+def sliding_window_mask(num_persistent: int, T: int, window: int):
+    r"""The sliding-window mask with the persistent prefix: MAG's Eq. 27 and MAL's Eq. 31.
 
-    Eq. 27's SW-Attn$^*$: every token sees the $N_p$ persistent tokens and the ``window`` most
-    recent tokens of $\tilde x$ (itself included). This is :func:`attention_mask` with
-    ``prefix = N_p`` on the extended sequence.
+    SW-Attn$^*$ over $[p_1 \dots p_{N_p}] \,\|\, x$: every token sees the $N_p$ persistent
+    tokens and the ``window`` most recent tokens of the extended sequence (itself
+    included). This is :func:`attention_mask` with ``prefix = N_p`` on the extended sequence.
 
     Returns:
         Boolean array ``(N_p + T, N_p + T)``.
@@ -101,6 +111,9 @@ def mag_mask(num_persistent: int, T: int, window: int):
     n_p = check_int("num_persistent", num_persistent, minimum=0)
     T = check_int("T", T, minimum=0)
     return attention_mask(n_p + T, window=window, prefix=n_p)
+
+
+mag_mask = sliding_window_mask  # the name notebook 08 and older pages use
 
 
 def plot_mask(mask, ax=None, title=None):
@@ -120,35 +133,102 @@ def plot_mask(mask, ax=None, title=None):
     return ax
 
 
-def causal_attention(q, k, v, window=None, prefix: int = 0):
+def causal_attention(q, k, v, window=None, prefix: int = 0, *, mask=None):
     r"""Titans Eq. (2): causal softmax attention, optionally windowed, with a visible prefix.
 
     $$y_i = \sum_{j \in \mathcal{V}(i)}
             \mathrm{softmax}_j\!\Big(\frac{q_i k_j^\top}{\sqrt d}\Big) v_j$$
 
-    where $\mathcal{V}(i)$ is row $i$ of :func:`attention_mask` ``(T, window, prefix)`` and
-    $d$ is ``q.shape[-1]``. The softmax subtracts each row's maximum, so logits of $10^4$
-    stay finite. Every row sees at least itself, so no row is empty.
+    where $\mathcal{V}(i)$ is row $i$ of :func:`attention_mask` ``(T, window, prefix)``, or
+    of ``mask`` when one is given (MAC's :func:`mac_mask`), and $d$ is ``q.shape[-1]``. The
+    softmax subtracts each row's maximum, so logits of $10^4$ stay finite. Every row must
+    see at least one key (the default masks let every row see itself).
+
+    **A KV cache.** ``k`` and ``v`` may have more rows than ``q``: then the $T_q$ queries are
+    the *last* $T_q$ of the $T_k$ tokens (the earlier keys and values were kept from previous
+    calls), and the mask is ``attention_mask(T_k, window, prefix, num_queries=T_q)``.
+
+    **No** $T \times T$ **matrix for a window.** With ``window=w`` and a long sequence the
+    queries go in blocks of 64; a block sees the prefix and one run of $w + 63$ keys, so the
+    cost is $O(T (w + p) d)$ and 16,384 tokens need megabytes, not gigabytes. The result is
+    that of the dense formula (the masked-out terms are exact zeros either way).
 
     Args:
-        q, k: ``(..., T, d)``; leading axes (batch, heads) are carried along.
-        v: ``(..., T, d_v)``.
+        q: ``(..., T_q, d)``; leading axes (batch, heads) are carried along.
+        k: ``(..., T_k, d)`` with ``T_k >= T_q``; v: ``(..., T_k, d_v)``.
         window, prefix: see :func:`attention_mask`.
+        mask: ``None``, or a boolean ``(T_q, T_k)`` array used instead of ``window`` and
+            ``prefix`` (which must then be left at their defaults).
 
     Returns:
-        ``(..., T, d_v)``, in the dtype of the inputs.
+        ``(..., T_q, d_v)``, in the dtype of the inputs.
     """
-    q_, k_, v_ = check_qkv(q, k, v)
-    T, d = q_.shape[-2:]
-    mask = attention_mask(T, window=window, prefix=prefix)  # (T, T)
-    if T == 0:  # an empty sequence attends to nothing (and a max over no keys is undefined)
+    q_, k_, v_ = _check_cached_qkv(q, k, v)
+    T_q, d = q_.shape[-2:]
+    T_k = k_.shape[-2]
+    if mask is not None:
+        mask = _check_mask(mask, (T_q, T_k), window, prefix)
+        if T_q == 0:
+            return np.zeros(q_.shape[:-1] + v_.shape[-1:], dtype=np.result_type(q_, k_, v_))
+        return _attend(q, k, v, mask)
+    mask = attention_mask(T_k, window=window, prefix=prefix, num_queries=T_q)  # (T_q, T_k)
+    if T_q == 0:  # an empty sequence attends to nothing (and a max over no keys is undefined)
         return np.zeros(q_.shape[:-1] + v_.shape[-1:], dtype=np.result_type(q_, k_, v_))
-    scores = np.matmul(q, np.swapaxes(k, -1, -2)) / math.sqrt(d)  # (..., T, T)
+    if window is None or T_k <= 2 * (_BLOCK + window + prefix):
+        return _attend(q, k, v, mask)
+    # the banded form: each block of queries against the prefix and its run of keys
+    outs = []
+    for i0 in range(0, T_q, _BLOCK):
+        i1 = min(i0 + _BLOCK, T_q)
+        a0, a1 = T_k - T_q + i0, T_k - T_q + i1  # the block's positions among the keys
+        lo = max(prefix, a0 - window + 1)
+        cols = onp.concatenate([onp.arange(prefix), onp.arange(lo, a1)])
+        kb = np.concatenate([k[..., :prefix, :], k[..., lo:a1, :]], axis=-2)
+        vb = np.concatenate([v[..., :prefix, :], v[..., lo:a1, :]], axis=-2)
+        outs.append(_attend(q[..., i0:i1, :], kb, vb,
+                            _visible(onp.arange(a0, a1), cols, window, prefix)))
+    return np.concatenate(outs, axis=-2)  # (..., T_q, d_v)
+
+
+_BLOCK = 64  # queries per block of the banded (windowed) form
+
+
+def _attend(q, k, v, mask):
+    """Eq. 2 under a boolean ``mask`` ``(T_q, T_k)``: softmax of the scaled, masked scores."""
+    scores = np.matmul(q, np.swapaxes(k, -1, -2)) / math.sqrt(q.shape[-1])  # (..., T_q, T_k)
     scores = np.where(mask, scores, -np.inf)
     # softmax is shift-invariant; subtracting the row max keeps exp() <= 1
     e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
     weights = e / np.sum(e, axis=-1, keepdims=True)
-    return np.matmul(weights, v)  # (..., T, d_v)
+    return np.matmul(weights, v)  # (..., T_q, d_v)
+
+
+def _check_cached_qkv(q, k, v):
+    """``check_qkv``, except that ``k`` and ``v`` may hold more (earlier, cached) rows."""
+    q_ = check_array("q", q)
+    k_ = check_array("k", k)
+    v_ = check_array("v", v)
+    if q_.ndim < 2:
+        raise ValueError(f"q must have shape (..., T, d), got shape {q_.shape}")
+    if (k_.ndim != q_.ndim or k_.shape[:-2] != q_.shape[:-2] or k_.shape[-1] != q_.shape[-1]
+            or k_.shape[-2] < q_.shape[-2]):
+        raise ValueError(f"k must have the shape of q {q_.shape} (or, as a KV cache, more "
+                         f"rows), got {k_.shape}")
+    if v_.ndim != k_.ndim or v_.shape[:-1] != k_.shape[:-1]:
+        raise ValueError(f"v must have shape {k_.shape[:-1] + ('d_v',)}, got {v_.shape}")
+    return q_, k_, v_
+
+
+def _check_mask(mask, shape, window, prefix):
+    if window is not None or prefix != 0:
+        raise ValueError("pass either mask or window/prefix, not both")
+    m = onp.asarray(mask)
+    if m.dtype != bool or m.shape != shape:
+        raise ValueError(f"mask must be a boolean array of shape {shape}, got {m.dtype} "
+                         f"{m.shape}")
+    if m.size and not m.any(axis=-1).all():
+        raise ValueError("mask must let every query row see at least one key")
+    return m
 
 
 def split_heads(x, num_heads: int):
@@ -171,7 +251,8 @@ def merge_heads(x):
     return np.reshape(np.swapaxes(x, -2, -3), tuple(lead) + (T, H * dh))
 
 
-def multi_head_attention(q, k, v, num_heads: int, window=None, prefix: int = 0):
+def multi_head_attention(q, k, v, num_heads: int, window=None, prefix: int = 0, *,
+                         mask=None):
     r"""Eq. (2) in each of ``num_heads`` heads, concatenated: $[y^{(1)} \| \dots \| y^{(H)}]$.
 
     ``q``, ``k``, ``v`` are already projected (Eq. 1); head $h$ uses channels
@@ -179,9 +260,10 @@ def multi_head_attention(q, k, v, num_heads: int, window=None, prefix: int = 0):
 
     Args:
         q, k: ``(..., T, d)``; v: ``(..., T, d_v)``, both widths divisible by ``num_heads``.
+        window, prefix, mask: as in :func:`causal_attention` (one mask for every head).
 
     Returns:
         ``(..., T, d_v)``.
     """
     heads = [split_heads(x, num_heads) for x in (q, k, v)]  # (..., H, T, d_h)
-    return merge_heads(causal_attention(*heads, window=window, prefix=prefix))
+    return merge_heads(causal_attention(*heads, window=window, prefix=prefix, mask=mask))

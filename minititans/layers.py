@@ -114,31 +114,34 @@ def depthwise_conv(p, x, state=None):
 
     with $x_{t-j}$ for $t - j < 0$ taken from ``state`` (the last $K-1$ inputs of the
     previous call, oldest first) or zero. Streaming token by token with the returned state
-    equals one call on the whole sequence.
+    equals one call on the whole sequence. Leading axes (a batch) are carried along: each
+    sequence has its own state.
 
     Args:
         p: from :func:`init_depthwise_conv`, ``w`` ``(K, C)``.
-        x: ``(T, C)``.
-        state: ``None`` or ``(K - 1, C)``.
+        x: ``(..., T, C)``.
+        state: ``None`` or ``(..., K - 1, C)``.
 
     Returns:
-        ``(y, new_state)``: ``y`` ``(T, C)``, ``new_state`` ``(K - 1, C)`` (the last $K-1$
-        rows of ``state ‖ x``).
+        ``(y, new_state)``: ``y`` ``(..., T, C)``, ``new_state`` ``(..., K - 1, C)`` (the
+        last $K-1$ rows of ``state ‖ x``).
     """
     K, C = onp.shape(p["w"])
-    x_ = check_array("x", x, ndim=2, last_dim=C)
+    x_ = check_array("x", x, last_dim=C)
+    if x_.ndim < 2:
+        raise ValueError(f"x must have shape (..., T, {C}), got shape {x_.shape}")
+    lead, T = x_.shape[:-2], x_.shape[-2]
     if state is None:
-        state = onp.zeros((K - 1, C), x_.dtype)
-    elif check_array("state", state, ndim=2).shape != (K - 1, C):
-        raise ValueError(f"state must have shape {(K - 1, C)} (kernel_size - 1, channels), "
-                         f"got {onp.shape(state)}")
-    T = x_.shape[0]
-    xp = np.concatenate([state, x], axis=0)  # (K - 1 + T, C)
+        state = onp.zeros(lead + (K - 1, C), x_.dtype)
+    elif check_array("state", state).shape != lead + (K - 1, C):
+        raise ValueError(f"state must have shape {lead + (K - 1, C)} (..., kernel_size - 1, "
+                         f"channels), got {onp.shape(state)}")
+    xp = np.concatenate([state, x], axis=-2)  # (..., K - 1 + T, C)
     # tap j reads x_{t-j}, which sits at row K - 1 + t - j of the padded input
-    y = sum(p["w"][j] * xp[K - 1 - j:K - 1 - j + T] for j in range(K))  # (T, C)
+    y = sum(p["w"][j] * xp[..., K - 1 - j:K - 1 - j + T, :] for j in range(K))  # (..., T, C)
     if "b" in p:
         y = y + p["b"]
-    return y, xp[xp.shape[0] - (K - 1):]
+    return y, xp[..., xp.shape[-2] - (K - 1):, :]
 
 
 def init_rms_norm(rng, d: int, *, dtype=onp.float64):

@@ -16,6 +16,7 @@ from minititans.attention import (
     merge_heads,
     multi_head_attention,
     plot_mask,
+    sliding_window_mask,
     split_heads,
 )
 
@@ -136,9 +137,33 @@ def test_eq23_mac_mask_full_prefix_and_memory_causal_segment():
 
 
 def test_eq27_mag_mask_is_sliding_window_plus_prefix():
-    m = mag_mask(num_persistent=2, T=6, window=3)
+    """Eqs. 27 and 31 share one mask (MAG and MAL); ``mag_mask`` is its older name."""
+    m = sliding_window_mask(num_persistent=2, T=6, window=3)
     np.testing.assert_array_equal(m, attention_mask(8, window=3, prefix=2))
     assert m[7, :2].all() and not m[7, 4] and m[7, 5:].all()
+    assert mag_mask is sliding_window_mask
+
+
+def test_eq2_explicit_mask_equals_window_and_prefix_and_mac_mask_matches_naive():
+    q, k, v = qkv(T=9, d=4, d_v=3)
+    np.testing.assert_array_equal(
+        causal_attention(q, k, v, mask=attention_mask(9, window=3, prefix=2)),
+        causal_attention(q, k, v, window=3, prefix=2))
+    mask = mac_mask(1, 4, 4, memory_causal=True)  # segment row s sees memory m <= s
+    y = multi_head_attention(q, k, v[:, :2], num_heads=2, mask=mask)
+    for h in range(2):  # each head: softmax over the keys its row may see, written out
+        qh, kh, vh = q[:, 2 * h:2 * h + 2], k[:, 2 * h:2 * h + 2], v[:, h:h + 1]
+        for i in range(9):
+            js = np.flatnonzero(mask[i])
+            s = np.array([qh[i] @ kh[j] for j in js]) / math.sqrt(2)
+            w = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+            np.testing.assert_allclose(y[i, h], w @ vh[js, 0], rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="either mask or window"):
+        causal_attention(q, k, v, window=2, mask=mask)
+    with pytest.raises(ValueError, match=r"mask must be a boolean array of shape \(9, 9\)"):
+        causal_attention(q, k, v, mask=mask[:8])
+    with pytest.raises(ValueError, match="at least one key"):
+        causal_attention(q, k, v, mask=np.zeros((9, 9), dtype=bool))
 
 
 def test_plot_mask_draws_the_mask():

@@ -96,6 +96,21 @@ def test_sec44_depthwise_conv_streamed_token_by_token_equals_one_call():
     np.testing.assert_allclose(np.concatenate([y1, y2]), y, rtol=RTOL, atol=ATOL)
 
 
+def test_sec44_depthwise_conv_batch_axes_each_sequence_its_own_state():
+    p = randomize(init_depthwise_conv(rng(), channels=3, kernel_size=3))
+    x = rng(3).standard_normal((2, 4, 6, 3))  # two leading axes
+    y, state = depthwise_conv(p, x[..., :4, :])
+    y2, state = depthwise_conv(p, x[..., 4:, :], state)
+    assert state.shape == (2, 4, 2, 3)
+    for a in range(2):
+        for b in range(4):
+            want = naive_depthwise_conv(p["w"], p["b"], x[a, b])
+            np.testing.assert_allclose(np.concatenate([y[a, b], y2[a, b]]), want,
+                                       rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match=r"state must have shape \(2, 4, 2, 3\)"):
+        depthwise_conv(p, x, state[0])
+
+
 def test_sec44_depthwise_conv_is_causal():
     p = randomize(init_depthwise_conv(rng(), channels=2, kernel_size=3))
     x = rng(2).standard_normal((6, 2))

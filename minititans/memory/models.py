@@ -13,6 +13,8 @@ activation and the residual flag, so ``memory_forward(params, x)`` needs nothing
 
 from __future__ import annotations
 
+import importlib
+
 import autograd.numpy as np
 import numpy as onp
 from autograd.builtins import SequenceBox, SequenceVSpace
@@ -90,6 +92,26 @@ class MemoryParamsVSpace(SequenceVSpace):
 
 SequenceBox.register(MemoryParams)
 VSpace.register(MemoryParams, MemoryParamsVSpace)
+
+
+def _flatten_memory_params(value):
+    """``autograd.misc.flatten``'s ravel, taught that a MemoryParams is a sequence.
+
+    autograd's flatten recurses into values whose type is exactly ``list``, ``tuple`` or
+    ``dict`` and ravels anything else, which fails on a tuple subclass. Only MemoryParams
+    values take the new branch (their weights are flattened in order, and the unflattened
+    value is a MemoryParams again, through :class:`MemoryParamsVSpace`); every other value
+    goes to autograd's own function, unchanged. docs/design-decisions.md says why.
+    """
+    if isinstance(getval(value), MemoryParams):
+        return _autograd_flatten._concatenate(map(_flatten_memory_params, value))
+    return _autograd_ravel(value)
+
+
+# the module, not the function of the same name that ``autograd.misc`` exports
+_autograd_flatten = importlib.import_module("autograd.misc.flatten")
+_autograd_ravel = _autograd_flatten._flatten
+_autograd_flatten._flatten = _flatten_memory_params  # its recursion now comes back here
 
 
 def spec_of(params) -> MemoryParams:

@@ -5,118 +5,31 @@ config = ModelConfig(model="mac", vocab_size=32)
 model = Model(config)                    # or init(rng, config) / apply(params, tokens, config)
 params = model.init(rng)                 # a pytree of float arrays (dicts, MemoryParams)
 logits = model.apply(params, tokens)     # tokens (T,) or (B, T) ints -> (T, V) or (B, T, V)
+
+state = model.initial_state(batch_size=1)          # read a long sequence in pieces
+logits, state = model.stream(params, piece, state)  # pieces == one apply on the whole
+new = model.generate(params, prompt, 100, rng, temperature=0.8, top_k=5)
 ```
 
 A model is: token embedding, ``num_layers`` blocks (the mixer of ``config.model`` plus a
-feed-forward layer, each pre-norm with a residual), a final norm and a linear head.
+feed-forward layer, each pre-norm with a residual), a final norm and a linear head
+(:mod:`~minititans.models.forward`); :mod:`~minititans.models.stream` reads it in pieces
+and samples from it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
-import numpy as onp
-from autograd.tracer import getval
-
-from . import baselines, lmm, mac, mag, mal
-from .blocks import embed, ffn, head, init_embedding, init_ffn, init_head
 from .config import MODEL_NAMES, TITANS, ModelConfig
-from .tree import as_float_arrays, ravel, tree_leaves, tree_map
-
-# model name -> (init one block, apply one block)
-LAYERS = {
-    "lmm": (lmm.init_layer, lmm.layer),
-    "mac": (mac.init_layer, mac.layer),
-    "mag": (mag.init_layer, mag.layer),
-    "mal": (mal.init_layer, mal.layer),
-    "swa": (baselines.init_attention_layer, baselines.swa_layer),
-    "transformer": (baselines.init_attention_layer, baselines.transformer_layer),
-    "linear_attention": (baselines.init_linear_layer, baselines.linear_attention_layer),
-    "gated_delta": (baselines.init_linear_layer, baselines.gated_delta_layer),
-}
-
-DISPLAY_NAMES = {"lmm": "LMM", "mac": "MAC", "mag": "MAG", "mal": "MAL", "swa": "SWA",
-                 "transformer": "Transformer", "linear_attention": "Linear attention",
-                 "gated_delta": "Gated DeltaNet"}
-
-
-def init(rng, config: ModelConfig) -> dict:
-    """Initial parameters of the model named by ``config.model``."""
-    if not isinstance(rng, onp.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    if not isinstance(config, ModelConfig):
-        raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
-    init_layer, _ = LAYERS[config.model]
-    params = {"embed": init_embedding(rng, config), "layers": [], "head": None}
-    for _ in range(config.num_layers):
-        block = {"mixer": init_layer(rng, config)}
-        if config.ffn_expansion:
-            block["ffn"] = init_ffn(rng, config)
-        params["layers"].append(block)
-    params["head"] = init_head(rng, config)
-    return as_float_arrays(params)
-
-
-@lru_cache(maxsize=64)
-def _param_shapes(config: ModelConfig) -> tuple:
-    """The leaf shapes of ``init(rng, config)`` (they do not depend on the rng)."""
-    return tuple(onp.shape(w) for w in tree_leaves(init(onp.random.default_rng(0), config)))
-
-
-def check_params_fit(params, config: ModelConfig) -> None:
-    """Raise if ``params`` is not a parameter tree of ``config`` (e.g. from another config)."""
-    if not isinstance(config, ModelConfig):
-        raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
-    if not isinstance(params, dict) or set(params) != {"embed", "layers", "head"}:
-        raise TypeError("params must be the dict returned by init(rng, config) (keys embed, "
-                        f"layers, head), got {type(params).__name__}")
-    want = _param_shapes(config)
-    got = tuple(onp.shape(getval(w)) for w in tree_leaves(params))
-    if got != want:
-        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b),
-                     min(len(got), len(want)))
-        detail = (f"leaf {first} has shape {got[first]}, expected {want[first]}"
-                  if first < min(len(got), len(want))
-                  else f"{len(got)} arrays, expected {len(want)}")
-        raise ValueError(f"params do not fit config (model={config.model!r}, "
-                         f"d_model={config.d_model}, vocab_size={config.vocab_size}): {detail}; "
-                         "were they made for another config?")
-
-
-def _apply_batch(params, tokens, config):
-    _, layer = LAYERS[config.model]
-    h = embed(params["embed"], tokens)  # (B, T, d)
-    for block in params["layers"]:
-        h = layer(block["mixer"], h, config)
-        if "ffn" in block:
-            h = ffn(block["ffn"], h)
-    return head(params["head"], h)  # (B, T, V)
-
-
-def apply(params, tokens, config: ModelConfig):
-    """Next-token logits: ``(T,)`` -> ``(T, V)``, or ``(B, T)`` -> ``(B, T, V)``.
-
-    Every sequence of a batch has its own memory (the scan loops over the batch).
-    """
-    tokens = onp.asarray(tokens)
-    if tokens.dtype.kind not in "iu":
-        raise TypeError(f"tokens must be integers, got dtype {tokens.dtype}")
-    if tokens.ndim not in (1, 2) or 0 in tokens.shape:
-        raise ValueError(f"tokens must have shape (T,) or (B, T) with B, T >= 1, got "
-                         f"{tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= config.vocab_size):
-        raise ValueError(f"tokens must be in [0, {config.vocab_size}), got "
-                         f"[{tokens.min()}, {tokens.max()}]")
-    check_params_fit(params, config)
-    if tokens.ndim == 1:
-        return _apply_batch(params, tokens[None], config)[0]
-    return _apply_batch(params, tokens, config)
+from .forward import DISPLAY_NAMES, LAYERS, STREAM_LAYERS, apply, check_params_fit, init
+from .stream import check_state, generate, initial_state, sample, stream
+from .tree import ravel, tree_leaves, tree_map
 
 
 @dataclass(frozen=True)
 class Model:
-    """A model: ``Model(config).init(rng)`` and ``Model(config).apply(params, tokens)``."""
+    """A model: ``init``, ``apply`` on a whole sequence, ``stream`` in pieces, ``generate``."""
 
     config: ModelConfig
 
@@ -126,10 +39,24 @@ class Model:
     def apply(self, params, tokens):
         return apply(params, tokens, self.config)
 
+    def initial_state(self, batch_size: int) -> dict:
+        """The stream state of ``batch_size`` sequences before any token (see :func:`stream`)."""
+        return initial_state(self.config, batch_size)
+
+    def stream(self, params, tokens, state):
+        """``(logits, state)`` of the next piece; consecutive pieces equal one ``apply``."""
+        return stream(params, tokens, state, self.config)
+
+    def generate(self, params, prompt, num_tokens: int, rng, temperature=1.0, top_k=None):
+        """``num_tokens`` sampled tokens after ``prompt``; ``top_k=1`` is greedy."""
+        return generate(params, prompt, num_tokens, rng, self.config, temperature=temperature,
+                        top_k=top_k)
+
     @property
     def name(self) -> str:
         return DISPLAY_NAMES[self.config.model]
 
 
-__all__ = ["DISPLAY_NAMES", "LAYERS", "MODEL_NAMES", "TITANS", "Model", "ModelConfig", "apply",
-           "init", "ravel", "tree_leaves", "tree_map"]
+__all__ = ["DISPLAY_NAMES", "LAYERS", "MODEL_NAMES", "STREAM_LAYERS", "TITANS", "Model",
+           "ModelConfig", "apply", "check_params_fit", "check_state", "generate", "init",
+           "initial_state", "ravel", "sample", "stream", "tree_leaves", "tree_map"]

@@ -10,9 +10,9 @@ $\ell_2$-normalised $q$, $k$ and the output gate, exactly as the memory does.
 from __future__ import annotations
 
 import autograd.numpy as np
+import numpy as onp
 
 from ..activations import sigmoid
-from ..attention import attention_mask
 from ..layers import rms_norm
 from ..linear_attention import gated_delta_rule, linear_attention
 from .blocks import (
@@ -24,6 +24,7 @@ from .blocks import (
     init_qkv,
     qkv,
 )
+from .streaming import attention_state, attention_stream, conv_dict, conv_state
 
 
 def init_attention_layer(rng, cfg) -> dict:
@@ -32,14 +33,12 @@ def init_attention_layer(rng, cfg) -> dict:
 
 def swa_layer(p, h, cfg):
     """Sliding-window attention (Eq. 2 with ``window``): token i sees i - w < j <= i."""
-    mask = attention_mask(h.shape[1], window=cfg.window)
-    return h + attention(p["attn"], rms_norm(p["norm"], h), mask, cfg)
+    return h + attention(p["attn"], rms_norm(p["norm"], h), cfg, window=cfg.window)
 
 
 def transformer_layer(p, h, cfg):
     """Full causal attention (Eq. 2)."""
-    mask = attention_mask(h.shape[1])
-    return h + attention(p["attn"], rms_norm(p["norm"], h), mask, cfg)
+    return h + attention(p["attn"], rms_norm(p["norm"], h), cfg)
 
 
 def init_linear_layer(rng, cfg) -> dict:
@@ -68,3 +67,51 @@ def gated_delta_layer(p, h, cfg):
     y = np.stack([gated_delta_rule(q[b], k[b], v[b], beta[b], alpha[b])
                   for b in range(h.shape[0])])  # (B, T, d)
     return h + gated_output(p["out"], y, x)
+
+
+# --- streaming: each mixer's state between calls --------------------------------------------
+
+
+def attention_layer_state(p, cfg, batch_size, t) -> dict:
+    """SWA: the last ``w - 1`` keys and values; the transformer: all of them (a KV cache)."""
+    window = cfg.window if cfg.model == "swa" else None
+    return attention_state(cfg, batch_size, t, window=window, prefix=0)
+
+
+def attention_layer_stream(p, h, cfg, state, t):
+    """:func:`swa_layer` or :func:`transformer_layer` on the next tokens: ``(h, state)``."""
+    window = cfg.window if cfg.model == "swa" else None
+    y, state = attention_stream(p["attn"], rms_norm(p["norm"], h), cfg, state, window=window,
+                                prefix=0)
+    return h + y, state
+
+
+def linear_layer_state(p, cfg, batch_size, t) -> dict:
+    """The matrix memory $M_t$ (``W`` ``(B, d, d)``) and the convolutions' last inputs."""
+    d = cfg.d_model
+    return {"conv": conv_state(cfg, batch_size), "W": onp.zeros((batch_size, d, d))}
+
+
+def _linear_attention_chunks(q, k, v, M, size=64):
+    r"""Eqs. 4-5 from $M_0$ = ``M`` ``(B, d, d_v)``, in chunks: $y = qM + \mathrm{tril}(qk^\top)v$."""
+    ys = []
+    for s in range(0, q.shape[1], size):
+        c = slice(s, s + size)
+        ys.append(np.matmul(q[:, c], M) + linear_attention(q[:, c], k[:, c], v[:, c]))
+        M = M + np.matmul(np.swapaxes(k[:, c], 1, 2), v[:, c])  # M += Σ k_j^T v_j
+    return np.concatenate(ys, axis=1), M
+
+
+def linear_layer_stream(p, h, cfg, state, t):
+    """:func:`linear_attention_layer` or :func:`gated_delta_layer` on the next tokens."""
+    x = rms_norm(p["norm"], h)
+    q, k, v, conv = qkv(p["qkv"], x, state["conv"])
+    if cfg.model == "linear_attention":
+        y, W = _linear_attention_chunks(q, k, v, state["W"])
+    else:
+        beta = sigmoid(x @ p["w_beta"] + p["b_beta"])
+        alpha = sigmoid(x @ p["w_alpha"] + p["b_alpha"])
+        out = [gated_delta_rule(q[b], k[b], v[b], beta[b], alpha[b], state=state["W"][b],
+                                return_state=True) for b in range(h.shape[0])]
+        y, W = np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+    return h + gated_output(p["out"], y, x), {"conv": conv_dict(conv), "W": W}

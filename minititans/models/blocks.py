@@ -5,7 +5,7 @@ r"""The parts every model is built from (Titans Section 4.4).
 * :func:`memory_core` — the neural memory run over a sequence (Eqs. 11-15 with Eqs. 13-14 as
   the update), with data-dependent gates $\alpha_t, \eta_t, \theta_t$ and a learned
   $\mathcal{M}_0$.
-* :func:`attention` — multi-head softmax attention (Eq. 2) under any boolean mask.
+* :func:`attention` — projections and multi-head softmax attention (Eq. 2), window or mask.
 * :func:`combine` — the gate $\otimes$ of Eqs. 25 and 28.
 * embedding, pre-norm residual blocks, the feed-forward layer and the language-model head.
 
@@ -15,14 +15,14 @@ one recurrence per sequence, loops over the batch.
 
 from __future__ import annotations
 
-import math
 
 import autograd.numpy as np
 import numpy as onp
 
 from ..activations import gelu, sigmoid, silu
-from ..attention import merge_heads, split_heads
+from ..attention import multi_head_attention
 from ..layers import (
+    depthwise_conv,
     init_depthwise_conv,
     init_layer_norm,
     init_linear,
@@ -49,28 +49,16 @@ def init_proj(rng, cfg, d_in=None):
     return p
 
 
-def causal_conv(p, x, state=None):
-    r"""Section 4.4's depthwise causal convolution on a batch: $y_t = \sum_j w_j \odot x_{t-j} + b$.
-
-    :func:`minititans.layers.depthwise_conv` for ``x`` ``(B, T, C)``; ``state``
-    ``(B, K - 1, C)`` holds the previous inputs (zeros if None). Returns ``(y, state)``.
-    """
-    K, C = onp.shape(p["w"])
-    B, T = onp.shape(x)[:2]
-    if state is None:
-        state = onp.zeros((B, K - 1, C))
-    xp = np.concatenate([state, x], axis=1)  # (B, K - 1 + T, C)
-    # tap j reads x_{t-j}, row K - 1 + t - j of the padded input
-    y = sum(p["w"][j] * xp[:, K - 1 - j:K - 1 - j + T] for j in range(K))  # (B, T, C)
-    return y + p["b"], xp[:, xp.shape[1] - (K - 1):]
-
-
 def proj(p, x, conv_state=None):
-    """$x W$ then the causal conv: ``x`` ``(B, T, d_in)`` -> ``((B, T, d), conv_state)``."""
+    """$x W$ then the causal conv: ``x`` ``(B, T, d_in)`` -> ``((B, T, d), conv_state)``.
+
+    ``conv_state`` ``(B, K - 1, d)`` holds the previous inputs of the convolution
+    (:func:`minititans.layers.depthwise_conv`); None means zeros.
+    """
     z = linear(p["lin"], x)
     if "conv" not in p:
         return z, None
-    return causal_conv(p["conv"], z, conv_state)
+    return depthwise_conv(p["conv"], z, conv_state)
 
 
 def init_qkv(rng, cfg):
@@ -162,22 +150,15 @@ def init_attention(rng, cfg):
             "W_O": init_linear(rng, cfg.d_model, cfg.d_model)}
 
 
-def masked_attention(q, k, v, mask, num_heads):
-    r"""Eq. (2) in ``num_heads`` heads under a boolean ``mask`` ``(T, T)``.
+def attention(p, x, cfg, *, window=None, prefix=0, mask=None):
+    """Project ``x`` ``(B, T, d)``, attend (Eq. 2, ``cfg.num_heads`` heads), project: ``(B, T, d)``.
 
-    ``q, k, v`` ``(B, T, d)`` -> ``(B, T, d)``.
+    ``window``, ``prefix`` and ``mask`` are those of
+    :func:`minititans.attention.multi_head_attention`.
     """
-    qh, kh, vh = (split_heads(z, num_heads) for z in (q, k, v))  # (B, H, T, d_h)
-    scores = np.matmul(qh, np.swapaxes(kh, -1, -2)) / math.sqrt(qh.shape[-1])  # (B, H, T, T)
-    scores = np.where(mask, scores, -np.inf)
-    e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
-    return merge_heads(np.matmul(e / np.sum(e, axis=-1, keepdims=True), vh))
-
-
-def attention(p, x, mask, cfg):
-    """Project ``x`` ``(B, T, d)``, attend under ``mask`` ``(T, T)``, project: ``(B, T, d)``."""
     q, k, v = (proj(p["qkv"][n], x)[0] for n in ("q", "k", "v"))
-    return linear(p["W_O"], masked_attention(q, k, v, mask, cfg.num_heads))
+    return linear(p["W_O"], multi_head_attention(q, k, v, cfg.num_heads, window=window,
+                                                 prefix=prefix, mask=mask))
 
 
 # --- the gate ⊗ of Eqs. 25 and 28 -----------------------------------------------------------

@@ -7,6 +7,8 @@ $$x = \mathrm{RMS}(h), \quad \tilde x = [p_1 \dots p_{N_p}] \,\|\, x \ \text{(Eq
   h \leftarrow h + (\mathrm{RMS}(y) \odot \sigma(x W_g))\, W_O .$$
 
 The memory is written and read token by token (read after write), so the block is causal.
+Streamed (:func:`layer_stream`), the persistent tokens are written by the first piece only;
+the state is the memory's (:func:`minititans.models.streaming.memory_state`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .blocks import (
     init_persistent_tokens,
     memory_core,
 )
+from .streaming import memory_state, memory_stream
 
 
 def init_layer(rng, cfg) -> dict:
@@ -41,3 +44,18 @@ def layer(p, h, cfg):
     y, _, _ = memory_core(p["memory"], x_tilde, cfg)
     y = y[:, cfg.num_persistent:]  # (B, T, d): the outputs at the sequence's own positions
     return h + gated_output(p["out"], y, x)
+
+
+def layer_state(p, cfg, batch_size, t) -> dict:
+    """The state of :func:`layer_stream` after ``t`` tokens (``N_p + t`` memory writes)."""
+    n_written = cfg.num_persistent + t if t else 0
+    return memory_state(p["memory"], cfg, batch_size, n_written % cfg.chunk_size)
+
+
+def layer_stream(p, h, cfg, state, t):
+    """:func:`layer` on the next tokens ``h`` ``(B, T, d)`` after ``t`` tokens: ``(h, state)``."""
+    x = rms_norm(p["norm"], h)
+    n_p = cfg.num_persistent if t == 0 else 0  # the first piece writes the persistent tokens
+    x_tilde = with_persistent(p["persistent"], x, cfg) if n_p else x
+    y, state = memory_stream(p["memory"], x_tilde, cfg, state, fresh=t == 0)
+    return h + gated_output(p["out"], y[:, n_p:], x), state

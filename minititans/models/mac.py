@@ -15,14 +15,22 @@ Step 4 reads token by token ($\mathcal{M}_i$ after writing tokens $\le i$ of the
 so a token never sees a memory written by a later token; with ``memory_causal`` (default)
 memory token $m$ of step 1 is visible only from segment token $m$ on
 (:func:`minititans.attention.mac_mask`). The block is then causal.
+
+Streamed (:func:`layer_stream`), a piece may end anywhere inside a segment: the state keeps
+the memory as it was at the segment's start (for Eq. 21), the keys and values of the
+segment's memory tokens and tokens read so far (the attention of Eqs. 22-23), and the
+memory being written (Eq. 24). With ``memory_causal=False`` a token sees memory tokens read
+with *later* queries of its segment, so there only pieces that end at segment boundaries
+give the outputs of one call on the whole sequence.
 """
 
 from __future__ import annotations
 
 import autograd.numpy as np
+import numpy as onp
 
 from ..activations import silu
-from ..attention import mac_mask
+from ..attention import mac_mask, multi_head_attention
 from ..layers import init_linear, l2_normalize, linear, rms_norm
 from ..memory import memory_forward
 from .blocks import (
@@ -33,11 +41,11 @@ from .blocks import (
     init_norm,
     init_persistent_tokens,
     initial_states,
-    masked_attention,
     memory_core,
     proj,
 )
 from .lmm import with_persistent
+from .streaming import conv_dict, conv_state, memory_state, memory_stream, memory_weights
 
 
 def init_layer(rng, cfg) -> dict:
@@ -78,8 +86,67 @@ def layer(p, h, cfg):
         # Eq. 23: y_t = Attn(S̃) at the segment's positions, with the residual connection
         # of Section 4.4 (so y_t still carries the token it stands at)
         y = x[:, seg] + linear(attn["W_O"],
-                               masked_attention(Q, K, V, mask, cfg.num_heads)[:, n_p + n:])
+                               multi_head_attention(Q, K, V, cfg.num_heads,
+                                                    mask=mask)[:, n_p + n:])
         # Eq. 24: M_t = M_{t-1}(y_t), then M*_t(y_t) read token by token (read after write)
         m, states, conv_states = memory_core(mem, y, cfg, states, conv_states)  # (B, n, d)
         outs.append(combine(p["combine"], y, m))  # Eq. 25: o_t = y_t ⊗ M*_t(y_t)
     return h + linear(p["W_O"], np.concatenate(outs, axis=1))
+
+
+def layer_state(p, cfg, batch_size, t) -> dict:
+    """The state of :func:`layer_stream` after ``t`` tokens (``t mod C`` into a segment)."""
+    B, d, pos = batch_size, cfg.d_model, t % cfg.segment_len
+    seg = onp.zeros((B, pos, d))
+    return {"conv_q": conv_state(cfg, B, ("q",)), "conv_attn": conv_state(cfg, B),
+            "M_segment": [onp.zeros((B,) + onp.shape(W)) for W in p["memory"]["M0"]],
+            "memory_k": seg, "memory_v": seg.copy(), "segment_k": seg.copy(),
+            "segment_v": seg.copy(),
+            "memory": memory_state(p["memory"], cfg, B, pos % cfg.chunk_size)}
+
+
+def layer_stream(p, h, cfg, state, t):
+    """:func:`layer` on the next tokens ``h`` ``(B, T, d)`` after ``t`` tokens: ``(h, state)``."""
+    x = rms_norm(p["norm"], h)
+    B, T, _ = x.shape
+    C, n_p = cfg.segment_len, cfg.num_persistent
+    attn, mem = p["attn"], p["memory"]
+    zq, cq = proj(mem["qkv"]["q"], x, state["conv_q"].get("q"))
+    q_x = l2_normalize(silu(zq))  # (B, T, d), Eq. 21's queries
+    QKV = [proj(attn["qkv"][n], x, state["conv_attn"].get(n)) for n in ("q", "k", "v")]
+    P = with_persistent(p["persistent"], x[:, :0], cfg)  # (B, N_p, d)
+    P_k, P_v = (linear(attn["qkv"][n]["lin"], P) for n in ("k", "v"))
+    M_seg = memory_weights(mem["M0"], state["M_segment"], fresh=t == 0)
+    cache = {n: state[n] for n in ("memory_k", "memory_v", "segment_k", "segment_v")}
+    memory, fresh = state["memory"], t == 0
+    outs, start, pos = [], 0, t % C
+    while start < T:  # one part of a segment at a time
+        n = min(C - pos, T - start)
+        part = slice(start, start + n)
+        # Eq. 21 with the memory of the segment's start, then its keys and values (Eq. 22)
+        h_mem = rms_norm(p["memory_tokens"],
+                         np.stack([memory_forward(M, q_x[b, part]) for b, M in enumerate(M_seg)]))
+        for name, z in (("memory_k", linear(attn["qkv"]["k"]["lin"], h_mem)),
+                        ("memory_v", linear(attn["qkv"]["v"]["lin"], h_mem)),
+                        ("segment_k", QKV[1][0][:, part]), ("segment_v", QKV[2][0][:, part])):
+            cache[name] = np.concatenate([cache[name], z], axis=1)  # (B, pos + n, d)
+        K = np.concatenate([P_k, cache["memory_k"], cache["segment_k"]], axis=1)
+        V = np.concatenate([P_v, cache["memory_v"], cache["segment_v"]], axis=1)
+        m_all = pos + n
+        # the rows of mac_mask that belong to this part's segment tokens
+        mask = mac_mask(n_p, m_all, m_all, memory_causal=cfg.memory_causal)[n_p + m_all + pos:]
+        y = x[:, part] + linear(attn["W_O"], multi_head_attention(
+            QKV[0][0][:, part], K, V, cfg.num_heads, mask=mask))  # Eq. 23
+        # Eq. 24; at the segment's end its last chunk is closed, as memory_core does
+        m, memory = memory_stream(mem, y, cfg, memory, fresh=fresh, flush=m_all == C)
+        outs.append(combine(p["combine"], y, m))  # Eq. 25
+        fresh = False
+        if m_all == C:  # a new segment: retrieve from the memory it starts with
+            M_seg = memory_weights(mem["M0"], memory["M"], fresh=False)
+            cache = {name: z[:, :0] for name, z in cache.items()}
+        start, pos = start + n, m_all % C
+    new_state = {"conv_q": conv_dict({"q": cq}),
+                 "conv_attn": conv_dict(dict(zip("qkv", (c for _, c in QKV)))),
+                 "M_segment": [np.stack([M[j] for M in M_seg]) for j in range(len(M_seg[0]))],
+                 **cache, "memory": memory}
+    return h + linear(p["W_O"], np.concatenate(outs, axis=1)), new_state

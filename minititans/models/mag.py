@@ -5,13 +5,12 @@ $$\tilde x = [p_1 \dots p_{N_p}] \,\|\, x \ \text{(Eq. 26)}, \quad
   o = y \otimes \mathcal{M}(\tilde x) \ \text{(Eq. 28)}.$$
 
 The attention branch sees the ``window`` most recent tokens and the persistent prefix
-(:func:`minititans.attention.mag_mask`); the memory branch runs the LMM over the whole
+(:func:`minititans.attention.sliding_window_mask`); the memory branch runs the LMM over the whole
 $\tilde x$. The two branches are combined by :func:`minititans.models.blocks.combine`.
 """
 
 from __future__ import annotations
 
-from ..attention import mag_mask
 from ..layers import init_linear, linear, rms_norm
 from .blocks import (
     attention,
@@ -23,6 +22,7 @@ from .blocks import (
     init_persistent_tokens,
     memory_core,
 )
+from .streaming import attention_state, attention_stream, memory_state, memory_stream
 from .lmm import with_persistent
 
 
@@ -38,8 +38,28 @@ def layer(p, h, cfg):
     n_p = cfg.num_persistent
     x = rms_norm(p["norm"], h)
     x_tilde = with_persistent(p["persistent"], x, cfg)  # Eq. 26: (B, N_p + T, d)
-    T_tilde = x_tilde.shape[1]
-    y = attention(p["attn"], x_tilde, mag_mask(n_p, T_tilde - n_p, cfg.window), cfg)  # Eq. 27
+    # Eq. 27: SW-Attn*, the window plus the visible prefix (sliding_window_mask)
+    y = attention(p["attn"], x_tilde, cfg, window=cfg.window, prefix=n_p)
     m, _, _ = memory_core(p["memory"], x_tilde, cfg)  # M(x̃), the LMM over x̃
     o = combine(p["combine"], y, m)  # Eq. 28: y ⊗ M(x̃)
     return h + linear(p["W_O"], o[:, n_p:])
+
+
+def layer_state(p, cfg, batch_size, t) -> dict:
+    """The state of :func:`layer_stream` after ``t`` tokens: the window's KV cache, the memory."""
+    n_p = cfg.num_persistent
+    return {"attn": attention_state(cfg, batch_size, t, window=cfg.window, prefix=n_p),
+            "memory": memory_state(p["memory"], cfg, batch_size,
+                                   (n_p + t if t else 0) % cfg.chunk_size)}
+
+
+def layer_stream(p, h, cfg, state, t):
+    """:func:`layer` on the next tokens ``h`` ``(B, T, d)`` after ``t`` tokens: ``(h, state)``."""
+    n_p = cfg.num_persistent if t == 0 else 0  # the first piece carries the prefix
+    x = rms_norm(p["norm"], h)
+    x_tilde = with_persistent(p["persistent"], x, cfg) if n_p else x  # Eq. 26
+    y, attn = attention_stream(p["attn"], x_tilde, cfg, state["attn"], window=cfg.window,
+                               prefix=cfg.num_persistent)  # Eq. 27
+    m, memory = memory_stream(p["memory"], x_tilde, cfg, state["memory"], fresh=t == 0)
+    o = combine(p["combine"], y, m)  # Eq. 28
+    return h + linear(p["W_O"], o[:, n_p:]), {"attn": attn, "memory": memory}
