@@ -235,7 +235,7 @@ def _add_needle(sub):
                        "small)",
         description="Train SWA, the four Titans (LMM, MAC, MAG, MAL) and the matrix-memory "
                     "baselines (linear attention, gated DeltaNet, a TTT-Linear-style memory) "
-                    "on the S-NIAH needles (pk, n, w) and BABILong qa1 with five seeds, at 2-8x "
+                    "on the S-NIAH needles (pk, n, w) and BABILong qa1 with five seeds, at 2-32x "
                     "the 16-token window; evaluate at 1x to 256x the window (--full: to "
                     "1024x) on sequences from seeds never used in training; print mean "
                     "(min-max) over seeds, shaped like Titans Table 2.")

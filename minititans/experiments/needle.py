@@ -66,7 +66,7 @@ class NeedleSettings:
     window: int = 16                 # attention window w (MAC's segment too)
     # each training batch has one of these lengths (multiples of w, drawn per batch): the
     # gates see needles older than one training length (see docs/design-decisions.md)
-    train_multiples: tuple = (2, 4, 8)
+    train_multiples: tuple = (2, 8, 32)
     eval_multiples: tuple = (1, 4, 16, 64, 256)
     eval_samples: int = 200          # sequences per length ...
     eval_tokens: int = 204_800       # ... but at most this many tokens per length ...
