@@ -149,8 +149,8 @@ def plot_needle(result: dict, axes=None):
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows))
     if axes is None:
-        _, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4.2), squeeze=False,
-                               sharey=True)
+        _, axes = plt.subplots(1, len(tasks), figsize=(max(6.5, 4.6 * len(tasks)), 4.6),
+                               squeeze=False, sharey=True)
         axes = axes[0]
     markers = "osD^vP*Xh<>"
     titles = {"pk": "passkey (PK)", "n": "number (N)", "w": "hex value (W)",
@@ -183,11 +183,11 @@ def plot_needle(result: dict, axes=None):
         ax.set_ylim(-3, 105)
         ax.set_xlabel("sequence length (tokens)")
         ax.set_title(titles.get(task, task), fontsize=10)
-    axes[0].set_ylabel("accuracy (%), mean and min-max over seeds")
+    axes[0].set_ylabel("accuracy (%)")
     fig = axes[0].figure
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.suptitle(f"Needle beyond a {w}-token window (trained at up to "
-                 f"{result['train_length']} tokens)", fontsize=11)
+    fig.suptitle(f"Needle beyond a {w}-token window, trained at up to "
+                 f"{result['train_length']} tokens\nmean over seeds, band: min-max", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8,
                frameon=False)
