@@ -57,7 +57,7 @@ def attention_mask(T: int, window=None, prefix: int = 0, *, num_queries=None):
 
 
 def _visible(rows, cols, window, prefix):
-    """The mask of :func:`attention_mask` for query positions ``rows`` and key positions ``cols``."""
+    """:func:`attention_mask` for query positions ``rows`` and key positions ``cols``."""
     i, j = rows[:, None], cols[None, :]
     mask = j <= i  # (len(rows), len(cols))
     if window is not None:
@@ -113,7 +113,6 @@ def sliding_window_mask(num_persistent: int, T: int, window: int):
     return attention_mask(n_p + T, window=window, prefix=n_p)
 
 
-mag_mask = sliding_window_mask  # the name notebook 08 and older pages use
 
 
 def plot_mask(mask, ax=None, title=None):
@@ -150,8 +149,10 @@ def causal_attention(q, k, v, window=None, prefix: int = 0, *, mask=None):
 
     **No** $T \times T$ **matrix for a window.** With ``window=w`` and a long sequence the
     queries go in blocks of 64; a block sees the prefix and one run of $w + 63$ keys, so the
-    cost is $O(T (w + p) d)$ and 16,384 tokens need megabytes, not gigabytes. The result is
-    that of the dense formula (the masked-out terms are exact zeros either way).
+    cost is $O(T (w + p) d)$ and 16,384 tokens need megabytes, not gigabytes. Without a
+    window, past $2^{22}$ scores the queries go in blocks too (each sees all earlier keys:
+    the cost stays $O(T^2 d)$, the memory $O(64\, T)$). The result is that of the dense
+    formula (the masked-out terms are exact zeros either way).
 
     Args:
         q: ``(..., T_q, d)``; leading axes (batch, heads) are carried along.
@@ -171,17 +172,23 @@ def causal_attention(q, k, v, window=None, prefix: int = 0, *, mask=None):
         if T_q == 0:
             return np.zeros(q_.shape[:-1] + v_.shape[-1:], dtype=np.result_type(q_, k_, v_))
         return _attend(q, k, v, mask)
-    mask = attention_mask(T_k, window=window, prefix=prefix, num_queries=T_q)  # (T_q, T_k)
     if T_q == 0:  # an empty sequence attends to nothing (and a max over no keys is undefined)
+        attention_mask(T_k, window=window, prefix=prefix)  # still check the arguments
         return np.zeros(q_.shape[:-1] + v_.shape[-1:], dtype=np.result_type(q_, k_, v_))
-    if window is None or T_k <= 2 * (_BLOCK + window + prefix):
+    if (T_q * T_k <= _DENSE_MAX if window is None
+            else T_k <= 2 * (_BLOCK + check_int("window", window, minimum=1) + prefix)):
+        mask = attention_mask(T_k, window=window, prefix=prefix, num_queries=T_q)  # (T_q, T_k)
         return _attend(q, k, v, mask)
-    # the banded form: each block of queries against the prefix and its run of keys
+    prefix = check_int("prefix", prefix, minimum=0)
+    if prefix > T_k:
+        raise ValueError(f"prefix must be <= the sequence length {T_k}, got {prefix}")
+    # blocks of queries, each against the prefix and its run of keys (all earlier ones
+    # without a window)
     outs = []
     for i0 in range(0, T_q, _BLOCK):
         i1 = min(i0 + _BLOCK, T_q)
         a0, a1 = T_k - T_q + i0, T_k - T_q + i1  # the block's positions among the keys
-        lo = max(prefix, a0 - window + 1)
+        lo = prefix if window is None else max(prefix, a0 - window + 1)
         cols = onp.concatenate([onp.arange(prefix), onp.arange(lo, a1)])
         kb = np.concatenate([k[..., :prefix, :], k[..., lo:a1, :]], axis=-2)
         vb = np.concatenate([v[..., :prefix, :], v[..., lo:a1, :]], axis=-2)
@@ -191,6 +198,7 @@ def causal_attention(q, k, v, window=None, prefix: int = 0, *, mask=None):
 
 
 _BLOCK = 64  # queries per block of the banded (windowed) form
+_DENSE_MAX = 2**22  # without a window, one (T_q, T_k) score matrix up to 4M entries (32 MB)
 
 
 def _attend(q, k, v, mask):

@@ -17,12 +17,116 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+# the longest sequence `train` and `ablate` accept (--length, --eval-length(s)): a guard
+# against a typo that would allocate for minutes; quadratic models need far less memory
+MAX_LENGTH = 16_384
+
+# --- flag checks, shared by the commands: each is a usage error naming the flag (exit 2) ----
+
+
+def _check_int(parser, flag: str, value, *, minimum: int = 1, maximum: int | None = None):
+    """``value`` (an int, or a list of ints for ``nargs``) in ``[minimum, maximum]``."""
+    if value is None:
+        return value
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if v < minimum:
+            parser.error(f"{flag} must be >= {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            parser.error(f"{flag} must be <= {maximum}, got {v}")
+    return value
+
+
+def _check_positive(parser, flag: str, value):
+    """An int flag that must be >= 1 (None: not given, allowed)."""
+    return _check_int(parser, flag, value, minimum=1)
+
+
+def _check_nonnegative(parser, flag: str, value):
+    """An int flag that must be >= 0 (None: not given, allowed)."""
+    return _check_int(parser, flag, value, minimum=0)
+
+
+def _check_positive_float(parser, flag: str, value):
+    """A float flag that must be finite and > 0 (None: not given, allowed)."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        parser.error(f"{flag} must be a finite number > 0, got {value}")
+    return value
+
+
+def _check_out_dir(parser, flag: str, value):
+    """``--out DIR``: a directory (or nothing yet) whose ``results.json`` we can update."""
+    if value is None:
+        return value
+    out = Path(value)
+    if out.exists() and not out.is_dir():
+        parser.error(f"{flag} {value} exists and is not a directory (it takes a directory "
+                     "for results.json and the plots)")
+    results = out / "results.json"
+    if results.is_symlink() or (results.exists() and not results.is_file()):
+        parser.error(f"{flag}: {results} is not a regular file; refusing to replace it")
+    if results.exists():
+        try:
+            text = json.loads(results.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            parser.error(f"{flag}: {results} exists but is not readable JSON ({e}); move it "
+                         "away first")
+        if not isinstance(text, dict):
+            parser.error(f"{flag}: {results} exists but is not a JSON object")
+    return value
+
+
+def _check_out_file(parser, flag: str, value):
+    """A file flag (``--checkpoint``, ``bench --out``): absent, or a regular file."""
+    if value is None:
+        return value
+    path = Path(value)
+    if path.is_symlink():
+        parser.error(f"{flag} {value} is a symbolic link; refusing to replace it")
+    if path.exists() and not path.is_file():
+        parser.error(f"{flag} {value} exists and is not a regular file")
+    parent = next((q for q in path.parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        parser.error(f"{flag} {value}: {parent} is not a directory")
+    return value
+
+
+def _check_task_length(parser, flag: str, task_name: str, value):
+    """A length (or list of lengths) the task accepts, at most MAX_LENGTH."""
+    from .tasks import make_task
+
+    _check_int(parser, flag, value, minimum=1, maximum=MAX_LENGTH)
+    for n in value if isinstance(value, (list, tuple)) else [value]:
+        try:
+            make_task(task_name, n)
+        except (TypeError, ValueError) as e:
+            parser.error(f"{flag} {n} does not fit the task {task_name}: {e}")
+    return value
+
+
+def _parser_of(args):
+    """The subcommand's own parser (set by ``set_defaults(_parser=p)``), for usage errors."""
+    return args._parser
+
+
 # --- demo and recall --------------------------------------------------------------------------
+
+
+def _validate_recall(parser, args) -> None:
+    _check_positive(parser, "--d", args.d)
+    _check_positive(parser, "--sizes", args.sizes)
+    _check_positive(parser, "--passes", args.passes)
+    _check_nonnegative(parser, "--seed", args.seed)
+    _check_out_dir(parser, "--out", args.out)
 
 
 def run_recall(args) -> int:
     from .experiments.recall import format_recall_table, recall_experiment
     from .io import update_results_json
+
+    if getattr(args, "_parser", None) is not None:  # the recall command's own flags
+        _validate_recall(args._parser, args)
 
     start = time.perf_counter()
     result = recall_experiment(d=args.d, sizes=args.sizes, passes=args.passes, seed=args.seed,
@@ -116,9 +220,20 @@ def check_needle_args(parser, args) -> None:
     for flag in ("steps", "workers"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    _check_out_dir(parser, "--out", args.out)
+
+
+def _validate_ablate(parser, args) -> None:
+    _check_positive(parser, "--seeds", args.seeds)
+    _check_positive(parser, "--steps", args.steps)
+    _check_positive(parser, "--workers", args.workers)
+    _check_task_length(parser, "--length", args.task, args.length)
+    _check_task_length(parser, "--eval-length", args.task, args.eval_length)
+    _check_out_dir(parser, "--out", args.out)
 
 
 def run_ablate(args) -> int:
+    _validate_ablate(_parser_of(args), args)
     from .experiments.ablation import (
         ABLATIONS,
         TITANS_ROWS,
@@ -146,75 +261,240 @@ def run_ablate(args) -> int:
 
 
 def parse_config(text):
-    """``--config``: a JSON file, a JSON object, or ``key=value,key=value``."""
+    """``--config``: a JSON file, a JSON object, or ``key=value,key=value``.
+
+    Raises ``ValueError`` (with the reason) for a file that cannot be read, text that is not
+    JSON, JSON that is not an object, or an item without ``=``.
+    """
     if text is None:
         return {}
     path = Path(text)
-    if path.suffix == ".json" and path.exists():
-        return json.loads(path.read_text())
-    if text.lstrip().startswith("{"):
-        return json.loads(text)
-    out = {}
-    for item in text.split(","):
-        key, sep, val = item.partition("=")
-        if not sep:
-            raise ValueError(f"--config items must be key=value, got {item!r}")
+    if path.suffix == ".json":
+        if not path.exists():
+            raise ValueError(f"no such file: {text}")
         try:
-            out[key.strip()] = json.loads(val)  # numbers, true/false, null
-        except json.JSONDecodeError:
-            out[key.strip()] = val.strip()  # a bare string such as silu
-    return out
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{text} is not a readable JSON file ({e})") from e
+    elif text.lstrip().startswith(("{", "[")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON ({e})") from e
+    else:
+        data = {}
+        for item in text.split(","):
+            key, sep, val = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"items must be key=value, got {item!r}")
+            try:
+                data[key.strip()] = json.loads(val)  # numbers, true/false, null
+            except json.JSONDecodeError:
+                data[key.strip()] = val.strip()  # a bare string such as silu
+    if not isinstance(data, dict):
+        raise ValueError(f"must be a JSON object of ModelConfig fields, got {data!r}")
+    return data
+
+
+# train's defaults; the flags default to None so that --resume can tell a flag given on the
+# command line (which must agree with the checkpoint) from one left alone
+TRAIN_DEFAULTS = dict(task="needle-pk", model="lmm", length=32, window=16, steps=200,
+                      batch_size=8, lr=1e-2, seed=0, backend="auto")
+
+
+def _validate_train_flags(parser, args) -> None:
+    _check_positive(parser, "--steps", args.steps)
+    _check_positive(parser, "--eval-samples", args.eval_samples)
+    _check_positive(parser, "--batch-size", args.batch_size)
+    _check_int(parser, "--window", args.window, minimum=1, maximum=MAX_LENGTH)
+    _check_nonnegative(parser, "--seed", args.seed)
+    _check_positive_float(parser, "--lr", args.lr)
+    _check_nonnegative(parser, "--checkpoint-every", args.checkpoint_every)
+    _check_int(parser, "--length", args.length, minimum=1, maximum=MAX_LENGTH)
+    _check_int(parser, "--eval-lengths", args.eval_lengths, minimum=1, maximum=MAX_LENGTH)
+    if args.checkpoint_every and args.checkpoint is None:
+        parser.error("--checkpoint-every needs --checkpoint PATH.npz")
+    _check_out_file(parser, "--checkpoint", args.checkpoint)
+    _check_out_dir(parser, "--out", args.out)
+
+
+def _check_config_fields(parser, extra: dict) -> None:
+    import difflib
+
+    from .models import ModelConfig
+
+    names = list(ModelConfig.__dataclass_fields__)
+    unknown = sorted(set(extra) - set(names))
+    if unknown:
+        hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, names, 1))
+                 else u for u in unknown]
+        parser.error(f"--config has unknown ModelConfig fields: {', '.join(hints)}; the "
+                     f"fields are {', '.join(names)}")
+
+
+def _model_config_from_flags(parser, args, task, backend):
+    """The ModelConfig of a new run: the needle LMM, the flags, then ``--config``."""
+    from .experiments.ablation import AblationSettings
+    from .models import ModelConfig
+
+    try:
+        extra = parse_config(args.config)
+    except ValueError as e:
+        parser.error(f"--config: {e}")
+    _check_config_fields(parser, extra)
+    model = args.model or TRAIN_DEFAULTS["model"]
+    window = args.window or TRAIN_DEFAULTS["window"]
+    # fields the flags own: in --config they may only repeat the flag's value
+    owned = {"model": ("--model", model), "backend": ("--backend", backend),
+             "vocab_size": ("--task", task.vocab_size)}
+    if args.window is not None:
+        owned.update(window=("--window", window), segment_len=("--window", window))
+    for key, (flag, value) in owned.items():
+        if key in extra and extra[key] != value:
+            parser.error(f"--config {key}={extra[key]!r} conflicts with {flag} (which gives "
+                         f"{key}={value!r}); set it with {flag}, not --config")
+    fields = {**AblationSettings().model, "window": window, "segment_len": window, **extra,
+              "model": model, "vocab_size": task.vocab_size, "backend": backend}
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as e:
+        parser.error(f"--config: {e}")
+
+
+def _resume_plan(parser, args, backend):
+    """Model, train config and task of ``--resume``, checking every flag against it."""
+    from .models import Model
+    from .training import checkpoint_task, load_checkpoint
+
+    try:
+        state, model, cfg, _ = load_checkpoint(args.resume)
+        task_name, length = checkpoint_task(args.resume)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(f"--resume: {e}")
+    if task_name is None and (args.task is None or args.length is None):
+        parser.error(f"--resume: {args.resume} does not record its task (an older "
+                     "checkpoint); give --task and --length explicitly")
+    given = {"--task": (args.task, task_name), "--length": (args.length, length),
+             "--model": (args.model, model.config.model),
+             "--window": (args.window, model.config.window),
+             "--lr": (args.lr, cfg.lr), "--seed": (args.seed, cfg.seed),
+             "--batch-size": (args.batch_size, cfg.batch_size)}
+    for flag, (value, recorded) in given.items():
+        if value is not None and recorded is not None and value != recorded:
+            parser.error(f"{flag} {value} conflicts with the checkpoint {args.resume} "
+                         f"({flag} {recorded}); drop {flag} to continue it as it was")
+    if args.config is not None:
+        try:
+            extra = parse_config(args.config)
+        except ValueError as e:
+            parser.error(f"--config: {e}")
+        saved = json.loads(model.config.to_json())
+        for key, val in extra.items():
+            _check_config_fields(parser, {key: val})
+            if key == "backend":
+                used = backend if args.backend is not None else model.config.backend
+                if val != used:
+                    parser.error(f"--config backend={val!r} conflicts with the backend of "
+                                 f"this run ({used!r}); set it with --backend")
+            elif saved[key] != val:
+                parser.error(f"--config {key}={val!r} conflicts with the checkpoint "
+                             f"{args.resume} ({key}={saved[key]!r}); a resumed run keeps "
+                             "its model")
+    if args.steps is not None:
+        if args.steps < state.step:
+            parser.error(f"--steps {args.steps} is below the checkpoint's step {state.step}")
+        cfg = replace(cfg, steps=args.steps)
+    if args.backend is not None and backend != model.config.backend:
+        # the backend changes how the scan is computed, not what: allowed, but said
+        print(f"warning: --backend {args.backend} resumes with the {backend} backend; the "
+              f"checkpoint was written with {model.config.backend} (results agree to "
+              "rounding, not bit for bit)", file=sys.stderr)
+        model = Model(model.config.with_(backend=backend))
+    return state, model, cfg, task_name or args.task, length or args.length
+
+
+def _plan_train(parser, args):
+    """Check every flag of ``train`` and build what it needs, before any work."""
+    from .experiments.pool import resolve_backend
+    from .models import Model
+    from .tasks import BabilongTask, NeedleTask, make_task
+    from .training import TrainConfig
+
+    _validate_train_flags(parser, args)
+    backend = resolve_backend(args.backend or TRAIN_DEFAULTS["backend"])
+    if args.resume is not None:
+        state, model, cfg, task_name, length = _resume_plan(parser, args, backend)
+    else:
+        task_name = args.task or TRAIN_DEFAULTS["task"]
+        length = args.length or TRAIN_DEFAULTS["length"]
+        state = None
+    _check_task_length(parser, "--length", task_name, length)
+    _check_task_length(parser, "--eval-lengths", task_name, args.eval_lengths or [length])
+    task = make_task(task_name, length)
+    if isinstance(task, (NeedleTask, BabilongTask)):
+        task = replace(task, placement="anywhere")
+    if args.resume is None:
+        model = Model(_model_config_from_flags(parser, args, task, backend))
+        steps = args.steps or TRAIN_DEFAULTS["steps"]
+        try:
+            cfg = TrainConfig(steps=steps, batch_size=args.batch_size or
+                              TRAIN_DEFAULTS["batch_size"], lr=args.lr or TRAIN_DEFAULTS["lr"],
+                              warmup=min(10, steps), seed=args.seed or TRAIN_DEFAULTS["seed"])
+        except (TypeError, ValueError) as e:
+            parser.error(str(e))
+    if model.config.vocab_size < task.vocab_size:
+        parser.error(f"--task {task_name} has {task.vocab_size} tokens, the model only "
+                     f"{model.config.vocab_size}")
+    return task_name, length, task, model, cfg, state
+
+
+def _report_interrupt(path) -> None:
+    """Where a ``train`` stopped by Ctrl-C can be resumed from (on stderr)."""
+    from .io import load_arrays
+
+    if path is not None and Path(path).is_file():
+        try:
+            arrays, _ = load_arrays(path, kind="checkpoint")
+            print(f"interrupted: the last checkpoint is {path} (step {int(arrays['step'])}); "
+                  f"continue with: minititans train --resume {path}", file=sys.stderr)
+            return
+        except (ValueError, KeyError):
+            pass
+    print("interrupted: no checkpoint was written (give --checkpoint PATH.npz and "
+          "--checkpoint-every K to be able to resume)", file=sys.stderr)
 
 
 def run_train(args) -> int:
+    task_name, length, task, model, cfg, state = _plan_train(_parser_of(args), args)
     import numpy as np
 
-    from .experiments.ablation import AblationSettings
-    from .experiments.pool import resolve_backend
     from .io import update_results_json
-    from .models import Model, ModelConfig
-    from .tasks import BabilongTask, NeedleTask, make_task
-    from .training import TrainConfig, evaluate, load_checkpoint, train
+    from .tasks import make_task
+    from .training import evaluate, train
 
-    task = make_task(args.task, args.length)
-    if isinstance(task, (NeedleTask, BabilongTask)):
-        task = replace(task, placement="anywhere")
-    if args.resume is not None:
-        state, model, cfg, _ = load_checkpoint(args.resume)
-        cfg = replace(cfg, steps=args.steps) if args.steps is not None else cfg
-        resume = state
-    else:
-        extra = parse_config(args.config)
-        unknown = set(extra) - set(ModelConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError("--config has unknown ModelConfig fields: "
-                             f"{', '.join(sorted(unknown))}")
-        # the base model: the LMM of the needle and ablation experiments
-        fields = {**AblationSettings().model, "window": args.window,
-                  "segment_len": args.window, **extra, "model": args.model,
-                  "vocab_size": task.vocab_size, "backend": resolve_backend(args.backend)}
-        model = Model(ModelConfig(**fields))
-        cfg = TrainConfig(steps=args.steps or 200, batch_size=args.batch_size, lr=args.lr,
-                          warmup=min(10, args.steps or 200), seed=args.seed)
-        resume = None
-    print(f"training {model.name} on {args.task} (length {args.length}): {model.config}")
+    print(f"training {model.name} on {task_name} (length {length}): {model.config}")
     start = time.perf_counter()
-    params, _, history = train(model, task, cfg, resume=resume, checkpoint=args.checkpoint,
-                               checkpoint_every=args.checkpoint_every,
-                               progress=not args.quiet)
+    try:
+        params, _, history = train(model, task, cfg, resume=state,
+                                   checkpoint=args.checkpoint,
+                                   checkpoint_every=args.checkpoint_every,
+                                   progress=not args.quiet, task_name=task_name)
+    except KeyboardInterrupt:
+        _report_interrupt(args.checkpoint)
+        return 130
     if history:
         print(f"final loss {np.mean([h['loss'] for h in history[-10:]]):.4f}, "
               f"train accuracy {np.mean([h['accuracy'] for h in history[-10:]]):.3f} "
               f"({time.perf_counter() - start:.1f} s)")
     rows = []
-    for n in args.eval_lengths or [args.length]:
-        r = evaluate(model, params, make_task(args.task, n), num_samples=args.eval_samples)
+    for n in args.eval_lengths or [length]:
+        r = evaluate(model, params, make_task(task_name, n), num_samples=args.eval_samples)
         rows.append({"length": n, **r})
         print(f"length {n:5d}: accuracy {100 * r['accuracy']:5.1f}% "
               f"(token {100 * r['token_accuracy']:5.1f}%, chance "
-              f"{100 * make_task(args.task, n).chance:.1f}%)")
+              f"{100 * make_task(task_name, n).chance:.1f}%)")
     if args.out is not None:
-        update_results_json(Path(args.out), "train", {"task": args.task, "model": model.name,
+        update_results_json(Path(args.out), "train", {"task": task_name, "model": model.name,
                                                "config": json.loads(model.config.to_json()),
                                                "rows": rows})
     return 0
@@ -265,28 +545,39 @@ def _add_train(sub):
         "train", help="train any model on any task",
         description="Train a model (Titans or baseline) on a synthetic task with AdamW, "
                     "warm-up + cosine, gradient clipping; evaluate at the given lengths. "
-                    "Checkpoints are .npz files; --resume continues one exactly.")
-    p.add_argument("--task", choices=TASKS, default="needle-pk", help="default needle-pk")
-    p.add_argument("--model", choices=MODEL_NAMES, default="lmm", help="default lmm")
+                    "Checkpoints are .npz files that record the model, the training config "
+                    "and the task; --resume continues one exactly (a flag given with --resume "
+                    "must agree with the checkpoint; --steps may extend it, --backend may "
+                    "change how it is computed). Ctrl-C stops a run and says where its last "
+                    "checkpoint is (exit status 130).")
+    p.add_argument("--task", choices=TASKS, default=None, help="default needle-pk")
+    p.add_argument("--model", choices=MODEL_NAMES, default=None, help="default lmm")
     p.add_argument("--config", default=None, metavar="JSON|FILE|k=v,...",
-                   help="ModelConfig fields, e.g. 'd_model=64,memory_depth=2,momentum=false'")
-    p.add_argument("--length", type=int, default=32, help="training length (default 32)")
-    p.add_argument("--window", type=int, default=16,
+                   help="ModelConfig fields, e.g. 'd_model=64,memory_depth=2,momentum=false' "
+                        "(model, backend and vocab_size are set by --model, --backend and "
+                        "--task)")
+    p.add_argument("--length", type=int, default=None,
+                   help=f"training length (default 32, at most {MAX_LENGTH})")
+    p.add_argument("--window", type=int, default=None,
                    help="attention window and MAC segment (default 16)")
     p.add_argument("--eval-lengths", type=int, nargs="+", default=None, metavar="N",
-                   help="evaluation lengths (default: the training length)")
-    p.add_argument("--eval-samples", type=int, default=200, help="sequences per length")
+                   help=f"evaluation lengths (default: the training length; at most "
+                        f"{MAX_LENGTH})")
+    p.add_argument("--eval-samples", type=int, default=200,
+                   help="sequences per length (default 200)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 200)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default 1e-2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per step (default 8)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-2)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--checkpoint", default=None, metavar="PATH.npz",
                    help="write a checkpoint here (at the end, and every --checkpoint-every)")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                   help="also write the checkpoint every K steps (default 0: only at the end)")
     p.add_argument("--resume", default=None, metavar="PATH.npz",
-                   help="continue from a checkpoint (its model and training config)")
+                   help="continue from a checkpoint (its model, training config and task)")
     _common(p, "add the evaluation to DIR/results.json (key 'train')")
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, backend=None, _parser=p)  # backend None: auto
 
 
 def _add_ablate(sub):
@@ -299,12 +590,14 @@ def _add_ablate(sub):
                    default="mqar", help="default mqar")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
-    p.add_argument("--length", type=int, default=32, help="training length (default 32)")
-    p.add_argument("--eval-length", type=int, default=64, help="default 64")
+    p.add_argument("--length", type=int, default=32,
+                   help=f"training length (default 32, at most {MAX_LENGTH})")
+    p.add_argument("--eval-length", type=int, default=64,
+                   help=f"evaluation length (default 64, at most {MAX_LENGTH})")
     p.add_argument("--with-titans", action="store_true", help="also MAC, MAG and MAL rows")
     p.add_argument("--workers", type=int, default=None, help="parallel processes")
     _common(p, "add the table to DIR/results.json (key 'ablation')")
-    p.set_defaults(func=run_ablate)
+    p.set_defaults(func=run_ablate, _parser=p)
 
 
 # --- bench --------------------------------------------------------------------------------------
@@ -312,6 +605,10 @@ def _add_ablate(sub):
 
 def run_bench_command(args) -> int:
     """The ``bench`` subcommand: run, print the table, write JSON to ``--out``."""
+    parser = _parser_of(args)
+    _check_positive(parser, "--tokens", args.tokens)
+    _check_positive(parser, "--depth", args.depth)
+    _check_out_file(parser, "--out", args.out)
     from .bench import (
         SINGLE_THREAD_ENV,
         format_stream,
@@ -332,9 +629,6 @@ def run_bench_command(args) -> int:
             argv += ["--out", str(args.out)]
         return subprocess.run(argv, env=env).returncode
     if args.stream:
-        if args.tokens < 1 or args.depth < 1:
-            raise ValueError(f"--tokens and --depth must be >= 1, got {args.tokens} and "
-                             f"{args.depth}")
         prefix = max(10_000, min(100_000, args.tokens // 10_000 * 10_000))
         result = run_stream(tokens=args.tokens, prefix=prefix, depth=args.depth)
         print(format_stream(result))
@@ -377,7 +671,7 @@ def _add_bench(sub):
                    help="tokens for --stream (default 1,000,000)")
     p.add_argument("--depth", type=int, default=2,
                    help="memory depth for --stream (default 2; d = 64, expansion 4)")
-    p.set_defaults(func=run_bench_command)
+    p.set_defaults(func=run_bench_command, _parser=p)
 
 
 # --- the parser ---------------------------------------------------------------------------------
@@ -412,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write N random key->value pairs into several memories and read them "
                     "back; print the relative recall error table and optionally save a plot.")
     _add_recall_options(recall)
-    recall.set_defaults(func=run_recall)
+    recall.set_defaults(func=run_recall, _parser=recall)
     _add_needle(sub)
     _add_train(sub)
     _add_ablate(sub)

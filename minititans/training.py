@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from autograd.tracer import getval
 from tqdm.auto import tqdm
 
 from ._checks import check_int
-from .io import load_arrays, save_arrays
+from .io import check_float_array, load_arrays, meta_value, save_arrays
 from .models import Model, ModelConfig, ravel
 
 
@@ -177,47 +178,131 @@ def init_state(model: Model, cfg: TrainConfig) -> TrainState:
     return TrainState(flat, onp.zeros_like(flat), onp.zeros_like(flat), 0)
 
 
-def save_checkpoint(path, state: TrainState, model: Model, cfg: TrainConfig) -> Path:
+def _check_train_state(state: TrainState, model: Model, cfg: TrainConfig) -> TrainState:
+    """A TrainState passed as ``resume``: the checks :func:`load_checkpoint` makes on a file."""
+    n = ravel(model.init(onp.random.default_rng(0)))[0].size
+    for name in ("params", "m", "v"):
+        arr = onp.asarray(getattr(state, name))
+        if arr.dtype not in (onp.float32, onp.float64) or arr.shape != (n,):
+            raise ValueError(f"resume.{name} must be a float vector of shape ({n},) for this "
+                             f"model, got dtype {arr.dtype} and shape {arr.shape}")
+        if not onp.all(onp.isfinite(arr)):
+            raise ValueError(f"resume.{name} contains NaN or inf")
+    step = check_int("resume.step", state.step, minimum=0)
+    if step > cfg.steps:
+        raise ValueError(f"resume.step = {step} is past cfg.steps = {cfg.steps}")
+    return state
+
+
+def _check_task_record(task_name, length) -> None:
+    from .tasks import TASKS
+
+    if task_name is not None and task_name not in TASKS:
+        raise ValueError(f"task_name must be one of {', '.join(TASKS)} or None, got "
+                         f"{task_name!r}")
+    if length is not None:
+        check_int("length", length, minimum=1)
+
+
+def save_checkpoint(path, state: TrainState, model: Model, cfg: TrainConfig, *,
+                    task_name: str | None = None, length: int | None = None) -> Path:
     """Write ``state`` and both configs to an ``.npz``, atomically (see :mod:`minititans.io`).
 
-    The arrays are the flat parameters and Adam moments; the configs travel as JSON
-    metadata, so loading never unpickles anything.
+    The arrays are the flat parameters and Adam moments; the configs, and the task the run
+    trains on (``task_name``, one of :data:`minititans.tasks.TASKS`, and its ``length``)
+    when given, travel as JSON metadata, so loading never unpickles anything and
+    ``minititans train --resume`` continues on the same task.
     """
     if not isinstance(state, TrainState):
         raise TypeError(f"state must be a TrainState, got {type(state).__name__}")
     _check_model(model)
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    _check_task_record(task_name, length)
     n = ravel(model.init(onp.random.default_rng(0)))[0].size
     if onp.shape(state.params) != (n,):
         raise ValueError(f"state has {onp.size(state.params)} parameters, the model "
                          f"{model.config.model!r} of this config {n}: it is another model's state")
+    for name in ("m", "v"):
+        if onp.shape(getattr(state, name)) != (n,):
+            raise ValueError(f"state.{name} must have shape ({n},) like the parameters, got "
+                             f"{onp.shape(getattr(state, name))}")
+    check_int("state.step", state.step, minimum=0)
     arrays = dict(params=state.params, m=state.m, v=state.v, step=onp.int64(state.step))
-    meta = {"model_config": json.loads(model.config.to_json()), "train_config": asdict(cfg)}
+    meta = {"model_config": json.loads(model.config.to_json()), "train_config": asdict(cfg),
+            "task": task_name, "length": length}
     return save_arrays(path, arrays, kind="checkpoint", meta=meta)
+
+
+def _read_checkpoint(path):
+    """Load and check every array and metadata key of a checkpoint (see load_checkpoint)."""
+    f, meta = load_arrays(path, kind="checkpoint")
+    expected = ("params", "m", "v", "step")
+    for name in expected:
+        if name not in f:
+            raise ValueError(f"{path} is missing the array {name!r}")
+    extra = sorted(set(f) - set(expected))
+    if extra:
+        raise ValueError(f"{path} holds unexpected arrays {extra}")
+    for key in ("model_config", "train_config"):
+        meta_value(path, meta, key, lambda c: isinstance(c, dict), "a JSON object")
+    try:
+        model = Model(ModelConfig.from_json(json.dumps(meta["model_config"])))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} has metadata 'model_config' that is not a valid "
+                         f"ModelConfig: {e}") from e
+    try:
+        cfg = TrainConfig(**meta["train_config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} has metadata 'train_config' that is not a valid "
+                         f"TrainConfig: {e}") from e
+    task_name, length = meta.get("task"), meta.get("length")  # absent in older checkpoints
+    try:
+        _check_task_record(task_name, length)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} has bad metadata 'task'/'length': {e}") from e
+    template, unravel = ravel(model.init(onp.random.default_rng(0)))
+    n = template.size
+    if f["params"].shape != (n,):
+        raise ValueError(f"{path}: array 'params' has shape {f['params'].shape}, but the "
+                         f"recorded model ({model.config.model!r}) has {n} parameters")
+    params = check_float_array(path, "params", f["params"], shape=(n,))
+    m = check_float_array(path, "m", f["m"], shape=(n,))
+    v = check_float_array(path, "v", f["v"], shape=(n,))
+    if onp.any(v < 0):
+        raise ValueError(f"{path}: array 'v' (Adam's second moment) has negative entries")
+    step = f["step"]
+    if step.shape != () or step.dtype.kind not in "iu":
+        raise ValueError(f"{path}: array 'step' must be an integer scalar, got dtype "
+                         f"{step.dtype} and shape {step.shape}")
+    step = int(step)
+    if not 0 <= step <= cfg.steps:
+        raise ValueError(f"{path}: array 'step' = {step} must be in [0, {cfg.steps}] (the "
+                         "recorded train_config's steps)")
+    state = TrainState(params, m, v, step)
+    return state, model, cfg, unravel(params), task_name, length
 
 
 def load_checkpoint(path) -> tuple[TrainState, Model, TrainConfig, dict]:
     """Read a checkpoint: ``(state, model, train_config, params)`` (params as a tree).
 
     A missing, truncated, pickled or wrong-version file raises a clear error
-    (:func:`minititans.io.load_arrays`).
+    (:func:`minititans.io.load_arrays`), and so does any array that does not fit the
+    recorded model and config: ``params``, ``m`` and ``v`` must be finite float vectors of
+    the model's parameter count (``v`` >= 0), ``step`` an integer in ``[0, steps]``; a
+    missing or malformed metadata key is a ``ValueError`` naming it.
     """
-    f, meta = load_arrays(path, kind="checkpoint")
-    for name in ("params", "m", "v", "step"):
-        if name not in f:
-            raise ValueError(f"{path} is missing the array {name!r}")
-    state = TrainState(f["params"], f["m"], f["v"], int(f["step"]))
-    model = Model(ModelConfig.from_json(json.dumps(meta["model_config"])))
-    cfg = TrainConfig(**meta["train_config"])
-    template, unravel = ravel(model.init(onp.random.default_rng(0)))
-    if template.shape != state.params.shape:
-        raise ValueError(f"checkpoint has {state.params.size} parameters, the model "
-                         f"{template.size}")
-    return state, model, cfg, unravel(state.params)
+    return _read_checkpoint(path)[:4]
+
+
+def checkpoint_task(path) -> tuple[str | None, int | None]:
+    """The ``(task_name, length)`` a checkpoint records (``None`` when it does not)."""
+    return _read_checkpoint(path)[4:]
 
 
 def train(model: Model, task, cfg: TrainConfig, *, resume=None, checkpoint=None,
           checkpoint_every: int = 0, until: int | None = None, progress: bool = True,
-          desc: str | None = None):
+          desc: str | None = None, task_name: str | None = None):
     """Train ``model`` on ``task`` for ``cfg.steps`` steps (continuing ``resume`` if given).
 
     Args:
@@ -229,6 +314,9 @@ def train(model: Model, task, cfg: TrainConfig, *, resume=None, checkpoint=None,
         until: stop after this many steps (the schedule still spans ``cfg.steps``): a run
             interrupted on purpose, to be resumed.
         progress: show a tqdm bar with the loss and answer accuracy.
+        task_name: the name of ``task`` (one of :data:`minititans.tasks.TASKS`), recorded in
+            the checkpoints with the task's length; a checkpoint that records another task
+            is refused as ``resume``.
 
     Returns:
         ``(params, state, history)``: the trained parameter tree, the final TrainState, and
@@ -243,14 +331,27 @@ def train(model: Model, task, cfg: TrainConfig, *, resume=None, checkpoint=None,
     if resume is not None and not isinstance(resume, (TrainState, str, os.PathLike)):
         raise TypeError(f"resume must be a TrainState or a checkpoint path, got "
                         f"{type(resume).__name__}")
+    _check_task_record(task_name, None)
+    length = getattr(task, "length", None) if task_name is not None else None
+    check_int("checkpoint_every", checkpoint_every, minimum=0)
     if resume is None:
         state = init_state(model, cfg)
     elif isinstance(resume, TrainState):
-        state = resume
+        state = _check_train_state(resume, model, cfg)
     else:
-        state, saved_model, _, _ = load_checkpoint(resume)
+        state, saved_model, saved_cfg, _, saved_task, saved_length = _read_checkpoint(resume)
         if saved_model.config != model.config:
             raise ValueError("the checkpoint was written by a model with another config")
+        if task_name is not None and saved_task is not None and (
+                (saved_task, saved_length) != (task_name, length)):
+            raise ValueError(f"the checkpoint trained on {saved_task!r} at length "
+                             f"{saved_length}, not {task_name!r} at length {length}")
+        changed = sorted(k for k, val in asdict(saved_cfg).items()
+                         if k != "steps" and getattr(cfg, k) != val)
+        if changed:
+            warnings.warn(f"resuming with a train config that differs from the checkpoint's "
+                          f"in {', '.join(changed)}: the run will not equal one straight "
+                          "through", RuntimeWarning, stacklevel=2)
     _, unravel = ravel(model.init(onp.random.default_rng(0)))
     seen = {}
 
@@ -274,9 +375,9 @@ def train(model: Model, task, cfg: TrainConfig, *, resume=None, checkpoint=None,
         history.append({"step": step, "loss": value, "accuracy": acc, "grad_norm": norm})
         bar.set_postfix(loss=f"{value:.3f}", acc=f"{acc:.2f}")
         if checkpoint is not None and checkpoint_every and state.step % checkpoint_every == 0:
-            save_checkpoint(checkpoint, state, model, cfg)
+            save_checkpoint(checkpoint, state, model, cfg, task_name=task_name, length=length)
     if checkpoint is not None:
-        save_checkpoint(checkpoint, state, model, cfg)
+        save_checkpoint(checkpoint, state, model, cfg, task_name=task_name, length=length)
     return unravel(state.params), state, history
 
 

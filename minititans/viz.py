@@ -12,33 +12,60 @@ def _axes(ax, ncols=1, figsize=(6, 4)):
     return fig, axes[0] if ncols > 1 else axes[0, 0]
 
 
+# one marker and line style per curve, so curves that coincide stay visible
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">")
+_STYLES = ("-", "--", "-.", (0, (3, 1, 1, 1)), (0, (5, 2)))
+
+
 def plot_recall(result: dict, axes=None):
-    """Recall error vs number of stored pairs, one panel per pass count, key width marked."""
+    """Recall error vs number of stored pairs, one panel per pass count, key width marked.
+
+    Curves that coincide (the delta rule and Titans linear without momentum are nearly the
+    same rule) are told apart by marker, line style and a small horizontal offset; a curve
+    that leaves the plotted range is labelled at the top edge with its largest value.
+    """
     passes = result["passes"]
-    fig, axes = _axes(axes, ncols=len(passes), figsize=(5.5 * len(passes), 4.2))
+    top = 1.6  # linear attention leaves the top: its cross-talk grows with N
+    fig, axes = _axes(axes, ncols=len(passes), figsize=(5.5 * len(passes) + 2.2, 4.4))
     axes = list(axes) if len(passes) > 1 else [axes]
+    labels = list(dict.fromkeys(r["memory"] for r in result["rows"]))
+    curves = [label for label in labels if "least squares" not in label]
     for ax, p in zip(axes, passes):
         rows = [r for r in result["rows"] if r["passes"] == p]
-        for label in dict.fromkeys(r["memory"] for r in rows):
+        off_scale = []
+        for label in labels:
             pts = [(r["n_pairs"], r["error"]) for r in rows
                    if r["memory"] == label and r["error"] is not None]
-            if pts:
-                xs, ys = zip(*pts)
-                if "least squares" in label:  # the floor of every matrix memory
-                    ax.plot(xs, ys, color="black", linestyle=":", marker="x", label=label)
-                else:
-                    ax.plot(xs, ys, marker="o", label=label)
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            if "least squares" in label:  # the floor of every matrix memory
+                ax.plot(xs, ys, color="black", linestyle=":", marker="x", label=label)
+                continue
+            i = curves.index(label)
+            shift = 2 ** (0.035 * (i - (len(curves) - 1) / 2))  # offset on the log axis
+            ax.plot([x * shift for x in xs], [min(y, top) for y in ys], label=label,
+                    marker=_MARKERS[i % len(_MARKERS)], linestyle=_STYLES[i % len(_STYLES)],
+                    markersize=5, clip_on=False)
+            if max(ys) > top:
+                off_scale.append(f"{label}: up to {max(ys):.0f}" if max(ys) >= 10
+                                 else f"{label}: up to {max(ys):.2f}")
+        if off_scale:
+            ax.text(0.02, 0.97, "off the scale (drawn at the top edge):\n" + "\n".join(off_scale),
+                    transform=ax.transAxes, va="top", fontsize=7, color="dimgray")
         ax.axvline(result["d"], color="gray", linestyle="--", linewidth=1)
-        ax.text(result["d"], 0.02, " N = d", color="gray", transform=ax.get_xaxis_transform())
+        ax.text(result["d"] * 1.04, 0.55, f"N = d = {result['d']}", color="gray", rotation=90,
+                fontsize=8, transform=ax.get_xaxis_transform())
         ax.axhline(1.0, color="black", linewidth=0.8, alpha=0.5)
         ax.set_xscale("log", base=2)
         ax.set_xticks(result["sizes"], [str(n) for n in result["sizes"]])
-        ax.set_ylim(0, 1.6)  # linear attention leaves the top: its cross-talk grows with N
+        ax.minorticks_off()
+        ax.set_ylim(0, top)
         ax.set_xlabel("number of stored pairs N")
-        ax.set_ylabel("relative recall error")
+        ax.set_ylabel("relative recall error (1 = empty memory)")
         what = "one write per pair" if p == 1 else f"{p} writes per pair"
         ax.set_title(f"{what}: the dotted line is the best any matrix can do", fontsize=10)
-    axes[0].legend(fontsize=8)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     return fig
 

@@ -53,8 +53,13 @@ def linear_grad(W, k, v):
 
 
 def naive_token_loop(weights, K, V, Q, alpha, eta, theta, *, activation="gelu",
-                     residual_norm=False, read="after", momentum=None):
-    """Eqs. 13-14 token by token: S_t = η S - θ ∇ℓ(M_{t-1}); M_t = (1-α) M_{t-1} + S_t."""
+                     residual_norm=False, read="after", momentum=None, anchor=None):
+    """Eqs. 13-14 token by token: S_t = η S - θ ∇ℓ(M_{t-1}); M_t = (1-α) M_{t-1} + S_t.
+
+    With ``anchor`` (weights M̄): M_t = M̄ + (1-α)(M_{t-1} - M̄) + S_t.
+    """
+    A = [np.zeros_like(np.asarray(W, dtype=float)) for W in weights] if anchor is None \
+        else [np.array(a, dtype=float) for a in anchor]
     M = [np.array(W, dtype=float) for W in weights]
     S = [np.zeros_like(W) for W in M] if momentum is None else [np.array(s) for s in momentum]
     ys = []
@@ -63,15 +68,17 @@ def naive_token_loop(weights, K, V, Q, alpha, eta, theta, *, activation="gelu",
             ys.append(naive_mlp(M, Q[t], activation, residual_norm))
         g = naive_grad(M, K[t], V[t], activation, residual_norm)
         S = [eta[t] * s - theta[t] * gi for s, gi in zip(S, g)]
-        M = [(1.0 - alpha[t]) * w + s for w, s in zip(M, S)]
+        M = [a + (1.0 - alpha[t]) * (w - a) + s for w, s, a in zip(M, S, A)]
         if read == "after":
             ys.append(naive_mlp(M, Q[t], activation, residual_norm))
     return np.array(ys), M, S
 
 
 def naive_chunked(weights, K, V, Q, alpha, eta, theta, b, *, activation="gelu",
-                  residual_norm=False, read="after"):
+                  residual_norm=False, read="after", anchor=None):
     """Eqs. 16-18 as plain loops: inside a chunk every gradient is taken at M_{t'}."""
+    A = [np.zeros_like(np.asarray(W, dtype=float)) for W in weights] if anchor is None \
+        else [np.array(a, dtype=float) for a in anchor]
     M = [np.array(W, dtype=float) for W in weights]
     S = [np.zeros_like(W) for W in M]
     ys = []
@@ -83,7 +90,7 @@ def naive_chunked(weights, K, V, Q, alpha, eta, theta, b, *, activation="gelu",
                 ys.append(naive_mlp(M, Q[t], activation, residual_norm))
             g = naive_grad(M_chunk_start, K[t], V[t], activation, residual_norm)
             S = [eta[t] * s - theta[t] * gi for s, gi in zip(S, g)]
-            M = [(1.0 - alpha[t]) * w + s for w, s in zip(M, S)]
+            M = [a + (1.0 - alpha[t]) * (w - a) + s for w, s, a in zip(M, S, A)]
             if read == "after":
                 ys.append(naive_mlp(M, Q[t], activation, residual_norm))
     return np.array(ys), M, S
@@ -112,3 +119,31 @@ def unit_rows(rng, n, d):
     """n random unit-norm rows of width d (keys as the Titans block makes them)."""
     x = rng.standard_normal((n, d))
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def naive_clipped_chunked(weights, K, V, Q, alpha, eta, theta, b, max_norm, *,
+                          activation="gelu", residual_norm=False, read="after"):
+    """Eqs. 16-18 (b = 1: Eqs. 13-14) with each token's surprise clipped to a global norm.
+
+    u_t <- u_t * max_norm / ||u_t|| when ||u_t|| > max_norm (the norm over every layer's
+    weights together), else unchanged. Returns ``(ys, M, S, norms)``, ``norms`` the
+    unclipped ||u_t||.
+    """
+    M = [np.array(W, dtype=float) for W in weights]
+    S = [np.zeros_like(W) for W in M]
+    ys, norms = [], []
+    for start in range(0, len(K), b):
+        M_chunk_start = [w.copy() for w in M]
+        for t in range(start, min(start + b, len(K))):
+            if read == "before":
+                ys.append(naive_mlp(M, Q[t], activation, residual_norm))
+            g = naive_grad(M_chunk_start, K[t], V[t], activation, residual_norm)
+            norm = np.sqrt(sum(np.sum(gi * gi) for gi in g))
+            norms.append(norm)
+            if norm > max_norm:
+                g = [gi * (max_norm / norm) for gi in g]
+            S = [eta[t] * s - theta[t] * gi for s, gi in zip(S, g)]
+            M = [(1.0 - alpha[t]) * w + s for w, s in zip(M, S)]
+            if read == "after":
+                ys.append(naive_mlp(M, Q[t], activation, residual_norm))
+    return np.array(ys), M, S, np.array(norms)

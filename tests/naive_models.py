@@ -260,3 +260,187 @@ def naive_forward(params, tokens, cfg, **block_kwargs):
             f = layer["ffn"]
             h = h + gelu(rms(f["norm"]["g"], h) @ f["W1"]["W"]) @ f["W2"]["W"]
     return rms(params["head"]["norm"]["g"], h) @ params["head"]["W"]["W"]
+
+
+# --- token by token, keeping only what the past leaves behind --------------------------------
+#
+# A recurrent decoder written from the equations: each layer keeps explicit Python lists
+# (the convolution's past inputs, the keys and values attention may still see) and the
+# memory's MemoryState, and reads one token per call. It shares no code with the models'
+# stream; comparing the two checks that stream's state holds everything the future needs.
+
+
+def conv_step(p, x, hist):
+    """One output of x W followed by the causal conv; ``hist`` (a list) keeps past x W."""
+    z = x @ p["lin"]["W"]
+    if "conv" not in p:
+        return z
+    hist.append(z)
+    w, b = p["conv"]["w"], p["conv"]["b"]
+    return b + sum(w[j] * hist[-1 - j] for j in range(len(w)) if j < len(hist))
+
+
+def new_memory_state(p_mem):
+    return {"conv": {n: [] for n in "qkv"}, "mem": MemoryState.initial(p_mem["M0"])}
+
+
+def memory_token(p_mem, x, cfg, st):
+    """Eqs. 13-14 for one token x (d,), then the read M_t(q_t) (Eq. 15)."""
+    q, k, v = (conv_step(p_mem["qkv"][n], x, st["conv"][n]) for n in "qkv")
+    q, k, v = l2n(silu(q)), l2n(silu(k)), silu(v)
+    alpha, eta, theta = gates(p_mem["gates"], x[None], cfg)
+    st["mem"] = memory_step(st["mem"], k, v, alpha=alpha[0], eta=eta[0], theta=theta[0],
+                            max_grad_norm=cfg.surprise_clip or None)
+    return memory_forward(st["mem"].params, q)
+
+
+def new_attention_state():
+    return {"conv": {n: [] for n in "qkv"}, "prefix": [], "keys": []}
+
+
+def attention_token(p_attn, x, cfg, st, window, is_prefix=False):
+    """Eq. 2 for one query: the prefix keys always, the last ``window`` keys (itself too)."""
+    q, k, v = (conv_step(p_attn["qkv"][n], x, st["conv"][n]) for n in "qkv")
+    (st["prefix"] if is_prefix else st["keys"]).append((k, v))
+    recent = st["keys"] if window is None else st["keys"][-window:]
+    return attend_one(q, st["prefix"] + recent, cfg) @ p_attn["W_O"]["W"]
+
+
+def attend_one(q, kv, cfg):
+    """softmax(q k_j / sqrt(d_h)) v_j over the (k_j, v_j) pairs ``kv``, head by head."""
+    H = cfg.num_heads
+    dh = len(q) // H
+    y = np.zeros_like(q)
+    for h in range(H):
+        c = slice(h * dh, (h + 1) * dh)
+        s = np.array([q[c] @ kj[c] for kj, _ in kv]) / math.sqrt(dh)
+        e = np.exp(s - s.max())
+        y[c] = sum(wt * vj[c] for wt, (_, vj) in zip(e / e.sum(), kv))
+    return y
+
+
+def gated_out(p, y, x):
+    return _gated_out(p, y[None], x[None])[0]
+
+
+class NaiveDecoder:
+    """``step(token) -> logits (V,)`` for every model (``chunk_size`` 1; MAC with
+    ``memory_causal``), one token per call."""
+
+    def __init__(self, params, cfg):
+        assert cfg.chunk_size == 1 and (cfg.model != "mac" or cfg.memory_causal)
+        self.params, self.cfg = params, cfg
+        self.states = [None] * len(params["layers"])
+
+    def step(self, token):
+        cfg = self.cfg
+        h = self.params["embed"]["E"][token]
+        for i, layer in enumerate(self.params["layers"]):
+            first = self.states[i] is None
+            if first:
+                self.states[i] = self._new_state(layer["mixer"])
+            h = getattr(self, "_" + cfg.model)(layer["mixer"], h, self.states[i], first)
+            if "ffn" in layer:
+                f = layer["ffn"]
+                h = h + gelu(rms(f["norm"]["g"], h) @ f["W1"]["W"]) @ f["W2"]["W"]
+        return rms(self.params["head"]["norm"]["g"], h) @ self.params["head"]["W"]["W"]
+
+    def _new_state(self, p):
+        m = self.cfg.model
+        if m == "lmm":
+            return new_memory_state(p["memory"])
+        if m == "mag":
+            return {"attn": new_attention_state(), "mem": new_memory_state(p["memory"])}
+        if m == "mal":
+            return {"attn": new_attention_state(), "mem": new_memory_state(p["lmm"]["memory"])}
+        if m in ("swa", "transformer"):
+            return new_attention_state()
+        if m == "mac":
+            return {"qx": [], "attn": {n: [] for n in "qkv"}, "memory_kv": [], "segment_kv": [],
+                    "writer": new_memory_state(p["memory"]),
+                    "start": MemoryState.initial(p["memory"]["M0"])}
+        d = self.cfg.d_model
+        return {"conv": {n: [] for n in "qkv"}, "W": np.zeros((d, d))}
+
+    def _lmm(self, p, h, st, first, n_p=None):
+        cfg = self.cfg
+        n_p = cfg.num_persistent if n_p is None else n_p
+        if first:  # Eq. 19: the persistent tokens are the memory's first writes
+            for row in p["persistent"]["P"][:n_p]:
+                memory_token(p["memory"], row, cfg, st)
+        x = rms(p["norm"]["g"], h)
+        return h + gated_out(p, memory_token(p["memory"], x, cfg, st), x)
+
+    def _mag(self, p, h, st, first):
+        cfg = self.cfg
+        if first:  # Eq. 26: the persistent rows enter both branches first
+            for row in p["persistent"]["P"][:cfg.num_persistent]:
+                attention_token(p["attn"], row, cfg, st["attn"], cfg.window, is_prefix=True)
+                memory_token(p["memory"], row, cfg, st["mem"])
+        x = rms(p["norm"]["g"], h)
+        y = attention_token(p["attn"], x, cfg, st["attn"], cfg.window)  # Eq. 27
+        m = memory_token(p["memory"], x, cfg, st["mem"])
+        return h + combine(p["combine"], y, m) @ p["W_O"]["W"]  # Eq. 28
+
+    def _mal(self, p, h, st, first):
+        cfg = self.cfg
+        lmm = p["lmm"]
+
+        def lmm_row(row):  # Eq. 30, the LMM block (no persistent tokens of its own)
+            x = rms(lmm["norm"]["g"], row)
+            return row + gated_out(lmm, memory_token(lmm["memory"], x, cfg, st["mem"]), x)
+
+        if first:  # Eq. 29: the persistent rows go through the LMM, then are attention's prefix
+            for row in p["persistent"]["P"][:cfg.num_persistent]:
+                y = lmm_row(row)
+                attention_token(p["attn"], rms(p["attn_norm"]["g"], y), cfg, st["attn"],
+                                cfg.window, is_prefix=True)
+        y = lmm_row(h)
+        return y + attention_token(p["attn"], rms(p["attn_norm"]["g"], y), cfg, st["attn"],
+                                   cfg.window)  # Eq. 31
+
+    def _mac(self, p, h, st, first):
+        """Eqs. 21-25 for one token: retrieve with the memory of the segment's start, attend
+        to [p] ‖ the segment's memory tokens so far ‖ its tokens so far, write y_t, gate."""
+        cfg = self.cfg
+        mem, attn = p["memory"], p["attn"]
+        x = rms(p["norm"]["g"], h)
+        qx = l2n(silu(conv_step(mem["qkv"]["q"], x, st["qx"])))
+        q, k, v = (conv_step(attn["qkv"][n], x, st["attn"][n]) for n in "qkv")
+        h_mem = rms(p["memory_tokens"]["g"], memory_forward(st["start"].params, qx))  # Eq. 21
+        lin = {n: attn["qkv"][n]["lin"]["W"] for n in "kv"}
+        st["memory_kv"].append((h_mem @ lin["k"], h_mem @ lin["v"]))
+        st["segment_kv"].append((k, v))
+        P = p["persistent"]["P"][:cfg.num_persistent]
+        kv = list(zip(P @ lin["k"], P @ lin["v"])) + st["memory_kv"] + st["segment_kv"]
+        y = x + attend_one(q, kv, cfg) @ attn["W_O"]["W"]  # Eqs. 22-23
+        m = memory_token(mem, y, cfg, st["writer"])  # Eq. 24, then M*_t(y_t)
+        if len(st["segment_kv"]) == cfg.segment_len:  # the next segment retrieves from here
+            st["start"], st["memory_kv"], st["segment_kv"] = st["writer"]["mem"], [], []
+        return h + combine(p["combine"], y, m) @ p["W_O"]["W"]  # Eq. 25
+
+    def _swa(self, p, h, st, first):
+        return h + attention_token(p["attn"], rms(p["norm"]["g"], h), self.cfg, st,
+                                   self.cfg.window)
+
+    def _transformer(self, p, h, st, first):
+        return h + attention_token(p["attn"], rms(p["norm"]["g"], h), self.cfg, st, None)
+
+    def _linear(self, p, h, st, gated):
+        x = rms(p["norm"]["g"], h)
+        q, k, v = (conv_step(p["qkv"][n], x, st["conv"][n]) for n in "qkv")
+        q, k, v = l2n(silu(q)), l2n(silu(k)), silu(v)
+        if gated:  # Gated DeltaNet: decay, then the delta step at the decayed W
+            beta = sigmoid(x @ p["w_beta"] + p["b_beta"])
+            alpha = sigmoid(x @ p["w_alpha"] + p["b_alpha"])
+            W = (1.0 - alpha) * st["W"]
+            st["W"] = W - beta * np.outer(k, k @ W - v)
+        else:  # Eqs. 4-5: M_t = M_{t-1} + k_t^T v_t
+            st["W"] = st["W"] + np.outer(k, v)
+        return h + gated_out(p, q @ st["W"], x)
+
+    def _linear_attention(self, p, h, st, first):
+        return self._linear(p, h, st, gated=False)
+
+    def _gated_delta(self, p, h, st, first):
+        return self._linear(p, h, st, gated=True)

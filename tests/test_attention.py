@@ -8,11 +8,11 @@ import pytest
 from autograd.test_util import check_grads
 from naive_attention import naive_causal_attention
 
+from minititans import attention
 from minititans.attention import (
     attention_mask,
     causal_attention,
     mac_mask,
-    mag_mask,
     merge_heads,
     multi_head_attention,
     plot_mask,
@@ -62,6 +62,35 @@ def test_eq2_causal_attention_matches_naive_loop(window, prefix):
     np.testing.assert_allclose(causal_attention(q, k, v, window=window, prefix=prefix),
                                naive_causal_attention(q, k, v, window, prefix),
                                rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("window,prefix", [(5, 0), (7, 3), (1, 2), (30, 1), (None, 0),
+                                           (None, 3)])
+def test_eq2_banded_window_for_long_sequences_matches_naive_loop(window, prefix, monkeypatch):
+    """Past 2 (64 + w + p) tokens the window is computed in blocks of 64 queries (without a
+    window past _DENSE_MAX scores, lowered here so 200 tokens are enough)."""
+    monkeypatch.setattr(attention, "_DENSE_MAX", 1000)
+    q, k, v = qkv(T=200, d=3, d_v=2, seed=4)
+    np.testing.assert_allclose(causal_attention(q, k, v, window=window, prefix=prefix),
+                               naive_causal_attention(q, k, v, window, prefix),
+                               rtol=RTOL, atol=ATOL)
+
+
+def test_eq2_banded_window_gradient():
+    q, k, v = qkv(T=150, d=2, d_v=2, seed=5)
+    check_grads(lambda q, k, v: causal_attention(q, k, v, 3, 1), modes=["rev"], order=1)(q, k, v)
+
+
+@pytest.mark.parametrize("window,prefix,T", [(None, 0, 9), (3, 2, 9), (4, 1, 200)])
+def test_eq2_kv_cache_queries_are_the_last_rows(window, prefix, T):
+    """k, v longer than q: the queries stand at the last positions (a cache holds the rest)."""
+    q, k, v = qkv(T=T, seed=6)
+    full = naive_causal_attention(q, k, v, window, prefix)
+    for n in (1, 4, T - prefix):
+        np.testing.assert_allclose(causal_attention(q[-n:], k, v, window, prefix), full[-n:],
+                                   rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(attention_mask(T, window, prefix, num_queries=4),
+                                  attention_mask(T, window, prefix)[-4:])
 
 
 @pytest.mark.parametrize("window,prefix", SETTINGS)
@@ -136,12 +165,11 @@ def test_eq23_mac_mask_full_prefix_and_memory_causal_segment():
     assert mc[:, :2].all()
 
 
-def test_eq27_mag_mask_is_sliding_window_plus_prefix():
-    """Eqs. 27 and 31 share one mask (MAG and MAL); ``mag_mask`` is its older name."""
+def test_eq27_sliding_window_mask_is_window_plus_prefix():
+    """Eqs. 27 and 31 share one mask (MAG and MAL): the window plus the persistent prefix."""
     m = sliding_window_mask(num_persistent=2, T=6, window=3)
     np.testing.assert_array_equal(m, attention_mask(8, window=3, prefix=2))
     assert m[7, :2].all() and not m[7, 4] and m[7, 5:].all()
-    assert mag_mask is sliding_window_mask
 
 
 def test_eq2_explicit_mask_equals_window_and_prefix_and_mac_mask_matches_naive():
@@ -169,7 +197,7 @@ def test_eq2_explicit_mask_equals_window_and_prefix_and_mac_mask_matches_naive()
 def test_plot_mask_draws_the_mask():
     import matplotlib.pyplot as plt
 
-    m = mag_mask(2, 6, 3)
+    m = sliding_window_mask(2, 6, 3)
     ax = plot_mask(m, title="MAG")
     np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), m)
     assert ax.get_title() == "MAG"
@@ -232,3 +260,39 @@ def test_eq2_bad_inputs():
         multi_head_attention(q, k, v, num_heads=3)
     with pytest.raises(ValueError, match="memory_causal=True needs num_memory == segment_len"):
         mac_mask(1, 2, 3, memory_causal=True)
+
+
+def _naive_mac_mask(n_p, n_m, C, memory_causal):
+    """Eqs. 22-23's mask written out entry by entry: who may read whom."""
+    L = n_p + n_m + C
+    mask = np.zeros((L, L), dtype=bool)
+    for i in range(L):
+        for j in range(L):
+            if j < n_p:  # persistent tokens: visible to every row
+                mask[i, j] = True
+            elif j < n_p + n_m:  # memory token m = j - n_p
+                m = j - n_p
+                if not memory_causal:
+                    mask[i, j] = True
+                elif i < n_p:  # persistent rows (their outputs are not used) read them all
+                    mask[i, j] = True
+                else:  # memory row r or segment row s reads memory tokens m <= r (or s)
+                    r = i - n_p if i < n_p + n_m else i - n_p - n_m
+                    mask[i, j] = m <= r
+            else:  # segment token s = j - n_p - n_m: causal, only for segment rows
+                mask[i, j] = i >= n_p + n_m and j <= i
+    return mask
+
+
+@pytest.mark.parametrize("n_p,n_m,C,memory_causal", [
+    (0, 3, 3, False), (2, 4, 4, False), (1, 2, 5, False), (3, 0, 2, False),
+    (0, 3, 3, True), (2, 4, 4, True), (1, 1, 1, True)])
+def test_eq23_mac_mask_memory_rows_and_every_block_match_a_naive_mask(n_p, n_m, C,
+                                                                     memory_causal):
+    got = mac_mask(n_p, n_m, C, memory_causal=memory_causal)
+    np.testing.assert_array_equal(got, _naive_mac_mask(n_p, n_m, C, memory_causal))
+    rows = slice(n_p, n_p + n_m)  # the memory rows themselves
+    assert not got[rows, n_p + n_m:].any()  # a memory token never reads the segment
+    want = np.tril(np.ones((n_m, n_m), bool)) if memory_causal else np.ones((n_m, n_m), bool)
+    np.testing.assert_array_equal(got[rows, n_p:n_p + n_m], want)
+    assert got[rows, :n_p].all()

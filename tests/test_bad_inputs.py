@@ -8,6 +8,7 @@ one-token sequences, non-contiguous and read-only arrays must *work*; they are a
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -363,20 +364,6 @@ def test_cli_bad_arguments_exit_with_usage(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,exc,match", [
-    (["train", "--config", "bogus=1", "--steps", "1"], ValueError,
-     "--config has unknown ModelConfig fields: bogus"),
-    (["train", "--config", "d_model=x", "--steps", "1"], TypeError, "d_model must be an int"),
-    (["train", "--lr", "-1", "--steps", "1"], ValueError, "lr must be > 0"),
-    (["train", "--length", "0", "--steps", "1"], ValueError, "length must be >= 6"),
-    (["train", "--config", "memory_activation=relu", "--steps", "1"], ValueError,
-     "memory_activation must be one of"),
-], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
-def test_cli_bad_values_raise_a_clear_error(argv, exc, match):
-    with pytest.raises(exc, match=match):
-        cli_main(argv)
-
-
 # --- edge cases that must work ------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["reference", "numba"])
@@ -430,8 +417,529 @@ def test_model_apply_one_token_and_uint8_tokens():
     assert logits.shape == (1, 8) and np.all(np.isfinite(logits))
 
 
-def test_cli_config_json_is_checked(tmp_path):
-    cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"not_a_field": 1}))
-    with pytest.raises(ValueError, match="not_a_field"):
-        cli_main(["train", "--config", str(cfg), "--steps", "1"])
+# --- issue 14, item 6: arguments that used to be accepted silently ---------------------------
+
+@pytest.mark.parametrize("what,call,exc,match", [
+    ("misspelled loss", lambda: mt.per_token_surprise(P, K, V, "l3"), ValueError,
+     "loss must be one of"),
+    ("lp with p < 1", lambda: mt.per_token_surprise(P, K, V, "lp", p=0.5), ValueError,
+     "p must be >= 1"),
+    ("huber with delta 0", lambda: mt.per_token_surprise(P, K, V, "huber", delta=0.0),
+     ValueError, "delta must be > 0"),
+    ("keys of another width", lambda: mt.per_token_surprise(P, Q[:, :2], V), ValueError,
+     "k must have last dimension 3"),
+    ("1-D keys", lambda: mt.per_token_surprise(P, K[0], V[0]), ValueError,
+     "k must have 2 dimensions"),
+    ("more values than keys", lambda: mt.per_token_surprise(P, K[:3], V), ValueError,
+     "k and v must have the same number of rows"),
+    ("integer values", lambda: mt.per_token_surprise(P, K, V.astype(int)), TypeError,
+     "v must be a float32 or float64 array"),
+    ("params not a MemoryParams", lambda: mt.per_token_surprise([np.ones((3, 2))], K, V),
+     TypeError, "params must be a MemoryParams"),
+    ("residual_norm a string", lambda: mt.init_memory(RNG, 3, 3, residual_norm="no"),
+     TypeError, "residual_norm must be True or False, got 'no'"),
+    ("residual_norm an int", lambda: mt.init_memory(RNG, 3, 3, residual_norm=1),
+     TypeError, "residual_norm must be True or False"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_per_token_surprise_and_init_memory_check_their_arguments(what, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_per_token_surprise_of_each_loss_is_the_stack_of_single_token_surprises():
+    # the checks must not change the result: u_i = ∇ℓ(M; k_i, v_i) for every loss
+    for loss in mt.LOSSES:
+        u = mt.per_token_surprise(P, K, V, loss)
+        for i in range(K.shape[0]):
+            one = mt.surprise(P, K[i:i + 1], V[i:i + 1], loss)
+            for a, b in zip(u, one):
+                np.testing.assert_allclose(a[i], b, rtol=1e-12, atol=1e-14)
+
+
+def test_init_memory_accepts_numpy_bools_for_residual_norm():
+    params = mt.init_memory(np.random.default_rng(0), 3, 3, residual_norm=np.True_)
+    assert params.residual_norm is True
+
+
+@pytest.mark.parametrize("scalar", [np.float32, np.float64, float])
+def test_model_config_float_fields_accept_numpy_scalars_alike(scalar):
+    cfg = ModelConfig(theta_init=scalar(0.05), theta_max=scalar(0.5), alpha_init=scalar(0.25),
+                      num_heads=np.int64(2))
+    assert type(cfg.theta_init) is float and type(cfg.num_heads) is int
+    assert cfg.theta_init == pytest.approx(0.05, rel=1e-7) and cfg.alpha_init == 0.25
+    assert ModelConfig.from_json(cfg.to_json()) == cfg  # serialises like a Python float
+    with pytest.raises(TypeError, match="theta_init must be a float"):
+        ModelConfig(theta_init=np.True_)
+
+
+# --- issue 14, item 7: every loaded array is checked against the recorded model -------------
+
+def _rewrite(path, change_arrays=None, change_meta=None):
+    """Rewrite a saved file with some arrays or metadata keys changed (None deletes one)."""
+    from minititans.io import load_arrays
+
+    kind = "checkpoint" if "checkpoint" in path.name else "memory_state"
+    arrays, meta = load_arrays(path, kind=kind)
+    for source, changes in ((arrays, change_arrays or {}), (meta, change_meta or {})):
+        for key, value in changes.items():
+            if value is None:
+                source.pop(key, None)
+            else:
+                source[key] = value(source[key]) if callable(value) else value
+    out = path.with_name("bad_" + path.name)
+    save_arrays(out, arrays, kind=kind, meta=meta)
+    return out
+
+
+CHECKPOINT_CASES = [
+    # (description, array changes, metadata changes, message regex)
+    ("m of the wrong shape", dict(m=lambda m: m[:-3]), {}, r"array 'm' must have shape"),
+    ("v of the wrong shape", dict(v=lambda v: np.concatenate([v, v])), {},
+     r"array 'v' must have shape"),
+    ("params of the wrong shape", dict(params=lambda p: p[:10]), {},
+     r"array 'params' has shape \(10,\)"),
+    ("integer params", dict(params=lambda p: p.astype(np.int64)), {},
+     r"array 'params' must be float32 or float64, got dtype int64"),
+    ("complex params", dict(params=lambda p: p.astype(complex)), {},
+     r"array 'params' must be float32 or float64, got dtype complex128"),
+    ("string params", dict(params=lambda p: p.astype(str)), {},
+     r"array 'params' must be float32 or float64, got dtype <U"),
+    ("NaN params", dict(params=lambda p: np.where(np.arange(p.size) == 3, np.nan, p)), {},
+     r"array 'params' contains NaN or inf"),
+    ("inf in m", dict(m=lambda m: m + np.inf), {}, r"array 'm' contains NaN or inf"),
+    ("negative v", dict(v=lambda v: v - 1.0), {}, r"array 'v' \(Adam's second moment\) has "
+     "negative"),
+    ("negative step", dict(step=np.int64(-1)), {}, r"array 'step' = -1 must be in \[0, 1\]"),
+    ("step past the schedule", dict(step=np.int64(5)), {}, r"array 'step' = 5 must be in"),
+    ("float step", dict(step=np.float64(1.0)), {}, r"array 'step' must be an integer scalar"),
+    ("step a vector", dict(step=np.zeros(2, np.int64)), {},
+     r"array 'step' must be an integer scalar"),
+    ("missing m", dict(m=None), {}, r"missing the array 'm'"),
+    ("an extra array", dict(extra=np.ones(2)), {}, r"unexpected arrays \['extra'\]"),
+    ("missing model_config", {}, dict(model_config=None), r"missing the metadata key "
+     "'model_config'"),
+    ("missing train_config", {}, dict(train_config=None), r"missing the metadata key "
+     "'train_config'"),
+    ("model_config a string", {}, dict(model_config="lmm"), r"'model_config' = 'lmm'; "
+     "expected a JSON object"),
+    ("model_config with an unknown field", {}, dict(model_config=lambda c: {**c, "dmodel": 8}),
+     r"'model_config' that is not a valid ModelConfig: unknown config fields: dmodel"),
+    ("model_config with a bad value", {}, dict(model_config=lambda c: {**c, "d_model": "8"}),
+     r"'model_config' that is not a valid ModelConfig: d_model must be an int"),
+    ("train_config with an unknown field", {}, dict(train_config=lambda c: {**c, "lr0": 1}),
+     r"'train_config' that is not a valid TrainConfig"),
+    ("train_config with a bad value", {}, dict(train_config=lambda c: {**c, "lr": -1.0}),
+     r"'train_config' that is not a valid TrainConfig: lr must be > 0"),
+    ("unknown task", {}, dict(task="needle-x"), r"bad metadata 'task'/'length'"),
+    ("length zero", {}, dict(length=0), r"bad metadata 'task'/'length': length must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("what,arrays,meta,match", CHECKPOINT_CASES,
+                         ids=[c[0] for c in CHECKPOINT_CASES])
+def test_checkpoint_arrays_and_metadata_are_validated_on_load(what, arrays, meta, match,
+                                                              tmp_path):
+    good = save_checkpoint(tmp_path / "checkpoint.npz", init_state(MODEL, TCFG), MODEL, TCFG,
+                           task_name="needle-pk", length=16)
+    bad = _rewrite(good, arrays, meta)
+    with pytest.raises(ValueError, match=match):
+        load_checkpoint(bad)
+    # resuming from it is refused the same way, before any training step
+    with pytest.raises(ValueError, match=match):
+        train(MODEL, TASK, TCFG, resume=bad, progress=False)
+
+
+def test_checkpoint_records_its_task_and_length(tmp_path):
+    from minititans.training import checkpoint_task
+
+    model = Model(CFG.with_(vocab_size=TASK.vocab_size))
+    path = tmp_path / "run.npz"
+    train(model, TASK, TrainConfig(steps=2, batch_size=1), checkpoint=path, until=1,
+          progress=False, task_name="needle-pk")
+    assert checkpoint_task(path) == ("needle-pk", 16)
+    # resuming it on another task (or another length) is refused
+    with pytest.raises(ValueError, match="trained on 'needle-pk' at length 16, not 'mqar'"):
+        train(model, MQARTask(16), TrainConfig(steps=2, batch_size=1),
+              resume=path, progress=False, task_name="mqar")
+    with pytest.raises(ValueError, match="at length 16, not 'needle-pk' at length 20"):
+        train(model, NeedleTask(length=20), TrainConfig(steps=2, batch_size=1), resume=path,
+              progress=False, task_name="needle-pk")
+    # and a different training config is named in a warning
+    with pytest.warns(RuntimeWarning, match="differs from the checkpoint's in lr, seed"):
+        train(model, TASK, TrainConfig(steps=2, batch_size=1, lr=0.5, seed=4), resume=path,
+              progress=False, task_name="needle-pk")
+
+
+def test_checkpoint_save_refuses_moments_of_the_wrong_shape(tmp_path):
+    state = init_state(MODEL, TCFG)
+    bad = type(state)(state.params, state.m[:-1], state.v, 0)
+    with pytest.raises(ValueError, match=r"state.m must have shape"):
+        save_checkpoint(tmp_path / "c.npz", bad, MODEL, TCFG)
+    with pytest.raises(ValueError, match="task_name must be one of"):
+        save_checkpoint(tmp_path / "c.npz", state, MODEL, TCFG, task_name="needle")
+    assert not (tmp_path / "c.npz").exists()
+
+
+P2 = mt.init_memory(np.random.default_rng(1), 3, 3, depth=2, expansion=2, residual_norm=True)
+
+MEMORY_FILE_CASES = [
+    ("depth-1 metadata over depth-2 weights", {}, dict(depth=1),
+     r"holds arrays \['S1', 'W1'\] that its metadata \(depth 1\) does not describe"),
+    ("depth-3 metadata over depth-2 weights", {}, dict(depth=3), r"missing arrays \['W2', "
+     "'S2'\\] \\(its metadata says depth 3\\)"),
+    ("depth a string", {}, dict(depth="2"), r"metadata 'depth' = '2'; expected an int >= 1"),
+    ("depth missing", {}, dict(depth=None), r"missing the metadata key 'depth'"),
+    ("unknown activation", {}, dict(activation="relu"), r"metadata 'activation' = 'relu'"),
+    ("residual_norm a string", {}, dict(residual_norm="no"),
+     r"metadata 'residual_norm' = 'no'; expected true or false"),
+    ("momentum of another shape", dict(S1=lambda s: s[:, :2]), {},
+     r"array 'S1' must have shape \(6, 3\)"),
+    ("weights that do not chain", dict(W1=lambda w: w[:5]), {},
+     r"array 'W1' must have 6 rows"),
+    ("integer weights", dict(W0=lambda w: w.astype(int)), {},
+     r"array 'W0' must be float32 or float64"),
+    ("complex momentum", dict(S0=lambda s: s.astype(complex)), {},
+     r"array 'S0' must be float32 or float64"),
+    ("NaN weights", dict(W1=lambda w: w * np.nan), {}, r"array 'W1' contains NaN"),
+    ("a vector for a weight", dict(W0=lambda w: w[0], S0=lambda s: s[0]), {},
+     r"array 'W0' must be a matrix"),
+    ("residual form that is not square", dict(W1=lambda w: w[:, :2], S1=lambda s: s[:, :2]),
+     {}, r"residual_norm is true but the memory maps 3 to 2 channels"),
+]
+
+
+@pytest.mark.parametrize("what,arrays,meta,match", MEMORY_FILE_CASES,
+                         ids=[c[0] for c in MEMORY_FILE_CASES])
+def test_memory_state_file_whose_metadata_disagrees_with_its_arrays_is_refused(
+        what, arrays, meta, match, tmp_path):
+    good = save_memory_state(tmp_path / "m.npz", mt.MemoryState.initial(P2))
+    with pytest.raises(ValueError, match=match):
+        load_memory_state(_rewrite(good, arrays, meta))
+
+
+def test_unreadable_metadata_is_a_value_error(tmp_path):
+    np.savez(tmp_path / "x.npz", W0=np.ones((2, 2)), __meta__=np.array("[1, 2]"))
+    with pytest.raises(ValueError, match="metadata that is not a JSON object"):
+        load_memory_state(tmp_path / "x.npz")
+    np.savez(tmp_path / "y.npz", W0=np.ones((2, 2)), __meta__=np.array("{depth"))
+    with pytest.raises(ValueError, match="unreadable metadata"):
+        load_memory_state(tmp_path / "y.npz")
+
+
+# --- issue 14, item 9: saves never replace what is not a regular file; stale temps go -------
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)  # the process has exited: its id is (almost surely) free
+
+
+def test_save_refuses_a_symlink_and_leaves_link_and_target_alone(tmp_path):
+    target = save_memory_state(tmp_path / "real.npz", S0)
+    before = target.read_bytes()
+    link = tmp_path / "link.npz"
+    link.symlink_to(target)
+    with pytest.raises(ValueError, match="link.npz is a symbolic link; refusing to replace it"):
+        save_memory_state(link, mt.MemoryState.initial(P2))
+    assert link.is_symlink() and target.read_bytes() == before
+    dangling = tmp_path / "dangling.npz"
+    dangling.symlink_to(tmp_path / "nowhere.npz")
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        save_arrays(dangling, {"x": np.ones(2)}, kind="x")
+    assert dangling.is_symlink() and not (tmp_path / "nowhere.npz").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.npz", "link.npz",
+                                                          "real.npz"]
+
+
+def test_save_refuses_a_directory_and_a_fifo(tmp_path):
+    import os
+    import stat
+
+    (tmp_path / "d.npz").mkdir()
+    with pytest.raises(ValueError, match="d.npz is a directory"):
+        save_checkpoint(tmp_path / "d.npz", init_state(MODEL, TCFG), MODEL, TCFG)
+    fifo = tmp_path / "f.npz"
+    os.mkfifo(fifo)  # a non-regular file we may create without root (like a device node)
+    with pytest.raises(ValueError, match="f.npz is not a regular file"):
+        save_memory_state(fifo, S0)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    with pytest.raises(ValueError, match="results.json is a directory"):
+        from minititans.io import update_results_json
+
+        (tmp_path / "out" / "results.json").mkdir(parents=True)
+        update_results_json(tmp_path / "out", "x", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "f.npz", "out"]
+
+
+def test_stale_temporaries_of_a_killed_save_are_removed_at_the_next_save(tmp_path):
+    import os
+    import time
+
+    path = save_memory_state(tmp_path / "m.npz", S0)
+    dead, alive = _dead_pid(), os.getppid()
+    stale = tmp_path / f"m.npz.{dead}-abcd1234.tmp"  # what a killed save leaves
+    running = tmp_path / f"m.npz.{alive}-efgh5678.tmp"  # a save still in progress
+    legacy_old = tmp_path / "m.npz.x1y2z3w4.tmp"  # older naming, hours old
+    legacy_new = tmp_path / "m.npz.q1r2s3t4.tmp"  # older naming, just written
+    other = tmp_path / f"n.npz.{dead}-abcd1234.tmp"  # another target's: not ours to touch
+    for p in (stale, running, legacy_old, legacy_new, other):
+        p.write_bytes(b"partial")
+    hours_ago = time.time() - 3 * 3600
+    os.utime(legacy_old, (hours_ago, hours_ago))
+    save_memory_state(path, mt.MemoryState.initial(P2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["m.npz", running.name, legacy_new.name, other.name])
+    assert load_memory_state(path).params.depth == 2
+
+
+def test_save_killed_mid_write_keeps_the_old_file_and_the_next_save_cleans_up(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = save_memory_state(tmp_path / "m.npz", S0)
+    before = path.read_bytes()
+    ready = tmp_path / "ready"
+    script = f"""
+import time, numpy as np, minititans as mt
+from minititans.io import save_memory_state
+def slow_savez(f, **arrays):
+    f.write(b"PK partial archive")
+    f.flush()
+    open({str(ready)!r}, "w").close()
+    time.sleep(60)
+np.savez = slow_savez
+st = mt.MemoryState.initial(mt.init_memory(np.random.default_rng(0), 3, 3, depth=1))
+save_memory_state({str(path)!r}, st)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 60
+        while not ready.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the child never reached the write"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = [p.name for p in tmp_path.glob("m.npz.*.tmp")]
+    assert len(left) == 1 and path.read_bytes() == before  # old file intact, one temp left
+    save_memory_state(path, mt.MemoryState.initial(P2))
+    assert list(tmp_path.glob("m.npz.*.tmp")) == []
+    assert load_memory_state(path).params.depth == 2
+
+
+# --- issue 14, items 12-13: every flag of train/ablate/recall/bench checked before any work ---
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Make the heavy part of each command fail loudly: a usage error must come first."""
+    import minititans.bench
+    import minititans.experiments.ablation
+    import minititans.experiments.recall
+    import minititans.training
+
+    def started(*args, **kwargs):
+        raise AssertionError("the command started its work before checking its flags")
+
+    monkeypatch.setattr(minititans.training, "train", started)
+    monkeypatch.setattr(minititans.experiments.ablation, "ablation_experiment", started)
+    monkeypatch.setattr(minititans.experiments.recall, "recall_experiment", started)
+    monkeypatch.setattr(minititans.bench, "run_bench", started)
+    monkeypatch.setattr(minititans.bench, "run_stream", started)
+
+
+def _usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main([str(a) for a in argv])
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+HERE = Path(__file__).resolve().parent
+FILE = str(HERE.parent / "pyproject.toml")  # an existing regular file
+DIR = str(HERE)  # an existing directory
+USAGE_CASES = [
+    # (argv, text the error must contain: the flag and what was expected)
+    (["train", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["train", "--steps", "-1"], "--steps must be >= 1, got -1"),
+    (["train", "--eval-samples", "0"], "--eval-samples must be >= 1"),
+    (["train", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["train", "--window", "0"], "--window must be >= 1"),
+    (["train", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["train", "--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["train", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["train", "--lr", "0"], "--lr must be a finite number > 0"),
+    (["train", "--lr", "-1"], "--lr must be a finite number > 0"),
+    (["train", "--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+    (["train", "--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint"),
+    (["train", "--length", "1000000000"], "--length must be <= 16384, got 1000000000"),
+    (["train", "--length", "0"], "--length must be >= 1"),
+    (["train", "--length", "3"], "--length 3 does not fit the task needle-pk: length must be"),
+    (["train", "--eval-lengths", "32", "0"], "--eval-lengths must be >= 1, got 0"),
+    (["train", "--eval-lengths", "20000"], "--eval-lengths must be <= 16384"),
+    (["train", "--out", FILE], f"--out {FILE} exists and is not a directory"),
+    (["train", "--checkpoint", DIR], f"--checkpoint {DIR} exists and is not a regular file"),
+    (["train", "--config", "backend=cuda"], "--config backend='cuda' conflicts with --backend"),
+    (["train", "--config", "model=mac"], "--config model='mac' conflicts with --model"),
+    (["train", "--model", "mac", "--config", "model=mag"], "conflicts with --model"),
+    (["train", "--config", "vocab_size=3"], "--config vocab_size=3 conflicts with --task"),
+    (["train", "--window", "8", "--config", "window=4"], "--config window=4 conflicts with "
+     "--window"),
+    (["train", "--config", "dmodel=24"], "--config has unknown ModelConfig fields: dmodel "
+     "(did you mean d_model?)"),
+    (["train", "--config", "bogus=1"], "--config has unknown ModelConfig fields: bogus"),
+    (["train", "--config", '{"d_model": }'], "--config: not valid JSON"),
+    (["train", "--config", "[1, 2]"], "--config: must be a JSON object"),
+    (["train", "--config", "d_model"], "--config: items must be key=value, got 'd_model'"),
+    (["train", "--config", "missing.json"], "--config: no such file: missing.json"),
+    (["train", "--config", "d_model=x"], "--config: d_model must be an int, got 'x'"),
+    (["train", "--config", "memory_activation=relu"], "--config: memory_activation must be"),
+    (["train", "--config", "d_model=10,num_heads=3"], "--config: d_model=10 must be "
+     "divisible"),
+    (["ablate", "--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["ablate", "--steps", "0"], "--steps must be >= 1"),
+    (["ablate", "--workers", "0"], "--workers must be >= 1"),
+    (["ablate", "--length", "1000000000"], "--length must be <= 16384"),
+    (["ablate", "--eval-length", "0"], "--eval-length must be >= 1"),
+    (["ablate", "--length", "2"], "--length 2 does not fit the task mqar"),
+    (["ablate", "--out", FILE], f"--out {FILE} exists and is not a directory"),
+    (["recall", "--seed", "-1"], "--seed must be >= 0"),
+    (["recall", "--out", FILE], f"--out {FILE} exists and is not a directory"),
+    (["bench", "--stream", "--tokens", "0"], "--tokens must be >= 1, got 0"),
+    (["bench", "--stream", "--depth", "0"], "--depth must be >= 1, got 0"),
+    (["bench", "--out", DIR], f"--out {DIR} exists and is not a regular file"),
+]
+
+
+@pytest.mark.parametrize("argv,match", USAGE_CASES,
+                         ids=[" ".join(Path(a).name if "/" in a else a for a in c[0])
+                              for c in USAGE_CASES])
+def test_cli_flag_checked_before_any_work(argv, match, no_work, capsys):
+    err = _usage_error(argv, capsys)
+    assert match in err
+    assert f"usage: minititans {argv[0]}" in err  # the subcommand's own usage line
+
+
+def test_cli_config_file_and_results_json_are_checked_before_work(tmp_path, no_work, capsys):
+    bad = tmp_path / "c.json"
+    bad.write_text("{not json")
+    assert "is not a readable JSON file" in _usage_error(["train", "--config", bad], capsys)
+    bad.write_text(json.dumps({"not_a_field": 1}))
+    assert "unknown ModelConfig fields: not_a_field" in _usage_error(
+        ["train", "--config", bad], capsys)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("[truncated")
+    for cmd in ("train", "ablate", "recall"):
+        assert "results.json exists but is not readable JSON" in _usage_error(
+            [cmd, "--out", out], capsys)
+
+
+@pytest.fixture(scope="module")
+def mqar_checkpoint(tmp_path_factory):
+    """A two-step run of a tiny SWA on MQAR of length 12, with its checkpoint."""
+    path = tmp_path_factory.mktemp("ck") / "ck.npz"
+    assert cli_main(["train", "--task", "mqar", "--length", "12", "--model", "swa",
+                     "--steps", "2", "--config", "d_model=8,num_heads=1", "--checkpoint",
+                     str(path), "--eval-samples", "2", "--quiet", "--backend",
+                     "reference"]) == 0
+    return path
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--task", "needle-pk"], "--task needle-pk conflicts with the checkpoint"),
+    (["--length", "16"], "--length 16 conflicts with the checkpoint"),
+    (["--model", "lmm"], "--model lmm conflicts with the checkpoint"),
+    (["--config", "d_model=16"], "--config d_model=16 conflicts with the checkpoint"),
+    (["--config", "dmodel=16"], "unknown ModelConfig fields: dmodel"),
+    (["--config", "backend=cuda"], "--config backend='cuda' conflicts with the backend of "
+     "this run ('reference')"),
+    (["--lr", "0.5"], "--lr 0.5 conflicts with the checkpoint"),
+    (["--seed", "3"], "--seed 3 conflicts with the checkpoint"),
+    (["--batch-size", "4"], "--batch-size 4 conflicts with the checkpoint"),
+    (["--window", "8"], "--window 8 conflicts with the checkpoint"),
+    (["--steps", "1"], "--steps 1 is below the checkpoint's step 2"),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_cli_resume_refuses_flags_that_disagree_with_the_checkpoint(flags, match, no_work,
+                                                                    mqar_checkpoint, capsys):
+    err = _usage_error(["train", "--resume", mqar_checkpoint, *flags], capsys)
+    assert match in err
+
+
+def test_cli_resume_continues_the_recorded_task_and_agreeing_flags_are_fine(
+        mqar_checkpoint, tmp_path, capsys):
+    import shutil
+
+    from minititans.training import checkpoint_task
+
+    ck = tmp_path / "ck.npz"
+    shutil.copy(mqar_checkpoint, ck)
+    assert checkpoint_task(ck) == ("mqar", 12)
+    # no --task/--length: the checkpoint's (the defaults would be needle-pk at 32)
+    assert cli_main(["train", "--resume", str(ck), "--checkpoint", str(ck), "--steps", "3",
+                     "--model", "swa", "--lr", "0.01", "--eval-samples", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "on mqar (length 12)" in out and "length    12:" in out
+    state, _, cfg, _ = load_checkpoint(ck)
+    assert state.step == 3 and cfg.steps == 3 and checkpoint_task(ck) == ("mqar", 12)
+    # another backend is allowed, and said
+    assert cli_main(["train", "--resume", str(ck), "--backend", "numba", "--eval-samples",
+                     "2", "--quiet"]) == 0
+    assert "resumes with the numba backend; the checkpoint was written with reference" in \
+        capsys.readouterr().err
+
+
+def test_cli_resume_of_a_checkpoint_without_a_task_needs_task_and_length(tmp_path, capsys):
+    path = _rewrite(save_checkpoint(tmp_path / "old_checkpoint.npz", init_state(MODEL, TCFG),
+                                    MODEL, TCFG), {}, dict(task=None, length=None))
+    assert "does not record its task" in _usage_error(["train", "--resume", path], capsys)
+    assert "--resume: " in _usage_error(["train", "--resume", tmp_path / "none.npz"], capsys)
+
+
+def test_cli_ctrl_c_during_train_names_the_last_checkpoint_and_exits_130(tmp_path, monkeypatch,
+                                                                         capsys):
+    import minititans.training
+
+    real_step = minititans.training.adamw_step
+    calls = []
+
+    def interrupted_step(state, g, cfg):
+        calls.append(state.step)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the third step
+        return real_step(state, g, cfg)
+
+    monkeypatch.setattr(minititans.training, "adamw_step", interrupted_step)
+    ck = tmp_path / "run.npz"
+    argv = ["train", "--task", "mqar", "--length", "12", "--model", "swa", "--steps", "5",
+            "--config", "d_model=8,num_heads=1", "--eval-samples", "2", "--quiet",
+            "--backend", "reference"]
+    assert cli_main([*argv, "--checkpoint", str(ck), "--checkpoint-every", "1"]) == 130
+    err = capsys.readouterr().err
+    assert f"the last checkpoint is {ck} (step 2)" in err
+    assert f"minititans train --resume {ck}" in err
+    assert load_checkpoint(ck)[0].step == 2
+    calls.clear()
+    assert cli_main(argv) == 130
+    assert "no checkpoint was written" in capsys.readouterr().err
+
+
+def test_resume_from_a_train_state_in_memory_is_checked_like_a_file():
+    from minititans.training import TrainState
+
+    good = init_state(MODEL, TCFG)
+    for bad, match in [
+        (TrainState(good.params, good.m[:-2], good.v, 0), r"resume.m must be a float vector"),
+        (TrainState(good.params.astype(int), good.m, good.v, 0), "resume.params must be a float"),
+        (TrainState(good.params, good.m, good.v * np.nan, 0), "resume.v contains NaN"),
+        (TrainState(good.params, good.m, good.v, -1), "resume.step must be >= 0"),
+        (TrainState(good.params, good.m, good.v, 9), "resume.step = 9 is past cfg.steps = 1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            train(MODEL, TASK, TCFG, resume=bad, progress=False)

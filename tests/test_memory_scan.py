@@ -245,3 +245,33 @@ def test_float32_scan_stays_float32_and_close_to_float64(rng):
     out64, _ = mt.memory_scan(mt.MemoryState.initial(p64), K, V, Q, alpha=a, eta=e, theta=th)
     assert out32.dtype == np.float32 and s32.params[0].dtype == np.float32
     np.testing.assert_allclose(out32, out64, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+@pytest.mark.parametrize("read", ["after", "before"])
+def test_eq14_surprise_clip_below_and_above_the_cap_matches_a_naive_clip(chunk, read):
+    from naive_memory import naive_clipped_chunked
+
+    rng = np.random.default_rng(11)
+    K, V, Q, a, e, th = _sequence(rng, 12, 4)
+    V = 3.0 * V  # large errors: some surprises well above the cap, some below
+    params = mt.init_memory(rng, 4, 4, depth=2, expansion=2)
+    state = mt.MemoryState.initial(params)
+    _, _, _, free = naive_clipped_chunked(list(params), K, V, Q, a, e, th, chunk, np.inf,
+                                          read=read)
+    cap = float(np.median(free))
+    y, M, S, norms = naive_clipped_chunked(list(params), K, V, Q, a, e, th, chunk, cap,
+                                           read=read)
+    assert (norms > cap).sum() >= 3 and (norms < cap).sum() >= 3  # clipped and not clipped
+    out, st = mt.memory_scan(state, K, V, Q, alpha=a, eta=e, theta=th, chunk_size=chunk,
+                             read=read, max_grad_norm=cap, backend="reference")
+    np.testing.assert_allclose(out, y, rtol=1e-10, atol=1e-12)
+    for got, want in zip(list(st.params) + list(st.momentum), M + S):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    # a cap above every surprise changes nothing: the same as no clipping at all
+    high = 2.0 * float(free.max())
+    out_high, _ = mt.memory_scan(state, K, V, Q, alpha=a, eta=e, theta=th, chunk_size=chunk,
+                                 read=read, max_grad_norm=high, backend="reference")
+    out_none, _ = mt.memory_scan(state, K, V, Q, alpha=a, eta=e, theta=th, chunk_size=chunk,
+                                 read=read, backend="reference")
+    np.testing.assert_allclose(out_high, out_none, rtol=1e-13, atol=1e-15)

@@ -62,6 +62,13 @@ def test_eq2_eq4_5_baselines_match_hand_assembled_forward(model):
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("model", ["linear_attention", "swa"])
+def test_eq4_5_eq2_long_sequences_in_chunks_and_bands_match_hand_assembled_forward(model):
+    """Past 64 tokens linear attention runs in chunks of 64 and the window in query blocks."""
+    got, want = forward_pair(tiny(model, num_persistent=0), T=200)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("changes", [dict(momentum=False), dict(forgetting=False),
                                      dict(memory_depth=1), dict(conv_kernel=0),
                                      dict(surprise_clip=0.05),

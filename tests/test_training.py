@@ -155,3 +155,90 @@ def test_table5_ablation_experiment_reports_mean_and_spread():
         assert len(r["accuracies"]) == 2
         assert r["mean"] == pytest.approx(np.mean(r["accuracies"]))
         assert r["std"] == pytest.approx(np.std(r["accuracies"]))
+
+
+def _naive_clip(g, max_norm):
+    norm = np.sqrt(np.sum(g * g))
+    return g * (max_norm / norm) if max_norm and norm > max_norm else g
+
+
+def test_adamw_over_four_steps_matches_the_closed_form_moments():
+    # m_t = (1 - β1) Σ_i β1^(t-i) g_i, v_t = (1 - β2) Σ_i β2^(t-i) g_i², bias-corrected by
+    # 1 - β^t; p_t = p_{t-1} - lr (m̂_t / (√v̂_t + ε) + λ p_{t-1}). Constant lr (no schedule).
+    cfg = TrainConfig(steps=4, warmup=0, min_lr_ratio=1.0, lr=0.05, beta1=0.8, beta2=0.95,
+                      clip_norm=2.0, weight_decay=0.1)
+    rng = np.random.default_rng(7)
+    grads = [rng.standard_normal(3) * s for s in (0.5, 3.0, 1.0, 4.0)]  # 2 and 4 are clipped
+    p = rng.standard_normal(3)
+    state = TrainState(p.copy(), np.zeros(3), np.zeros(3), 0)
+    clipped = [_naive_clip(g, cfg.clip_norm) for g in grads]
+    for t in range(1, 5):
+        state, norm = adamw_step(state, grads[t - 1], cfg)
+        assert norm == pytest.approx(np.linalg.norm(grads[t - 1]), rel=1e-12)
+        m = (1 - cfg.beta1) * sum(cfg.beta1 ** (t - i) * clipped[i - 1] for i in range(1, t + 1))
+        v = (1 - cfg.beta2) * sum(cfg.beta2 ** (t - i) * clipped[i - 1] ** 2
+                                  for i in range(1, t + 1))
+        m_hat, v_hat = m / (1 - cfg.beta1 ** t), v / (1 - cfg.beta2 ** t)
+        p = p - cfg.lr * (m_hat / (np.sqrt(v_hat) + cfg.eps) + cfg.weight_decay * p)
+        np.testing.assert_allclose(state.m, m, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(state.v, v, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(state.params, p, rtol=1e-12, atol=1e-15)
+        assert state.step == t
+
+
+def test_answer_accuracy_on_hand_made_logits_and_masks():
+    from minititans.tasks import Batch
+    from minititans.training import answer_accuracy
+
+    V = 3
+    # argmax per position, written as the predicted token
+    pred = np.array([[2, 0, 1, 1],
+                     [0, 2, 2, 1],
+                     [1, 1, 0, 2]])
+    logits = np.eye(V)[pred] * 5.0 - 1.0  # (3, 4, 3), the argmax is `pred`
+    targets = np.array([[0, 0, 1, 2],    # answers at 1, 2: both right -> sequence right
+                        [0, 1, 2, 0],    # answers at 0, 3: 0 right, 3 wrong -> wrong
+                        [0, 1, 0, 0]])   # answer at 2 right; 0 and 3 wrong but not answers
+    mask = np.array([[False, True, True, False],
+                     [True, False, False, True],
+                     [False, False, True, False]])
+    batch = Batch(np.zeros((3, 4), int), targets, mask)
+    seq, tok = answer_accuracy(logits, batch)
+    assert seq == pytest.approx(2 / 3, rel=1e-12)  # sequences 0 and 2
+    assert tok == pytest.approx(4 / 5, rel=1e-12)  # 4 of the 5 answer tokens
+    # a batch whose mask covers the wrong tokens scores otherwise
+    everywhere = Batch(batch.inputs, targets, np.ones((3, 4), bool))
+    seq_all, tok_all = answer_accuracy(logits, everywhere)
+    assert seq_all == 0.0 and tok_all == pytest.approx(6 / 12, rel=1e-12)
+
+
+def test_table5_each_ablation_row_changes_exactly_its_switch():
+    from dataclasses import asdict
+
+    from minititans.experiments.ablation import (
+        ABLATIONS,
+        TITANS_ROWS,
+        AblationSettings,
+        row_config,
+    )
+
+    s = AblationSettings()
+    base = row_config("LMM", s, 32, "reference")
+    assert (base.model, base.momentum, base.forgetting) == ("lmm", True, True)
+    assert base.memory_depth == 1
+    assert base.conv_kernel > 0 and base.num_persistent > 0 and base.surprise_clip == 0.0
+    assert (base.window, base.segment_len, base.vocab_size) == (s.window, s.window, 32)
+    want = {  # Titans Table 5's rows, written out here rather than read from ABLATIONS
+        "LMM": {},
+        "w/o momentum": {"momentum": False},
+        "w/o weight decay": {"forgetting": False},
+        "w/o conv": {"conv_kernel": 0},
+        "w/o persistent memory": {"num_persistent": 0},
+        "deep memory (L_M = 2)": {"memory_depth": 2, "surprise_clip": 1.0},
+        "MAC": {"model": "mac"}, "MAG": {"model": "mag"}, "MAL": {"model": "mal"},
+    }
+    assert set(ABLATIONS) | set(TITANS_ROWS) == set(want)
+    b = asdict(base)
+    for label, changes in want.items():
+        cfg = asdict(row_config(label, s, 32, "reference"))
+        assert {k: v for k, v in cfg.items() if b[k] != v} == changes, label

@@ -81,3 +81,23 @@ def test_plot_capacity_draws_curves_on_log2_axis_with_d_marked():
     assert ax.get_xscale() == "log"
     assert ax.get_xlabel() == "number of stored pairs N"
     assert ax.get_ylabel() == "relative recall error" and ax.get_title() == "cap"
+
+
+def test_plot_recall_keeps_coinciding_curves_apart_and_labels_off_scale_ones():
+    from minititans.viz import plot_recall
+
+    rows = [{"memory": m, "passes": 1, "n_pairs": n, "error": e}
+            for m, errs in {"a": [0.1, 0.5], "b": [0.1, 0.5], "c": [0.2, 40.0],
+                            "best matrix (least squares)": [0.0, 0.3]}.items()
+            for n, e in zip([4, 32], errs)]
+    fig = plot_recall({"passes": [1], "d": 16, "sizes": [4, 32], "rows": rows})
+    ax = fig.axes[0]
+    lines = lines_by_label(ax)
+    # the identical curves a and b differ in marker or style and are shifted apart in x
+    assert (lines["a"].get_marker(), lines["a"].get_linestyle()) != (
+        lines["b"].get_marker(), lines["b"].get_linestyle())
+    assert lines["a"].get_xdata()[0] != lines["b"].get_xdata()[0]
+    np.testing.assert_allclose(lines["a"].get_ydata(), [0.1, 0.5])
+    # c leaves the 0-1.6 range: drawn at the edge and named with its largest value
+    assert max(lines["c"].get_ydata()) == pytest.approx(ax.get_ylim()[1])
+    assert any("c: up to 40" in t.get_text() for t in ax.texts)

@@ -1,4 +1,6 @@
-// MathJax configuration for pymdownx.arithmatex (generic mode): \( \) inline, \[ \] display.
+// MathJax configuration for pymdownx.arithmatex (generic mode): \( \) inline, \[ \] display,
+// inside elements of class "arithmatex" only. docs/hooks.py puts the notebooks' $...$ into
+// the same form and serves MathJax itself with the site (javascripts/mathjax/).
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"]],

@@ -17,9 +17,10 @@ right after the row (under the same machine load); the header shows the peak of 
 """
 
 from .kernels import HEADLINE, run_bench
-from .report import format_table, goals
+from .report import format_table, goals, machine_noise
 from .stream import STREAM_GATES, format_stream, run_stream
 from .timing import SINGLE_THREAD_ENV, single_threaded_blas
 
 __all__ = ["HEADLINE", "SINGLE_THREAD_ENV", "STREAM_GATES", "format_stream",
-           "format_table", "goals", "run_bench", "run_stream", "single_threaded_blas"]
+           "format_table", "goals", "machine_noise", "run_bench", "run_stream",
+           "single_threaded_blas"]

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from .report import goals
+from .report import goals, machine_noise
 from .timing import best_time, interleaved_best, load_average, machine_info, matmul_peak
 
 HEADLINE = dict(d=64, depth=2, expansion=4)  # the configuration the goals are stated for
@@ -250,4 +250,5 @@ def run_bench(quick=False, progress=True):
     result = dict(machine=machine_info(), quick=quick, peak_gflops=peaks, rows=rows)
     result["machine"]["load_average_start_end"] = [load_start, load_average()]
     result["goals"] = goals(result)
+    result["noise"] = machine_noise(result)
     return result

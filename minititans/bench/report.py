@@ -11,6 +11,41 @@ def _find(rows, kernel, config, dtype=None):
     return None
 
 
+# a run counts as busy when the load average passes this fraction of the cores, or when the
+# matmul peak re-measured after a row falls below this fraction of the peak at the start
+BUSY_LOAD_PER_CORE = 0.5
+BUSY_PEAK_DROP = 0.8
+
+
+def machine_noise(result) -> dict:
+    """How quiet the machine was during a run, from what the run itself recorded.
+
+    Two signs of other work competing for the cores: the 1-minute load average at the start
+    and end of the run, and the single-thread matmul peak that every scan row measures again
+    right after itself, against the peak measured at the start. Returns ``{"busy": bool,
+    "max_load": float | None, "cores": int, "min_peak_ratio": float | None, "text": str}``.
+    """
+    cores = result["machine"].get("cores") or 1
+    loads = [x for x in result["machine"].get("load_average_start_end") or [] if x is not None]
+    max_load = max(loads) if loads else None
+    ratios = [r["local_peak_gflops"] / result["peak_gflops"][r["dtype"]] for r in result["rows"]
+              if r.get("local_peak_gflops") and r.get("dtype") in result["peak_gflops"]]
+    min_ratio = min(ratios) if ratios else None
+    busy = bool((max_load is not None and max_load > BUSY_LOAD_PER_CORE * cores)
+                or (min_ratio is not None and min_ratio < BUSY_PEAK_DROP))
+    signs = []
+    if max_load is not None:
+        signs.append(f"load average up to {max_load:.2f} on {cores} cores")
+    if min_ratio is not None:
+        signs.append(f"the matmul peak during the run fell to {min_ratio:.0%} of its start")
+    if busy:
+        text = ("Machine: BUSY (" + "; ".join(signs) + "). Other processes competed for the "
+                "cores, so the speeds and goals below are low: rerun on a quiet machine.")
+    else:
+        text = "Machine: quiet (" + "; ".join(signs or ["no load measured"]) + ")."
+    return dict(busy=busy, max_load=max_load, cores=cores, min_peak_ratio=min_ratio, text=text)
+
+
 def goals(result):
     """The goals of issue 4 for the headline memory, each with its measured value."""
     rows = result["rows"]
@@ -69,8 +104,11 @@ def format_table(result):
                      f"{num('tokens_per_s', '{:,.0f}')} | {num('gflops', '{:.1f}')} | "
                      f"{num('peak_fraction', '{:.0%}')} | {ref} | {num('speedup', '{:.0f}x')} | "
                      f"{'; '.join(other)} |")
-    lines += ["", "| goal | measured | met |", "|---|---|---|"]
+    noise = machine_noise(result)
+    lines += ["", noise["text"], "", "| goal | measured | met |", "|---|---|---|"]
     for g in result["goals"]:
         met = "n/a" if g["met"] is None else ("yes" if g["met"] else "**no**")
+        if g["met"] is False and noise["busy"]:
+            met += " (busy machine)"
         lines.append(f"| {g['goal']} | {g.get('text', 'not measured')} | {met} |")
     return "\n".join(lines)

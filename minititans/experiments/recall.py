@@ -16,6 +16,8 @@ memory can.
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -109,5 +111,40 @@ def format_recall_table(result: dict) -> str:
                 err = next(r["error"] for r in rows if r["memory"] == label and r["n_pairs"] == n)
                 cells.append(f"{'diverged':>9s}" if err is None else f"{err:9.3f}")
             lines.append(f"{label:28s}" + "".join(cells))
+        lines += [textwrap.fill(line, 92, subsequent_indent="  ") for line in reading(result, p)]
         lines.append("")
     return "\n".join(lines)
+
+
+def _error(result, memory, n, p):
+    return next((r["error"] for r in result["rows"] if r["memory"] == memory
+                 and r["n_pairs"] == n and r["passes"] == p), None)
+
+
+def reading(result: dict, p: int) -> list[str]:
+    """What the table of ``p`` passes shows, each line said only where its numbers show it."""
+    out = []
+    n0, d = min(result["sizes"]), result["d"]
+    titans = _error(result, "Titans linear", n0, p)
+    delta = _error(result, "delta rule", n0, p)
+    if p == 1 and titans is not None and delta is not None and titans > delta + 0.1:
+        out.append(f"Reading: after one write, Titans linear ({titans:.2f} at N={n0}) trails "
+                   f"the delta rule ({delta:.2f}): with momentum eta = 0.9 a write reaches M "
+                   "over the following tokens (Eqs. 13-14), so the last writes are still in the "
+                   "momentum when the reading starts. Without momentum it is the delta rule. "
+                   "docs: tutorial/04-momentum-forgetting.")
+    lin = _error(result, "linear attention", n0, p)
+    if p > 1 and lin is not None and lin > 1.0:
+        out.append(f"Reading: linear attention only adds, never erases, so writing a pair {p} "
+                   f"times scales its value by {p}: error ~ ({p} - 1)^2 = {(p - 1) ** 2} at "
+                   f"N={n0} (measured {lin:.0f}), and cross-talk grows with N. "
+                   "docs: tutorial/02-linear-attention.")
+    beyond = [n for n in result["sizes"] if n > d]
+    below = [n for n in beyond
+             if (e := _error(result, "Titans deep", n, p)) is not None
+             and e < _error(result, LEAST_SQUARES, n, p)]
+    if below:
+        out.append(f"Reading: past N = d = {d}, Titans deep stores the pairs better than the best "
+                   f"matrix can (N = {', '.join(map(str, below))}): a deep memory has more room "
+                   "than its key width. docs: tutorial/05-deep-memory.")
+    return out

@@ -101,10 +101,18 @@ def per_token_surprise(params, k, v, loss: str = "l2", *, p: float = 3.0, delta:
 
     Args:
         k: ``(b, d_in)``; v: ``(b, d_out)``.
+        loss, p, delta: the inner loss, checked as in :func:`associative_loss`.
 
     Returns:
         MemoryParams whose weights have a leading axis ``b``.
     """
-    b = k.shape[0]
-    copies = spec_of(params).like(np.broadcast_to(W[None], (b,) + W.shape) for W in params)
+    spec = spec_of(params)
+    check_loss(loss, p, delta)
+    k_arr = check_array("k", k, ndim=2, last_dim=spec.d_in)
+    v_arr = check_array("v", v, ndim=2, last_dim=spec.d_out)
+    if k_arr.shape[0] != v_arr.shape[0]:
+        raise ValueError(f"k and v must have the same number of rows, got {k_arr.shape} and "
+                         f"{v_arr.shape}")
+    b = k_arr.shape[0]
+    copies = spec.like(np.broadcast_to(W[None], (b,) + W.shape) for W in params)
     return grad(_per_token_total)(copies, k, v, loss, p, delta)

@@ -181,6 +181,8 @@ def init_memory(rng, d_in: int, d_out: int, depth: int = 2, expansion: int = 4,
     dtype = onp.dtype(dtype)
     if dtype not in (onp.float32, onp.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    if not isinstance(residual_norm, (bool, onp.bool_)):
+        raise TypeError(f"residual_norm must be True or False, got {residual_norm!r}")
     if residual_norm and d_in != d_out:
         raise ValueError(f"residual_norm=True needs d_in == d_out, got d_in={d_in}, d_out={d_out}")
     hidden = expansion * d_in

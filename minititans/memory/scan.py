@@ -87,6 +87,9 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
     if T == 0:
         return onp.zeros((0, spec.d_out), dtype=dtype), state
     if backend == "numba":
+        if state.anchor is not None:
+            raise ValueError("backend='numba' does not support an anchored MemoryState yet "
+                             "(forgetting towards the anchor); use backend='reference'")
         from ..kernels.scan import numba_memory_scan
 
         return numba_memory_scan(state, keys, values, queries, *gates, chunk_size=b, read=read,
@@ -109,7 +112,7 @@ def _as_dtype(gate, dtype):
 def _token_loop(state, K, V, Q, alpha, eta, theta, *, loss, p, delta, max_grad_norm,
                 on_nonfinite, read):
     """Eqs. (13)-(14) one token at a time: the definition the chunked form must match."""
-    M, S = state.params, state.momentum
+    M, S, A = state.params, state.momentum, state.anchor
     outs = []
     finite = True
     for t in range(K.shape[0]):
@@ -118,19 +121,19 @@ def _token_loop(state, K, V, Q, alpha, eta, theta, *, loss, p, delta, max_grad_n
         # Eq. 8: the momentary surprise at the current weights M_{t-1}
         u = clip_by_norm(surprise(M, K[t:t + 1], V[t:t + 1], loss, p=p, delta=delta),
                          max_grad_norm)
-        M, S = apply_update(M, S, u, alpha[t], eta[t], theta[t])
+        M, S = apply_update(M, S, u, alpha[t], eta[t], theta[t], A)
         if finite:
             finite = check_finite(M, t, on_nonfinite)
         if read == "after":
             outs.append(memory_forward(M, Q[t]))  # y_t = M_t(q_t)
-    return np.stack(outs), MemoryState(M, S)
+    return np.stack(outs), MemoryState(M, S, A)
 
 
 def _chunked(state, K, V, Q, alpha, eta, theta, b, *, loss, p, delta, max_grad_norm,
              on_nonfinite, read):
     """Eqs. (16)-(18): gradients at the chunk-start weights, recurrences by parallel scan."""
     spec = spec_of(state.params)
-    M, S = state.params, state.momentum
+    M, S, A = state.params, state.momentum, state.anchor
     outs = []
     finite = True
     for start in range(0, K.shape[0], b):
@@ -143,7 +146,12 @@ def _chunked(state, K, V, Q, alpha, eta, theta, b, *, loss, p, delta, max_grad_n
         S_all = [linear_recurrence(eta[c], -np.reshape(th, (-1, 1, 1)) * g, s)
                  for g, s in zip(u, S)]
         # Eq. 13: M_i = (1 - α_i) M_{i-1} + S_i, the same recurrence with a = 1 - α
-        M_all = [linear_recurrence(1.0 - alpha[c], s_all, w) for s_all, w in zip(S_all, M)]
+        # (with an anchor M̄, for M_i - M̄: M_i = M̄ + (1 - α_i)(M_{i-1} - M̄) + S_i)
+        if A is None:
+            M_all = [linear_recurrence(1.0 - alpha[c], s_all, w) for s_all, w in zip(S_all, M)]
+        else:
+            M_all = [a + linear_recurrence(1.0 - alpha[c], s_all, w - a)
+                     for s_all, w, a in zip(S_all, M, A)]
         if finite:
             finite = _check_chunk(M_all, start, on_nonfinite)
         if read == "after":
@@ -153,7 +161,7 @@ def _chunked(state, K, V, Q, alpha, eta, theta, b, *, loss, p, delta, max_grad_n
             outs.append(forward_per_token(spec.like(M_before), Q[c]))
         M = spec.like(w_all[-1] for w_all in M_all)
         S = spec.like(s_all[-1] for s_all in S_all)
-    return np.concatenate(outs), MemoryState(M, S)
+    return np.concatenate(outs), MemoryState(M, S, A)
 
 
 def _clip_per_token(u, max_norm):

@@ -7,6 +7,19 @@ $$S_t = \eta_t S_{t-1} - \theta_t \nabla\ell(\mathcal{M}_{t-1}; x_t), \qquad
 
 Plain gradient descent on the surprise (Eq. 8) is the case $\alpha = \eta = 0$; momentum
 without forgetting (Eqs. 9-10) is $\alpha = 0$.
+
+Forgetting towards an anchor. Eq. 13 decays the weights towards 0, and for a deep memory 0
+is an absorbing state: with every weight matrix at 0 no gradient flows (the surprise of
+$W_1$ is proportional to $W_2$ and the other way round), so after a long stream whose
+gradients cannot hold the weights up against the decay, the memory stores nothing ever
+again. A state built with ``MemoryState.initial(params, anchored=True)`` forgets towards
+its initial weights $\bar{\mathcal{M}} = \mathcal{M}_0$ instead:
+
+$$\mathcal{M}_t = \bar{\mathcal{M}} + (1 - \alpha_t)(\mathcal{M}_{t-1} - \bar{\mathcal{M}})
++ S_t ,$$
+
+which is Eq. 13 for $\mathcal{M}_t - \bar{\mathcal{M}}$ (and Eq. 13 itself when
+$\bar{\mathcal{M}} = 0$). docs/design-decisions.md says why and what it costs.
 """
 
 from __future__ import annotations
@@ -36,16 +49,24 @@ class MemoryDivergenceError(FloatingPointError):
 
 @dataclass(frozen=True, eq=False)
 class MemoryState:
-    """The memory's weights $\\mathcal{M}_t$ and its momentum $S_t$ (same structure)."""
+    """The memory's weights $\\mathcal{M}_t$, its momentum $S_t$ and the forgetting anchor.
+
+    ``anchor`` is None for Eq. 13 as printed (forgetting decays towards 0), or the weights
+    $\\bar{\\mathcal{M}}$ that forgetting decays towards (same structure as ``params``).
+    """
 
     params: MemoryParams
     momentum: MemoryParams
+    anchor: MemoryParams | None = None
 
     @classmethod
-    def initial(cls, params) -> MemoryState:
-        """$\\mathcal{M}_0$ = ``params``, $S_0 = 0$."""
+    def initial(cls, params, *, anchored: bool = False) -> MemoryState:
+        """$\\mathcal{M}_0$ = ``params``, $S_0 = 0$; ``anchored``: forget towards it."""
         spec = spec_of(params)
-        return cls(params, spec.like(np.zeros_like(getval(W)) for W in spec))
+        if not isinstance(anchored, bool):
+            raise TypeError(f"anchored must be True or False, got {anchored!r}")
+        return cls(params, spec.like(np.zeros_like(getval(W)) for W in spec),
+                   params if anchored else None)
 
     def __post_init__(self):
         p, m = spec_of(self.params), spec_of(self.momentum)
@@ -53,6 +74,11 @@ class MemoryState:
         ms = [getval(w).shape for w in m]
         if ps != ms:
             raise ValueError(f"momentum shapes {ms} do not match params shapes {ps}")
+        if self.anchor is not None:
+            a = spec_of(self.anchor)
+            if [getval(w).shape for w in a] != ps:
+                raise ValueError(f"anchor shapes {[getval(w).shape for w in a]} do not "
+                                 f"match params shapes {ps}")
 
 
 def check_state(state) -> MemoryParams:
@@ -61,6 +87,8 @@ def check_state(state) -> MemoryParams:
         raise TypeError(f"state must be a MemoryState, got {type(state).__name__}")
     spec = check_params(state.params, name="state.params")
     check_params(state.momentum, name="state.momentum")
+    if state.anchor is not None:
+        check_params(state.anchor, name="state.anchor")
     return spec
 
 
@@ -106,13 +134,20 @@ def check_finite(params, token: int, on_nonfinite: str) -> bool:
     return False
 
 
-def apply_update(M, S, u, alpha, eta, theta):
-    r"""Eqs. (13)-(14) on whole weight trees; returns the new $(\mathcal{M}_t, S_t)$."""
+def apply_update(M, S, u, alpha, eta, theta, anchor=None):
+    r"""Eqs. (13)-(14) on whole weight trees; returns the new $(\mathcal{M}_t, S_t)$.
+
+    With an ``anchor`` $\bar{\mathcal{M}}$, Eq. 13 acts on $\mathcal{M} - \bar{\mathcal{M}}$.
+    """
     spec = spec_of(M)
     # Eq. 14: S_t = η_t S_{t-1} - θ_t u_t   (u_t = ∇ℓ(M_{t-1}; x_t), the momentary surprise)
     S_new = spec.like(eta * s - theta * g for s, g in zip(S, u))
-    # Eq. 13: M_t = (1 - α_t) M_{t-1} + S_t
-    M_new = spec.like((1.0 - alpha) * w + s for w, s in zip(M, S_new))
+    if anchor is None:
+        # Eq. 13: M_t = (1 - α_t) M_{t-1} + S_t
+        M_new = spec.like((1.0 - alpha) * w + s for w, s in zip(M, S_new))
+    else:
+        # Eq. 13 around the anchor: M_t = M̄ + (1 - α_t)(M_{t-1} - M̄) + S_t
+        M_new = spec.like(a + (1.0 - alpha) * (w - a) + s for w, s, a in zip(M, S_new, anchor))
     return M_new, S_new
 
 
@@ -147,6 +182,6 @@ def memory_step(state: MemoryState, k, v, *, alpha, eta, theta, loss: str = "l2"
     with onp.errstate(over="ignore", invalid="ignore"):  # non-finite weights raise below
         u = clip_by_norm(surprise(state.params, k[None], v[None], loss, p=p, delta=delta),
                          max_grad_norm)
-        M, S = apply_update(state.params, state.momentum, u, a, e, th)
+        M, S = apply_update(state.params, state.momentum, u, a, e, th, state.anchor)
     check_finite(M, 0, on_nonfinite)
-    return MemoryState(M, S)
+    return MemoryState(M, S, state.anchor)

@@ -50,11 +50,27 @@ def init_linear_layer(rng, cfg) -> dict:
             "w_alpha": 0.01 * rng.standard_normal(d), "b_alpha": np.full((), -4.0)}
 
 
+def linear_attention_chunks(q, k, v, M, size=64):
+    r"""Eqs. 4-5 from $M_0$ = ``M`` ``(B, d, d_v)``, in chunks of ``size`` tokens.
+
+    Per chunk: $y = q M + \mathrm{tril}(q k^\top) v$ (the parallel form inside the chunk),
+    then $M \leftarrow M + k^\top v$; no $T \times T$ matrix. Returns ``(y, M_T)``.
+    """
+    ys = []
+    for s in range(0, q.shape[1], size):
+        c = slice(s, s + size)
+        ys.append(np.matmul(q[:, c], M) + linear_attention(q[:, c], k[:, c], v[:, c]))
+        M = M + np.matmul(np.swapaxes(k[:, c], 1, 2), v[:, c])  # M += Σ k_j^T v_j
+    return np.concatenate(ys, axis=1), M
+
+
 def linear_attention_layer(p, h, cfg):
     """Linear attention, Eqs. (4)-(5): $y_t = q_t \\sum_{j \\le t} k_j^\\top v_j$."""
     x = rms_norm(p["norm"], h)
     q, k, v, _ = qkv(p["qkv"], x)
-    return h + gated_output(p["out"], linear_attention(q, k, v), x)
+    d = cfg.d_model
+    y, _ = linear_attention_chunks(q, k, v, onp.zeros((onp.shape(h)[0], d, d)))
+    return h + gated_output(p["out"], y, x)
 
 
 def gated_delta_layer(p, h, cfg):
@@ -92,22 +108,12 @@ def linear_layer_state(p, cfg, batch_size, t) -> dict:
     return {"conv": conv_state(cfg, batch_size), "W": onp.zeros((batch_size, d, d))}
 
 
-def _linear_attention_chunks(q, k, v, M, size=64):
-    r"""Eqs. 4-5 from $M_0$ = ``M`` ``(B, d, d_v)``, in chunks: $y = qM + \mathrm{tril}(qk^\top)v$."""
-    ys = []
-    for s in range(0, q.shape[1], size):
-        c = slice(s, s + size)
-        ys.append(np.matmul(q[:, c], M) + linear_attention(q[:, c], k[:, c], v[:, c]))
-        M = M + np.matmul(np.swapaxes(k[:, c], 1, 2), v[:, c])  # M += Σ k_j^T v_j
-    return np.concatenate(ys, axis=1), M
-
-
 def linear_layer_stream(p, h, cfg, state, t):
     """:func:`linear_attention_layer` or :func:`gated_delta_layer` on the next tokens."""
     x = rms_norm(p["norm"], h)
     q, k, v, conv = qkv(p["qkv"], x, state["conv"])
     if cfg.model == "linear_attention":
-        y, W = _linear_attention_chunks(q, k, v, state["W"])
+        y, W = linear_attention_chunks(q, k, v, state["W"])
     else:
         beta = sigmoid(x @ p["w_beta"] + p["b_beta"])
         alpha = sigmoid(x @ p["w_alpha"] + p["b_alpha"])

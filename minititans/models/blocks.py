@@ -15,12 +15,12 @@ one recurrence per sequence, loops over the batch.
 
 from __future__ import annotations
 
-
 import autograd.numpy as np
 import numpy as onp
+from autograd.tracer import Box
 
 from ..activations import gelu, sigmoid, silu
-from ..attention import multi_head_attention
+from ..attention import merge_heads, multi_head_attention, split_heads
 from ..layers import (
     depthwise_conv,
     init_depthwise_conv,
@@ -150,6 +150,35 @@ def init_attention(rng, cfg):
             "W_O": init_linear(rng, cfg.d_model, cfg.d_model)}
 
 
+# the numba attention costs ~20 ms a call on a busy 2-core machine whatever the length;
+# the NumPy banded form is faster below about this many keys
+NUMBA_ATTENTION_MIN_KEYS = 2048
+
+
+def attend(q, k, v, cfg, *, window=None, prefix=0, mask=None):
+    """:func:`minititans.attention.multi_head_attention` in ``cfg.num_heads`` heads.
+
+    With ``cfg.backend == "numba"``, a window, plain arrays (nothing to differentiate) and
+    at least ``NUMBA_ATTENTION_MIN_KEYS`` keys, its numba twin
+    :func:`minititans.kernels.attention.causal_attention` computes the same numbers;
+    ``k``, ``v`` may hold more (cached) rows than ``q``.
+    """
+    if (cfg.backend == "numba" and window is not None and mask is None
+            and onp.shape(k)[1] >= NUMBA_ATTENTION_MIN_KEYS
+            and not any(isinstance(z, Box) for z in (q, k, v))):
+        from ..kernels.attention import causal_attention as numba_causal_attention
+
+        n_cached = onp.shape(k)[1] - onp.shape(q)[1]
+        # the kernel wants one query per key: the cached rows get zero queries, dropped after
+        q = onp.concatenate([onp.zeros(onp.shape(q)[:1] + (n_cached,) + onp.shape(q)[2:]), q],
+                            axis=1)
+        heads = [split_heads(z, cfg.num_heads) for z in (q, k, v)]  # (B, H, T_k, d_h)
+        y = numba_causal_attention(*heads, window=window, prefix=prefix)
+        return merge_heads(y[..., n_cached:, :])
+    return multi_head_attention(q, k, v, cfg.num_heads, window=window, prefix=prefix,
+                                mask=mask)
+
+
 def attention(p, x, cfg, *, window=None, prefix=0, mask=None):
     """Project ``x`` ``(B, T, d)``, attend (Eq. 2, ``cfg.num_heads`` heads), project: ``(B, T, d)``.
 
@@ -157,8 +186,7 @@ def attention(p, x, cfg, *, window=None, prefix=0, mask=None):
     :func:`minititans.attention.multi_head_attention`.
     """
     q, k, v = (proj(p["qkv"][n], x)[0] for n in ("q", "k", "v"))
-    return linear(p["W_O"], multi_head_attention(q, k, v, cfg.num_heads, window=window,
-                                                 prefix=prefix, mask=mask))
+    return linear(p["W_O"], attend(q, k, v, cfg, window=window, prefix=prefix, mask=mask))
 
 
 # --- the gate ⊗ of Eqs. 25 and 28 -----------------------------------------------------------

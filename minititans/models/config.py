@@ -9,13 +9,18 @@ checkpoints store. Each field says which models read it; the paper's value (arXi
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
 
 from .._checks import check_choice, check_int
 
 MODEL_NAMES = ("lmm", "mac", "mag", "mal", "swa", "transformer", "linear_attention",
                "gated_delta")
+"""The models ``ModelConfig.model`` may name: the four Titans, then the baselines."""
 TITANS = ("lmm", "mac", "mag", "mal")
+"""The Titans of Section 4 (the models with a neural memory)."""
 
 
 @dataclass(frozen=True)
@@ -56,12 +61,15 @@ class ModelConfig:
             val = getattr(self, f.name)
             if f.type == "int":
                 minimum = 0 if f.name in ("ffn_expansion", "conv_kernel", "num_persistent") else 1
-                check_int(f.name, val, minimum=minimum)
+                # stored as a Python int, so NumPy integers compare equal and serialise
+                object.__setattr__(self, f.name, check_int(f.name, val, minimum=minimum))
             elif f.type == "bool" and not isinstance(val, bool):
                 raise TypeError(f"{f.name} must be True or False, got {val!r}")
-            elif f.type == "float" and (isinstance(val, bool)
-                                        or not isinstance(val, (int, float))):
-                raise TypeError(f"{f.name} must be a float, got {val!r}")
+            elif f.type == "float":
+                # any real number (Python, NumPy float32 or float64) but not a bool
+                if isinstance(val, (bool, np.bool_)) or not isinstance(val, numbers.Real):
+                    raise TypeError(f"{f.name} must be a float, got {val!r}")
+                object.__setattr__(self, f.name, float(val))
         check_choice("memory_activation", self.memory_activation, ("gelu", "silu"))
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by "

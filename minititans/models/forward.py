@@ -69,6 +69,7 @@ def reference_params(config: ModelConfig) -> dict:
     return init(onp.random.default_rng(0), config)
 
 
+@lru_cache(maxsize=64)
 def _param_shapes(config: ModelConfig) -> tuple:
     return tuple(onp.shape(w) for w in tree_leaves(reference_params(config)))
 

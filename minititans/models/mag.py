@@ -22,8 +22,8 @@ from .blocks import (
     init_persistent_tokens,
     memory_core,
 )
-from .streaming import attention_state, attention_stream, memory_state, memory_stream
 from .lmm import with_persistent
+from .streaming import attention_state, attention_stream, memory_state, memory_stream
 
 
 def init_layer(rng, cfg) -> dict:

@@ -13,7 +13,8 @@ on consecutive pieces gives the logits of one :func:`~minititans.models.forward.
 the whole sequence:
 
 * **exactly** (the same operations on the same numbers, up to the order of floating-point
-  sums: about $10^{-13}$ in float64) for every split, wherever the pieces end, for the
+  sums: at most $10^{-14}$ in float64, measured by ``python tests/test_stream.py``) for
+  every split, wherever the pieces end, for the
   LMM, MAG, MAL, SWA, the transformer, linear attention, the gated delta rule and MAC with
   ``memory_causal=True`` (the default). A piece that ends inside a memory chunk
   (``chunk_size``) is exact too: the next piece replays the chunk's first tokens from the
@@ -23,9 +24,12 @@ the whole sequence:
   apply when every piece ends at a segment boundary (a multiple of ``segment_len``), and a
   piece ending inside a segment gives the logits of a sequence that stops there.
 
-With plain arrays (no autograd box) nothing here builds an autograd graph, so
-``backend="numba"`` runs the memory on the numba kernels; windowed attention never forms a
-$T \times T$ matrix (:func:`minititans.attention.causal_attention`).
+With plain arrays (no autograd box) no graph over the parameters is built: the baselines
+run in plain NumPy, the reference memory differentiates only its inner loss (Eq. 8, by
+autograd: that is how the reference defines the surprise), and ``backend="numba"`` runs the
+memory (and windowed attention over 2048 keys or more) on the numba kernels with no
+autograd at all. Windowed attention never forms a $T \times T$ matrix
+(:func:`minititans.attention.causal_attention`).
 """
 
 from __future__ import annotations
@@ -79,6 +83,10 @@ def _shapes(tree, path="state"):
 
 def check_state(state, config: ModelConfig, batch_size: int) -> int:
     """Raise unless ``state`` is a stream state of ``config`` for ``batch_size`` sequences.
+
+    The check is by structure and shapes: two models whose states have the same arrays
+    (linear attention and the gated delta rule; SWA and the transformer before ``window``
+    tokens) cannot be told apart.
 
     Returns:
         ``t``, the number of tokens the state has read.
@@ -154,7 +162,8 @@ def _check_generate_args(num_tokens, rng, temperature, top_k, vocab_size):
 
 def sample(logits, rng, temperature: float = 1.0, top_k=None):
     """One token per row of ``logits`` ``(B, V)``: from softmax(logits / temperature) over
-    the ``top_k`` largest (all if None); ``top_k=1`` is the argmax (the rng is not used)."""
+    the ``top_k`` largest (all if None; logits tied with the k-th largest are kept too);
+    ``top_k=1`` is the argmax, the first one on a tie (the rng is not used)."""
     logits = onp.asarray(getval(logits), dtype=onp.float64)
     if top_k == 1:
         return onp.argmax(logits, axis=-1)

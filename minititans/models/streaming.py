@@ -25,10 +25,9 @@ from __future__ import annotations
 import autograd.numpy as np
 import numpy as onp
 
-from ..attention import multi_head_attention
 from ..layers import linear
 from ..memory import MemoryState, memory_scan
-from .blocks import gates, proj, qkv
+from .blocks import attend, gates, proj, qkv
 
 # --- the convolutions ----------------------------------------------------------------------
 
@@ -69,8 +68,7 @@ def attention_stream(p, x, cfg, state, *, window, prefix):
     (q, cq), (k, ck), (v, cv) = (proj(p["qkv"][n], x, conv.get(n)) for n in ("q", "k", "v"))
     K = np.concatenate([state["k"], k], axis=1)  # (B, L + T, d): cache, then the new rows
     V = np.concatenate([state["v"], v], axis=1)
-    y = linear(p["W_O"], multi_head_attention(q, K, V, cfg.num_heads, window=window,
-                                              prefix=prefix))
+    y = linear(p["W_O"], attend(q, K, V, cfg, window=window, prefix=prefix))
     if window is not None:  # keep the prefix and the last w - 1 rows
         start = max(prefix, K.shape[1] - (window - 1))
         K = np.concatenate([K[:, :prefix], K[:, start:]], axis=1)
