@@ -150,7 +150,7 @@ def run_demo(args) -> int:
 
         print()
         run_needle_demo(None if args.out is None else Path(args.out), full=args.full,
-                        progress=not args.quiet)
+                        progress=not args.quiet, seed=args.seed)
     print(f"demo: {time.perf_counter() - start:.1f} s in all")
     return 0
 
@@ -170,18 +170,49 @@ def _add_recall_options(p: argparse.ArgumentParser) -> None:
 # --- needle, ablate, train ----------------------------------------------------------------------
 
 
-def run_needle(args) -> int:
-    from .experiments.needle import FULL, NeedleSettings, run_needle_demo
+def needle_settings(args):
+    """The :class:`~minititans.experiments.needle.NeedleSettings` of ``minititans needle``."""
+    from .experiments.needle import DEFAULT, FULL
 
-    settings = FULL if args.full else NeedleSettings()
-    changes = {"seed": args.seed, "backend": args.backend}
+    settings = FULL if args.full else DEFAULT
+    changes = {"backend": args.backend}
+    for name in ("tasks", "models", "seeds"):
+        if getattr(args, name) is not None:
+            changes[name] = tuple(getattr(args, name))
+    if args.lengths is not None:
+        changes["eval_multiples"] = tuple(args.lengths)
     if args.steps is not None:
         changes["train"] = {**settings.train, "steps": args.steps}
         changes["train_overrides"] = {m: {k: v for k, v in o.items() if k != "steps"}
                                       for m, o in settings.train_overrides.items()}
-    run_needle_demo(args.out, progress=not args.quiet, workers=args.workers,
-                    settings=replace(settings, **changes))
+    return replace(settings, **changes)
+
+
+def run_needle(args) -> int:
+    from .experiments.needle import run_needle_experiment
+
+    start = time.perf_counter()
+    run_needle_experiment(needle_settings(args), args.out, progress=not args.quiet,
+                          workers=args.workers)
+    print(f"needle: {time.perf_counter() - start:.1f} s in all")
     return 0
+
+
+def check_needle_args(parser, args) -> None:
+    """Usage errors for ``needle`` flags, before any training (argparse checks the names)."""
+    for flag in ("tasks", "models", "seeds", "lengths"):
+        values = getattr(args, flag)
+        if values is not None and len(set(values)) != len(values):
+            parser.error(f"--{flag} must not repeat a value, got {' '.join(map(str, values))}")
+    if args.seeds is not None and min(args.seeds) < 0:
+        parser.error(f"--seeds must be >= 0, got {min(args.seeds)}")
+    if args.lengths is not None and min(args.lengths) < 1:
+        parser.error(f"--lengths are multiples of the window and must be >= 1, got "
+                     f"{min(args.lengths)}")
+    for flag in ("steps", "workers"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    _check_out_dir(parser, "--out", args.out)
 
 
 def _validate_ablate(parser, args) -> None:
@@ -380,7 +411,7 @@ def _plan_train(parser, args):
     """Check every flag of ``train`` and build what it needs, before any work."""
     from .experiments.pool import resolve_backend
     from .models import Model
-    from .tasks import NeedleTask, make_task
+    from .tasks import BabilongTask, NeedleTask, make_task
     from .training import TrainConfig
 
     _validate_train_flags(parser, args)
@@ -394,7 +425,7 @@ def _plan_train(parser, args):
     _check_task_length(parser, "--length", task_name, length)
     _check_task_length(parser, "--eval-lengths", task_name, args.eval_lengths or [length])
     task = make_task(task_name, length)
-    if isinstance(task, NeedleTask):
+    if isinstance(task, (NeedleTask, BabilongTask)):
         task = replace(task, placement="anywhere")
     if args.resume is None:
         model = Model(_model_config_from_flags(parser, args, task, backend))
@@ -402,7 +433,8 @@ def _plan_train(parser, args):
         try:
             cfg = TrainConfig(steps=steps, batch_size=args.batch_size or
                               TRAIN_DEFAULTS["batch_size"], lr=args.lr or TRAIN_DEFAULTS["lr"],
-                              warmup=min(TRAIN_DEFAULTS["warmup"], steps), seed=args.seed or TRAIN_DEFAULTS["seed"])
+                              warmup=min(TRAIN_DEFAULTS["warmup"], steps),
+                              seed=args.seed or TRAIN_DEFAULTS["seed"])
         except (TypeError, ValueError) as e:
             parser.error(str(e))
     if model.config.vocab_size < task.vocab_size:
@@ -471,15 +503,29 @@ def _common(p, out_help):
 
 
 def _add_needle(sub):
+    from .experiments.needle import MODELS, TASKS
+
     p = sub.add_parser(
-        "needle", help="passkey beyond the attention window (demo part 2, Table 2 in small)",
-        description="Train SWA and the four Titans (LMM, MAC, MAG, MAL) on the passkey task "
-                    "at twice the attention window, evaluate at 1x, 2x, 4x and 8x the window, "
-                    "and print a table shaped like Titans Table 2.")
+        "needle", help="needles beyond the attention window, five seeds (Titans Table 2 in "
+                       "small)",
+        description="Train SWA, the four Titans (LMM, MAC, MAG, MAL) and the matrix-memory "
+                    "baselines (linear attention, gated DeltaNet, a TTT-Linear-style memory) "
+                    "on the S-NIAH needles (pk, n, w) and BABILong qa1 with five seeds, at 2-32x "
+                    "the 16-token window; evaluate at 1x to 256x the window (--full: to "
+                    "1024x) on sequences from seeds never used in training; print mean "
+                    "(min-max) over seeds, shaped like Titans Table 2.")
     _common(p, "write needle.png and results.json (key 'needle') into DIR")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=None, metavar="TASK",
+                   help=f"tasks, from {', '.join(TASKS)} (default: all)")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=None, metavar="MODEL",
+                   help=f"models, from {', '.join(MODELS)} (default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+                   help="training seeds (default: 0 1 2 3 4)")
+    p.add_argument("--lengths", nargs="+", type=int, default=None, metavar="K",
+                   help="evaluation lengths as multiples of the window (default: 1 4 16 64 "
+                        "256; --full adds 1024)")
     p.add_argument("--full", action="store_true",
-                   help="larger settings (wider models, longer training; takes longer)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+                   help="evaluate up to 1024x the window (16,384 tokens; takes longer)")
     p.add_argument("--steps", type=int, default=None, help="training steps per model")
     p.add_argument("--workers", type=int, default=None,
                    help="parallel training processes (default: number of cores)")
@@ -816,11 +862,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "forgetting) and prints how well each recalls them as the number of "
                     "pairs passes the key width d (also `minititans recall`). Part 2 trains "
                     "sliding-window attention and the four Titans (LMM, MAC, MAG, MAL) on a "
-                    "passkey task and tests them at 1-8x the attention window, a miniature "
-                    "of the paper's Table 2 (also `minititans needle`).")
+                    "passkey task with seeds --seed, +1, +2 and tests them at 1-64x the "
+                    "attention window, a cut of `minititans needle` (Titans Table 2 in "
+                    "small).")
     _add_recall_options(demo)
     demo.add_argument("--full", action="store_true",
-                      help="part 2 with larger settings (window 32; several minutes)")
+                      help="part 2 with five seeds up to 256x the window (longer)")
     demo.add_argument("--skip-needle", action="store_true", help="run part 1 only")
     demo.set_defaults(func=run_demo)
     recall = sub.add_parser(
@@ -848,6 +895,10 @@ def main(argv=None) -> int:
         for name in ("sizes", "passes"):
             if any(v < 1 for v in getattr(args, name)):
                 parser.error(f"--{name} values must be >= 1")
+        if args.seed < 0:
+            parser.error(f"--seed must be >= 0, got {args.seed}")
+    if args.func is run_needle:
+        check_needle_args(parser, args)
     if args.func is run_lm:
         _check_lm_args(parser, args)
     return args.func(args)

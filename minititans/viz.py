@@ -154,34 +154,71 @@ def plot_capacity(sizes, curves: dict, *, d: int, ax=None, ylabel="relative reca
         ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return ax
-def plot_needle(result: dict, ax=None):
-    """Accuracy against evaluation length, one line per model; the window and chance marked."""
+def plot_needle(result: dict, axes=None):
+    """Accuracy against length, one panel per task, one curve per model, a band over seeds.
+
+    Each curve is the mean over seeds with the min-max range shaded; the curves are shifted
+    a little along the (log) length axis and carry their own markers, so none hides
+    another. The window is a vertical line, chance a dotted horizontal one.
+
+    Args:
+        result: the ``"needle"`` dict (``window``, ``train_length``, ``rows`` with ``task``,
+            ``model``, ``length``, ``seed``, ``accuracy``, ``chance``).
+        axes: optional sequence of Axes, one per task.
+
+    Returns:
+        The Figure.
+    """
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4))
-    for m in dict.fromkeys(r["model"] for r in result["rows"]):
-        pts = sorted((r["length"], r["accuracy"]) for r in result["rows"] if r["model"] == m)
-        xs, ys = zip(*pts)
-        ax.plot(xs, [100 * y for y in ys], marker="o", label=m,
-                linestyle="--" if m == "SWA" else "-")
-    ax.axhline(100 * result["chance"], color="gray", linewidth=1, linestyle=":")
-    ax.text(result["window"], 100 * result["chance"] + 2, " chance", color="gray")
-    ax.axvline(result["window"], color="black", linewidth=0.8, alpha=0.5)
-    ax.set_xscale("log", base=2)
-    lengths = sorted({r["length"] for r in result["rows"]})
-    ax.set_xticks(lengths, [f"{n}\n({n // result['window']}w)" for n in lengths])
-    ax.minorticks_off()
-    ax.set_ylim(0, 105)
-    ax.set_xlabel("sequence length (tokens)")
-    ax.set_ylabel("passkey accuracy (%)")
-    ax.set_title(f"Passkey retrieval beyond a {result['window']}-token window "
-                 f"(trained at {result['train_length']})")
-    ax.legend(fontsize=8)
-    ax.figure.tight_layout()
-    return ax.figure
-
-
+    rows, w = result["rows"], result["window"]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    if axes is None:
+        _, axes = plt.subplots(1, len(tasks), figsize=(max(6.5, 4.6 * len(tasks)), 4.6),
+                               squeeze=False, sharey=True)
+        axes = axes[0]
+    markers = "osD^vP*Xh<>"
+    titles = {"pk": "passkey (PK)", "n": "number (N)", "w": "hex value (W)",
+              "babilong": "BABILong qa1"}
+    for ax, task in zip(axes, tasks):
+        mine = [r for r in rows if r["task"] == task]
+        lengths = sorted({r["length"] for r in mine})
+        for i, m in enumerate(models):
+            acc = {}
+            for r in mine:
+                if r["model"] == m:
+                    acc.setdefault(r["length"], []).append(100 * r["accuracy"])
+            if not acc:
+                continue
+            xs = sorted(acc)
+            shift = 2.0 ** (0.07 * (i - (len(models) - 1) / 2))  # spread along the log axis
+            x = np.array(xs, dtype=float) * shift
+            mean = np.array([np.mean(acc[n]) for n in xs])
+            lo, hi = (np.array([f(acc[n]) for n in xs]) for f in (np.min, np.max))
+            line, = ax.plot(x, mean, marker=markers[i % len(markers)], markersize=5, label=m,
+                            linestyle="--" if m == "SWA" else "-", linewidth=1.3)
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.12, linewidth=0)
+        chance = 100 * mine[0]["chance"]
+        ax.axhline(chance, color="gray", linewidth=1, linestyle=":")
+        ax.text(lengths[0], chance + 2, " chance", color="gray", fontsize=8)
+        ax.axvline(w, color="black", linewidth=0.8, alpha=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{n}\n({n // w}w)" for n in lengths], fontsize=8)
+        ax.minorticks_off()
+        ax.set_ylim(-3, 105)
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_title(titles.get(task, task), fontsize=10)
+    axes[0].set_ylabel("accuracy (%)")
+    fig = axes[0].figure
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.suptitle(f"Needle beyond a {w}-token window, trained at up to "
+                 f"{result['train_length']} tokens\nmean over seeds, band: min-max", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8,
+               frameon=False)
+    return fig
 
 
 def plot_lm(result: dict, window: int, axes=None):

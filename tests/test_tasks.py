@@ -95,3 +95,23 @@ def test_chance_and_vocabulary():
         make_task("babi", 32)
     with pytest.raises(ValueError, match="length"):
         NeedleTask("w", 10)
+
+
+def test_mixed_lengths_draws_one_length_per_batch_from_the_batch_rng():
+    from minititans.tasks import MixedLengths
+
+    tasks = tuple(NeedleTask("n", n, "anywhere") for n in (16, 32, 64))
+    mixed = MixedLengths(tasks)
+    seen = []
+    for seed in range(30):
+        batch = mixed.sample(np.random.default_rng(seed), 3)
+        # the same generator, read by hand: first the length index, then that task's batch
+        rng = np.random.default_rng(seed)
+        want = tasks[int(rng.integers(3))].sample(rng, 3)
+        np.testing.assert_array_equal(batch.inputs, want.inputs)
+        np.testing.assert_array_equal(batch.targets, want.targets)
+        seen.append(batch.inputs.shape[1])
+    assert set(seen) == {16, 32, 64}
+    assert mixed.vocab_size == 32 and mixed.metric == "sequence" and mixed.chance == 0.001
+    with pytest.raises(ValueError, match="vocab_size"):
+        MixedLengths((NeedleTask("n", 16), MQARTask(length=16)))

@@ -142,25 +142,6 @@ def test_train_command_writes_a_checkpoint_and_resumes_it(tmp_path, capsys):
     assert results["train"]["model"] == "SWA" and len(results["train"]["rows"]) == 1
 
 
-def test_table2_needle_experiment_returns_the_results_shape(tmp_path):
-    from minititans.experiments.needle import NeedleSettings, run_needle_demo
-
-    settings = NeedleSettings(models=("swa", "lmm"), window=6, eval_samples=4,
-                              eval_multiples=(1, 2), backend="reference",
-                              model=dict(d_model=8, num_heads=1, memory_depth=1, chunk_size=4),
-                              train=dict(steps=2, batch_size=2, lr=1e-2, warmup=1))
-    result = run_needle_demo(tmp_path, progress=False, settings=settings, workers=1)
-    assert set(result) == {"window", "train_length", "chance", "rows"}
-    assert result["window"] == 6 and result["train_length"] == 12 and result["chance"] == 0.1
-    assert [(r["model"], r["length"]) for r in result["rows"]] == [
-        ("SWA", 6), ("SWA", 12), ("LMM", 6), ("LMM", 12)]
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in result["rows"])
-    assert (tmp_path / "needle.png").exists()
-    import json
-
-    assert json.loads((tmp_path / "results.json").read_text())["needle"] == result
-
-
 def test_table5_ablation_experiment_reports_mean_and_spread():
     from minititans.experiments.ablation import AblationSettings, ablation_experiment
 

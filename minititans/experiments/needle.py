@@ -1,40 +1,75 @@
-"""Part 2 of the demo: who can find a passkey that has left the attention window?
+"""Titans Table 2 in miniature: who can find a needle that has left the attention window?
 
-Titans Table 2 (S-NIAH) in miniature. Sliding-window attention (SWA) and the four Titans
-(LMM, MAC, MAG, MAL) are trained on the passkey task (:class:`~minititans.tasks.NeedleTask`,
-``"pk"``) at a training length, then asked for the passkey at 1x, 2x, 4x and 8x the
-attention window. Beyond 1x the needle is outside the window, so SWA can only guess
-(chance = 1/10) and only a memory can answer.
+S-NIAH's three needles (:class:`~minititans.tasks.NeedleTask`: ``"pk"`` a passkey in a
+repetitive haystack, ``"n"`` a 3-digit number and ``"w"`` a 4-symbol hex value in random
+filler) and BABILong's single-supporting-fact question
+(:class:`~minititans.tasks.BabilongTask`, ``"babilong"``). Every model (sliding-window
+attention, the four Titans, and the matrix-memory baselines standing for the paper's
+DeltaNet and TTT rows) is trained with each seed at a few window lengths, then evaluated at
+1x to 256x the window (``--full``: to 1,024x), with the needle in the first quarter, so
+beyond 1x only a memory can answer.
 
-The command is ``minititans needle`` (flags in :mod:`minititans.cli`); the plot is
-:func:`minititans.viz.plot_needle`.
+Evaluation data never comes from a training stream: training draws the batch of step ``i``
+from ``default_rng([seed, i])`` (and the initial parameters from ``default_rng(seed)``,
+which NumPy pads to the same stream as ``[seed, 0]``); evaluation draws from
+:func:`eval_rng`, ``default_rng([seed, length, EVAL_STREAM])``, whose third entropy word
+is never zero, so it is a different stream from every training one.
+
+The commands are ``minititans needle`` and part 2 of ``minititans demo`` (a cut:
+:data:`DEMO`); flags in :mod:`minititans.cli`; the plot is :func:`minititans.viz.plot_needle`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..io import update_results_json
+from .._checks import check_choice, check_int
 from ..models import DISPLAY_NAMES, Model, ModelConfig
-from ..tasks import NeedleTask
-from ..training import TrainConfig, evaluate, train
+from ..tasks import BabilongTask, Batch, MixedLengths, NeedleTask
+from ..training import TrainConfig, answer_accuracy, train
 from .pool import default_workers, resolve_backend, run_jobs
+
+TASKS = ("pk", "n", "w", "babilong")
+MODELS = ("swa", "lmm", "mac", "mag", "mal", "linear_attention", "gated_delta", "ttt_linear")
+# experiment names that are a config of another model: a TTT-Linear-style memory is the LMM
+# with a linear memory (L_M = 1) trained by plain gradient steps: no momentum, no forgetting
+VARIANTS = {"ttt_linear": ("lmm", dict(memory_depth=1, momentum=False, forgetting=False))}
+NAMES = {**DISPLAY_NAMES, "ttt_linear": "TTT-Linear-style"}
+EVAL_STREAM = 0x5EED  # the third entropy word of every evaluation stream (never 0)
+
+
+def eval_rng(seed: int, length: int) -> np.random.Generator:
+    """The evaluation stream of ``seed`` at ``length``: disjoint from every training stream."""
+    return np.random.default_rng([seed, length, EVAL_STREAM])
+
+
+def make_task(name: str, length: int, placement: str = "early"):
+    """Task ``name`` (one of :data:`TASKS`) at ``length``; ``"anywhere"`` for training."""
+    check_choice("task", name, TASKS)
+    if name == "babilong":
+        return BabilongTask(length=length, placement=placement)
+    return NeedleTask(name, length, placement=placement)
 
 
 @dataclass(frozen=True)
 class NeedleSettings:
-    """The demo's experiment: one model config per name, one training recipe, four lengths."""
+    """Tasks x models x seeds; one model config, one training recipe, the lengths."""
 
-    models: tuple = ("swa", "lmm", "mac", "mag", "mal")
-    kind: str = "pk"                 # the passkey task (paper: S-NIAH-PK)
+    tasks: tuple = TASKS
+    models: tuple = MODELS
+    seeds: tuple = (0, 1, 2, 3, 4)   # TrainConfig.seed of each run (and its evaluation seed)
     window: int = 16                 # attention window w (MAC's segment too)
-    train_multiple: int = 2          # train length L = train_multiple * w
-    eval_multiples: tuple = (1, 2, 4, 8)
-    eval_samples: int = 200          # sequences per length
+    # each training batch has one of these lengths (multiples of w, drawn per batch): the
+    # gates see needles older than one training length (see docs/design-decisions.md)
+    train_multiples: tuple = (2, 8, 32)
+    eval_multiples: tuple = (1, 4, 16, 64, 256)
+    eval_samples: int = 200          # sequences per length ...
+    eval_tokens: int = 204_800       # ... but at most this many tokens per length ...
+    min_eval_samples: int = 32       # ... and at least this many sequences
     # a linear memory (L_M = 1) read token by token; forgetting starts at 0.1% per token
     model: dict = field(default_factory=lambda: dict(d_model=32, num_layers=1, num_heads=2,
                                                      memory_depth=1, chunk_size=1,
@@ -44,120 +79,237 @@ class NeedleSettings:
     # per-model changes to ``train``: MAC (attention and memory in series, the hardest to
     # fit) often stalls at the common step size; see docs/design-decisions.md
     train_overrides: dict = field(default_factory=lambda: {"mac": dict(lr=4e-3, warmup=20)})
-    seed: int = 0
     backend: str = "auto"            # "auto": numba if its gradient works, else reference
 
+    def __post_init__(self):
+        for name, allowed in (("tasks", TASKS), ("models", MODELS)):
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or not values:
+                raise TypeError(f"{name} must be a non-empty tuple, got {values!r}")
+            for v in values:
+                check_choice(name, v, allowed)
+        for name in ("seeds", "train_multiples", "eval_multiples"):
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or not values:
+                raise TypeError(f"{name} must be a non-empty tuple of ints, got {values!r}")
+            for v in values:
+                check_int(name, v, minimum=0 if name == "seeds" else 1)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} must not repeat a value, got {values!r}")
+        for name in ("window", "eval_samples", "eval_tokens", "min_eval_samples"):
+            check_int(name, getattr(self, name), minimum=1)
 
-# ``--full``: a wider window (so 8x is 256 tokens), wider models, longer training
-FULL = NeedleSettings(window=32, eval_samples=500,
-                      model=dict(d_model=48, num_layers=1, num_heads=2, memory_depth=1,
-                                 chunk_size=1, alpha_init=0.001),
-                      train=dict(steps=400, batch_size=16, lr=5e-3, warmup=20),
-                      train_overrides={"mac": dict(steps=500, lr=3e-3, warmup=30)})
+    @property
+    def train_length(self) -> int:
+        """The longest training length (the shorter ones are in ``train_multiples``)."""
+        return max(self.train_multiples) * self.window
+
+    def samples_at(self, length: int) -> int:
+        """Evaluation sequences at ``length``: ``eval_samples``, fewer past ``eval_tokens``."""
+        return max(self.min_eval_samples, min(self.eval_samples, self.eval_tokens // length))
+
+
+DEFAULT = NeedleSettings()
+# ``--full``: the same models and training, evaluated to 1,024x the window (16,384 tokens)
+FULL = replace(DEFAULT, eval_multiples=(1, 4, 16, 64, 256, 1024))
+# part 2 of ``minititans demo``: a cut of the same experiment, in its time budget (3 minutes
+# on 2 cores): PK, SWA and the Titans, 3 seeds, to 64x, trained at 2w and 8w only (the 32w
+# sequences are most of the default's training time), 100 sequences per length
+DEMO = replace(DEFAULT, tasks=("pk",), models=("swa", "lmm", "mac", "mag", "mal"),
+               seeds=(0, 1, 2), eval_multiples=(1, 4, 16, 64), train_multiples=(2, 8),
+               eval_samples=100)
 
 
 def model_config(name: str, s: NeedleSettings, vocab_size: int, backend: str) -> ModelConfig:
-    fields = {"window": s.window, "segment_len": s.window, **s.model}
-    return ModelConfig(model=name, vocab_size=vocab_size, backend=backend, **fields)
+    """The config of experiment model ``name`` (a :data:`VARIANTS` name maps to its base)."""
+    base, changes = VARIANTS.get(name, (name, {}))
+    fields = {"window": s.window, "segment_len": s.window, **s.model, **changes}
+    return ModelConfig(model=base, vocab_size=vocab_size, backend=backend, **fields)
+
+
+def receptive_field(cfg: ModelConfig) -> int | None:
+    """How many earlier tokens SWA's output at a position depends on (None: all of them).
+
+    Each block sees ``window - 1`` earlier positions, each of which has mixed in
+    ``conv_kernel - 1`` earlier tokens; embedding, norms, feed-forward and head are per token.
+    """
+    if cfg.model != "swa":
+        return None
+    return cfg.num_layers * (cfg.window - 1 + max(cfg.conv_kernel - 1, 0))
+
+
+def answer_inputs(batch: Batch, cfg: ModelConfig) -> Batch:
+    """The part of ``batch`` the answers depend on: for SWA the last tokens, else all.
+
+    SWA's logits at the answer positions are exactly those of the whole sequence (a test
+    checks it), so it is evaluated at 4,096 tokens at the cost of 40.
+    """
+    rf = receptive_field(cfg)
+    first = int(np.argmax(batch.mask.any(axis=0)))  # the first answer position of the batch
+    if rf is None or first - rf <= 0:
+        return batch
+    keep = slice(first - rf, None)
+    return Batch(batch.inputs[:, keep], batch.targets[:, keep], batch.mask[:, keep])
+
+
+def evaluate_at(model: Model, params, task, *, num_samples: int, rng) -> float:
+    """Fraction of ``num_samples`` fresh sequences whose whole answer is right.
+
+    Forward passes on plain arrays only (no autograd graph); long sequences go one or a
+    few at a time so SWA-style masks stay small.
+    """
+    right, n = 0.0, 0
+    batch_size = max(1, min(32, 4096 // task.length))
+    while n < num_samples:
+        batch = answer_inputs(task.sample(rng, min(batch_size, num_samples - n)), model.config)
+        seq, _ = answer_accuracy(model.apply(params, batch.inputs), batch)
+        right += seq * len(batch.inputs)
+        n += len(batch.inputs)
+    return right / n
 
 
 def _run_one(args) -> dict:
-    """Train one model and evaluate it at every length (a process-pool job)."""
-    name, s, backend = args
-    L = s.train_multiple * s.window
-    task = NeedleTask(s.kind, L, placement="anywhere")
-    model = Model(model_config(name, s, task.vocab_size, backend))
-    cfg = TrainConfig(seed=s.seed, **{**s.train, **s.train_overrides.get(name, {})})
+    """Train one model with one seed on one task, evaluate at every length (a pool job)."""
+    task_name, name, seed, s, backend = args
+    L = [m * s.window for m in s.train_multiples]
+    train_task = MixedLengths(tuple(make_task(task_name, n, "anywhere") for n in L))
+    model = Model(model_config(name, s, train_task.vocab_size, backend))
+    cfg = TrainConfig(seed=seed, **{**s.train, **s.train_overrides.get(name, {})})
     start = time.perf_counter()
-    params, _, history = train(model, task, cfg, progress=False)
+    diverged = []
+    try:
+        params, _, history = train(model, train_task, cfg, progress=False)
+        loss = float(np.mean([h["loss"] for h in history[-10:]]))
+    except FloatingPointError:  # MemoryDivergenceError: the inner loop blew up in training
+        params, loss, diverged = None, float("nan"), ["training"]
+    train_seconds = time.perf_counter() - start
     rows = []
     for mult in s.eval_multiples:
         n = mult * s.window
-        acc = evaluate(model, params, NeedleTask(s.kind, n), num_samples=s.eval_samples,
-                       seed=10_000 + n)["accuracy"]
-        rows.append({"model": DISPLAY_NAMES[name], "length": n, "accuracy": acc})
-    return {"rows": rows, "seconds": time.perf_counter() - start,
-            "final_loss": float(np.mean([h["loss"] for h in history[-10:]]))}
+        task = make_task(task_name, n)
+        acc = 0.0  # a model whose memory diverges answers nothing
+        if params is not None:
+            try:
+                acc = evaluate_at(model, params, task, num_samples=s.samples_at(n),
+                                  rng=eval_rng(seed, n))
+            except FloatingPointError:
+                diverged.append(n)
+        rows.append({"task": task_name, "model": NAMES[name], "length": n, "seed": seed,
+                     "accuracy": float(acc), "chance": task.chance})
+    return {"rows": rows, "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - start, "final_loss": loss, "diverged": diverged}
 
 
-def needle_experiment(settings: NeedleSettings = NeedleSettings(), *, progress: bool = True,
+def needle_experiment(settings: NeedleSettings = DEFAULT, *, progress: bool = True,
                       workers: int | None = None) -> tuple[dict, dict]:
-    """Train and evaluate every model of ``settings``.
+    """Train and evaluate every (task, model, seed) of ``settings``.
 
-    Models train in parallel processes (``workers``, default: as many as cores, at most one
-    per model); each job is deterministic, so the numbers do not depend on ``workers``.
+    Jobs run in parallel processes (``workers``, default: as many as cores); each is
+    deterministic, so the numbers do not depend on ``workers``.
 
     Returns:
         ``(result, timing)``: the ``"needle"`` results dict ``{"window", "train_length",
-        "chance", "rows": [{"model", "length", "accuracy"}]}`` and the wall times.
+        "rows": [{"task", "model", "length", "seed", "accuracy", "chance"}]}`` (one row per
+        task, model, length and seed) and the wall times, with any diverged runs.
     """
+    if not isinstance(settings, NeedleSettings):
+        raise TypeError(f"settings must be a NeedleSettings, got {type(settings).__name__}")
     backend = resolve_backend(settings.backend)
-    jobs = [(name, settings, backend) for name in settings.models]
+    jobs = [(t, m, seed, settings, backend) for t in settings.tasks for m in settings.models
+            for seed in settings.seeds]
     start = time.perf_counter()
     results = run_jobs(_run_one, jobs, desc="needle", progress=progress, workers=workers)
-    task = NeedleTask(settings.kind, settings.train_multiple * settings.window)
-    result = {
-        "window": settings.window,
-        "train_length": settings.train_multiple * settings.window,
-        "chance": task.chance,
-        "rows": [r for res in results for r in res["rows"]],
-    }
+    result = {"window": settings.window, "train_length": settings.train_length,
+              "rows": [r for res in results for r in res["rows"]]}
+    per_model = {}
+    for (_, m, _, _, _), res in zip(jobs, results):
+        per_model[NAMES[m]] = per_model.get(NAMES[m], 0.0) + res["seconds"]
     timing = {"seconds": round(time.perf_counter() - start, 1), "backend": backend,
               "workers": workers or default_workers(len(jobs)),
-              "train_seconds": {DISPLAY_NAMES[n]: round(res["seconds"], 1)
-                                for n, res in zip(settings.models, results)}}
+              "cpu_seconds": {k: round(v, 1) for k, v in per_model.items()},
+              "diverged": [{"task": t, "model": NAMES[m], "seed": seed, "where": res["diverged"]}
+                           for (t, m, seed, _, _), res in zip(jobs, results)
+                           if res["diverged"]]}
     return result, timing
 
 
+def summarize(result: dict) -> list[dict]:
+    """Mean, min and max over seeds of every (task, model, length) cell."""
+    cells = {}
+    for r in result["rows"]:
+        cells.setdefault((r["task"], r["model"], r["length"]), []).append(r)
+    return [{"task": t, "model": m, "length": n, "chance": rs[0]["chance"],
+             "seeds": len(rs), "mean": float(np.mean([r["accuracy"] for r in rs])),
+             "min": min(r["accuracy"] for r in rs), "max": max(r["accuracy"] for r in rs)}
+            for (t, m, n), rs in cells.items()]
+
+
+def _cell(c: dict) -> str:
+    return f"{100 * c['mean']:.0f} ({100 * c['min']:.0f}-{100 * c['max']:.0f})"
+
+
+TASK_TITLES = {"pk": "S-NIAH-PK (passkey)", "n": "S-NIAH-N (3-digit number)",
+               "w": "S-NIAH-W (4-symbol hex value)", "babilong": "BABILong qa1 (where is e?)"}
+
+
 def format_needle_table(result: dict) -> str:
-    """Rows: models; columns: evaluation lengths (as multiples of the window)."""
+    """One table per task: rows models, columns lengths, cells mean (min-max) % over seeds."""
     w = result["window"]
-    lengths = sorted({r["length"] for r in result["rows"]})
-    models = list(dict.fromkeys(r["model"] for r in result["rows"]))
-    head = f"{'model':8s}" + "".join(f"{f'{n} ({n // w}w)':>12s}" for n in lengths)
-    lines = [f"passkey accuracy (%), window w = {w}, trained at length "
-             f"{result['train_length']}, chance = {100 * result['chance']:.0f}%", head,
-             "-" * len(head)]
-    for m in models:
-        acc = {r["length"]: r["accuracy"] for r in result["rows"] if r["model"] == m}
-        lines.append(f"{m:8s}" + "".join(f"{100 * acc[n]:12.1f}" for n in lengths))
-    return "\n".join(lines)
+    cells = summarize(result)
+    lines = []
+    for task in dict.fromkeys(c["task"] for c in cells):
+        mine = [c for c in cells if c["task"] == task]
+        lengths = sorted({c["length"] for c in mine})
+        seeds = max(c["seeds"] for c in mine)
+        head = f"{'model':18s}" + "".join(f"{f'{n} ({n // w}w)':>15s}" for n in lengths)
+        lines += [f"{TASK_TITLES[task]}: accuracy (%) mean (min-max) over {seeds} seeds, "
+                  f"window {w}, trained at up to {result['train_length']} tokens, chance "
+                  f"{100 * mine[0]['chance']:.1f}%", head, "-" * len(head)]
+        for m in dict.fromkeys(c["model"] for c in mine):
+            by_n = {c["length"]: c for c in mine if c["model"] == m}
+            lines.append(f"{m:18s}" + "".join(f"{_cell(by_n[n]):>15s}" for n in lengths))
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def run_needle_experiment(settings: NeedleSettings, out_dir: Path | None = None, *,
+                          progress: bool = True, workers: int | None = None) -> dict:
+    """Run ``settings``, print the tables and timing; with ``out_dir`` write the plot and JSON.
+
+    Writes ``needle.png`` and the results under ``"needle"`` in ``out_dir/results.json``.
+    """
+    result, timing = needle_experiment(settings, progress=progress, workers=workers)
+    print(format_needle_table(result))
+    per_model = ", ".join(f"{k} {v:.0f} s" for k, v in timing["cpu_seconds"].items())
+    print(f"needle: {timing['seconds']:.1f} s on {timing['workers']} worker(s), backend "
+          f"{timing['backend']} (process time per model, all tasks and seeds: {per_model})")
+    for d in timing["diverged"]:
+        print(f"diverged (counted as 0% there): {d}")
+    if out_dir is not None:
+        from ..viz import plot_needle, write_outputs
+
+        write_outputs(out_dir, "needle", result, plot_needle, "needle.png")
+    return result
 
 
 def run_needle_demo(out_dir: Path | None = None, full: bool = False, progress: bool = True,
-                    *, settings: NeedleSettings | None = None, workers: int | None = None) -> dict:
-    """Part 2 of ``minititans demo``: train, evaluate, print the table, optionally save.
+                    *, settings: NeedleSettings | None = None, workers: int | None = None,
+                    seed: int = 0) -> dict:
+    """Part 2 of ``minititans demo``: :data:`DEMO` (PK, 3 seeds from ``seed``, up to 64x).
 
-    With ``out_dir``, writes ``needle.png`` and adds the results under ``"needle"`` in
-    ``results.json``. ``full`` uses the larger :data:`FULL` settings.
+    ``full`` runs the PK part of the default table instead (five seeds, up to 256x).
 
     Returns:
         The ``"needle"`` results dict.
     """
-    settings = settings or (FULL if full else NeedleSettings())
-    L = settings.train_multiple * settings.window
+    check_int("seed", seed, minimum=0)
+    if settings is None:
+        base = replace(DEFAULT, tasks=("pk",), models=DEMO.models) if full else DEMO
+        settings = replace(base, seeds=tuple(seed + i for i in range(len(base.seeds))))
     mults = "x, ".join(str(m) for m in settings.eval_multiples)
     print("Part 2 - a passkey beyond the attention window: sliding-window attention (SWA) "
-          "and the four\nTitans are trained to recall a one-digit passkey at length "
-          f"{L}, then tested at {mults}x the window ({settings.window} tokens).\n")
-    result, timing = needle_experiment(settings, progress=progress, workers=workers)
-    print(format_needle_table(result))
-    per_model = ", ".join(f"{k} {v:.0f} s" for k, v in timing["train_seconds"].items())
-    print(f"needle: {timing['seconds']:.1f} s on {timing['workers']} worker(s), backend "
-          f"{timing['backend']} (per model: {per_model})")
-    if out_dir is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        from ..viz import plot_needle
-
-        fig = plot_needle(result)
-        fig.savefig(out / "needle.png", dpi=120)
-        plt.close(fig)
-        path = update_results_json(out, "needle", result)
-        print(f"wrote {out / 'needle.png'} and {path}")
-    return result
+          "and the four\nTitans are trained to recall a one-digit passkey at lengths "
+          f"{', '.join(str(m * settings.window) for m in settings.train_multiples)}, then "
+          f"tested at {mults}x the window\n({settings.window} tokens), with seeds "
+          f"{', '.join(map(str, settings.seeds))}.\n")
+    return run_needle_experiment(settings, out_dir, progress=progress, workers=workers)

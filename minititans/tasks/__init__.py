@@ -9,6 +9,8 @@ r"""Synthetic tasks with a seed and a controllable length (Titans Section 5, in 
   documentation and sources (:func:`python_corpus`) or a user's file (:func:`load_text_file`).
 * The six MAD tasks (:mod:`.mad`, Poli et al. 2024): in-context recall, fuzzy and noisy
   in-context recall, selective copying, compression and memorization.
+* :class:`BabilongTask` — BABILong in miniature: bAbI-qa1 facts "entity moved place" in
+  filler, then "where entity?"; the answer is the entity's last place.
 
 Every task returns a :class:`Batch` of next-token prediction data whose ``mask`` marks the
 positions where the answer is predicted; only those count in the loss and the accuracy.
@@ -18,7 +20,16 @@ A batch depends only on the ``np.random.Generator`` passed in, so a seed reprodu
 from functools import lru_cache
 
 from .._checks import check_choice
-from .base import Batch, check_rng, to_batch
+from .babilong import (
+    BABILONG_VOCAB,
+    ENTITIES,
+    MOVED,
+    PLACES,
+    STORY_FILLER,
+    WHERE,
+    BabilongTask,
+)
+from .base import Batch, MixedLengths, check_rng, to_batch
 from .corpus import STDLIB_MODULES, Corpus, CorpusTask, load_text_file, python_corpus
 from .mad import (
     MAD_TASKS,
@@ -46,6 +57,7 @@ FACTORIES = {
     "selective_copying": lambda length: SelectiveCopyingTask(length=length),
     "compression": lambda length: CompressionTask(length=length),
     "memorization": lambda length: MemorizationTask(length=length),
+    "babilong": lambda length: BabilongTask(length=length),
 }
 TASKS = tuple(FACTORIES)
 
@@ -61,9 +73,10 @@ def make_task(name: str, length: int):
     return FACTORIES[name](length)
 
 
-__all__ = ["FACTORIES", "Batch", "CompressionTask", "Corpus", "CorpusTask", "FILLER",
-           "FuzzyInContextRecallTask", "InContextRecallTask", "KEY", "MAD_TASKS", "MQARTask",
-           "MemorizationTask", "NEEDLE_KINDS", "NEEDLE_VOCAB", "NeedleTask",
-           "NoisyInContextRecallTask", "PK_PATTERN", "QUERY", "STDLIB_MODULES",
-           "SelectiveCopyingTask", "TASKS", "check_rng", "load_text_file", "make_task",
-           "python_corpus", "to_batch"]
+__all__ = ["BABILONG_VOCAB", "ENTITIES", "FACTORIES", "FILLER", "KEY", "MAD_TASKS", "MOVED",
+           "NEEDLE_KINDS", "NEEDLE_VOCAB", "PK_PATTERN", "PLACES", "QUERY", "STDLIB_MODULES",
+           "STORY_FILLER", "TASKS", "WHERE", "BabilongTask", "Batch", "CompressionTask", "Corpus",
+           "CorpusTask", "FuzzyInContextRecallTask", "InContextRecallTask", "MQARTask",
+           "MemorizationTask", "MixedLengths", "NeedleTask", "NoisyInContextRecallTask",
+           "SelectiveCopyingTask", "check_rng", "load_text_file", "make_task", "python_corpus",
+           "to_batch"]

@@ -32,3 +32,38 @@ def to_batch(seqs, answer_start):
     return Batch(s[:, :-1].copy(), s[:, 1:].copy(), mask)
 
 
+
+
+@dataclass(frozen=True)
+class MixedLengths:
+    """A task drawn at one of several lengths per batch: ``make(length)`` for each length.
+
+    Training on a mix of lengths shows the memory's gates distances longer than one
+    training length (the length-generalisation recipe of the needle experiment). The
+    length of each batch is drawn uniformly from ``lengths`` with the batch's own ``rng``,
+    so a batch still depends only on the generator passed in.
+    """
+
+    tasks: tuple  # one task per length, all with the same vocabulary and metric
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise ValueError("tasks must hold at least one task")
+        if len({t.vocab_size for t in self.tasks}) != 1:
+            raise ValueError("tasks must share one vocab_size")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tasks[0].vocab_size
+
+    @property
+    def metric(self) -> str:
+        return self.tasks[0].metric
+
+    @property
+    def chance(self) -> float:
+        return self.tasks[0].chance
+
+    def sample(self, rng, batch_size: int) -> Batch:
+        check_rng(rng)
+        return self.tasks[int(rng.integers(len(self.tasks)))].sample(rng, batch_size)

@@ -1,0 +1,170 @@
+"""The needle experiment (Titans Table 2 in miniature): its output contract, its seeds, its CLI."""
+
+import json
+
+import numpy as np
+import pytest
+
+from minititans.experiments import needle as nd
+from minititans.models import Model
+from minititans.tasks import Batch
+from minititans.training import TrainConfig, batch_for_step, init_state
+
+TINY = nd.NeedleSettings(
+    tasks=nd.TASKS, models=("swa", "ttt_linear"), seeds=(0, 1), window=6,
+    train_multiples=(3,), eval_multiples=(3, 4), eval_samples=3, min_eval_samples=1,
+    model=dict(d_model=8, num_heads=1, memory_depth=1, chunk_size=3),
+    train=dict(steps=1, batch_size=2, lr=1e-2, warmup=1), backend="reference")
+CHANCE = {"pk": 0.1, "n": 0.001, "w": 16.0 ** -4, "babilong": 1 / 6}
+
+
+def test_needle_results_follow_the_contract_one_row_per_task_model_length_seed(tmp_path,
+                                                                                capsys):
+    result = nd.run_needle_experiment(TINY, tmp_path, progress=False, workers=1)
+    assert set(result) == {"window", "train_length", "rows"}
+    assert result["window"] == 6 and result["train_length"] == 18
+    rows = result["rows"]
+    assert len(rows) == 4 * 2 * 2 * 2  # tasks x models x lengths x seeds
+    assert all(set(r) == {"task", "model", "length", "seed", "accuracy", "chance"} for r in rows)
+    cells = {(r["task"], r["model"], r["length"], r["seed"]) for r in rows}
+    assert cells == {(t, m, n, s) for t in ("pk", "n", "w", "babilong")
+                     for m in ("SWA", "TTT-Linear-style") for n in (18, 24)
+                     for s in (0, 1)}
+    for r in rows:
+        assert isinstance(r["accuracy"], float) and 0.0 <= r["accuracy"] <= 1.0
+        assert r["chance"] == pytest.approx(CHANCE[r["task"]], rel=1e-12)
+        assert isinstance(r["length"], int) and isinstance(r["seed"], int)
+    on_disk = json.loads((tmp_path / "results.json").read_text())["needle"]
+    assert on_disk == result and (tmp_path / "needle.png").stat().st_size > 10_000
+    table = capsys.readouterr().out
+    assert "S-NIAH-W" in table and "BABILong" in table and "over 2 seeds" in table
+
+
+def test_needle_row_is_the_accuracy_on_the_evaluation_stream_of_its_seed():
+    # recompute one cell by hand: train with TrainConfig.seed, evaluate on eval_rng(seed, n)
+    s = nd.NeedleSettings(tasks=("pk",), models=("lmm",), seeds=(1,), window=6,
+                          train_multiples=(3,), eval_multiples=(3,), eval_samples=5,
+                          min_eval_samples=1, model=TINY.model, train=TINY.train,
+                          backend="reference")
+    (row,) = nd.needle_experiment(s, progress=False, workers=1)[0]["rows"]
+    from minititans.tasks import MixedLengths
+    from minititans.training import train
+
+    task = MixedLengths((nd.make_task("pk", 18, "anywhere"),))
+    model = Model(nd.model_config("lmm", s, task.vocab_size, "reference"))
+    params, _, _ = train(model, task, TrainConfig(seed=1, **s.train), progress=False)
+    rng = nd.eval_rng(1, 18)
+    right = 0
+    for _ in range(5):
+        b = nd.make_task("pk", 18).sample(rng, 1)
+        pred = np.argmax(model.apply(params, b.inputs), axis=-1)
+        right += bool(np.all((pred == b.targets)[b.mask]))
+    assert row["accuracy"] == pytest.approx(right / 5, abs=1e-12)
+
+
+def _fingerprint(rng):
+    return tuple(rng.integers(2**62, size=4).tolist())
+
+
+def test_evaluation_streams_are_disjoint_from_every_training_stream():
+    seeds, steps, lengths = range(5), range(400), [16 * m for m in (1, 4, 16, 64, 256, 1024)]
+    cfg = TrainConfig(steps=400)
+    training = {_fingerprint(np.random.default_rng([s, i])) for s in seeds for i in steps}
+    training |= {_fingerprint(np.random.default_rng(s)) for s in seeds}  # initial params
+    evaluation = {_fingerprint(nd.eval_rng(s, n)) for s in seeds for n in lengths}
+    assert len(evaluation) == 5 * 6 and not (evaluation & training)
+    # the trap this avoids: an integer seed s *is* the training stream of step 0
+    assert _fingerprint(np.random.default_rng(3)) == _fingerprint(np.random.default_rng([3, 0]))
+    task = nd.make_task("pk", 32, "anywhere")
+    a = batch_for_step(task, TrainConfig(seed=3, steps=1), 0).inputs
+    b = task.sample(np.random.default_rng(3), cfg.batch_size).inputs
+    np.testing.assert_array_equal(a, b)
+
+
+def test_swa_answer_logits_depend_only_on_its_receptive_field():
+    s = nd.NeedleSettings(window=6, model=dict(d_model=8, num_heads=2, num_layers=2))
+    cfg = nd.model_config("swa", s, 32, "reference")
+    model = Model(cfg)
+    params = model.init(np.random.default_rng(0))
+    batch = nd.make_task("n", 80).sample(np.random.default_rng(1), 3)
+    short = nd.answer_inputs(batch, cfg)
+    rf = nd.receptive_field(cfg)
+    assert rf == 2 * (5 + 3) and short.inputs.shape == (3, 3 + rf)
+    full = model.apply(params, batch.inputs)[batch.mask]
+    np.testing.assert_allclose(model.apply(params, short.inputs)[short.mask], full,
+                               rtol=0, atol=1e-12)
+    # one token fewer and the first answer logit changes: the field is not larger than needed
+    first = int(np.argmax(batch.mask[0]))
+    cut = Batch(batch.inputs[:, first - rf + 1:], batch.targets[:, first - rf + 1:],
+                batch.mask[:, first - rf + 1:])
+    assert np.abs(model.apply(params, cut.inputs)[cut.mask] - full).max() > 1e-6
+    assert nd.receptive_field(nd.model_config("mag", s, 32, "reference")) is None
+
+
+def test_ttt_linear_style_is_the_lmm_with_plain_gradient_steps():
+    cfg = nd.model_config("ttt_linear", nd.DEFAULT, 32, "reference")
+    assert (cfg.model, cfg.memory_depth, cfg.momentum, cfg.forgetting) == ("lmm", 1, False,
+                                                                            False)
+    assert init_state(Model(cfg), TrainConfig()).params.size > 0
+
+
+def _main(argv):
+    from minititans.cli import main
+
+    return main(argv)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--tasks", "pk", "qa2"], "--tasks"),
+    (["--models", "lmm", "mamba"], "--models"),
+    (["--seeds", "-1"], "--seeds"),
+    (["--seeds", "0", "0"], "--seeds"),
+    (["--seeds", "one"], "--seeds"),
+    (["--lengths", "0", "4"], "--lengths"),
+    (["--lengths", "4", "4"], "--lengths"),
+    (["--tasks", "pk", "pk"], "--tasks"),
+    (["--steps", "0"], "--steps"),
+])
+def test_needle_cli_bad_flags_are_usage_errors_before_any_training(argv, flag, monkeypatch,
+                                                                   capsys):
+    def boom(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(nd, "needle_experiment", boom)
+    with pytest.raises(SystemExit) as e:
+        _main(["needle", *argv])
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_needle_cli_flags_become_the_settings(monkeypatch):
+    seen = {}
+
+    def fake(settings, *a, **k):
+        seen["s"] = settings
+        return {"window": settings.window, "train_length": settings.train_length, "rows": []}, {}
+
+    monkeypatch.setattr(nd, "run_needle_experiment", lambda s, *a, **k: fake(s)[0])
+    assert _main(["needle", "--tasks", "babilong", "w", "--models", "mal", "gated_delta",
+                  "--seeds", "7", "9", "--lengths", "2", "8", "--steps", "5", "--quiet"]) == 0
+    s = seen["s"]
+    assert (s.tasks, s.models, s.seeds, s.eval_multiples) == (("babilong", "w"),
+                                                              ("mal", "gated_delta"), (7, 9),
+                                                              (2, 8))
+    assert s.train["steps"] == 5 and "steps" not in s.train_overrides["mac"]
+    _main(["needle", "--full", "--quiet"])
+    assert seen["s"].eval_multiples == (1, 4, 16, 64, 256, 1024) and len(seen["s"].seeds) == 5
+
+
+def test_demo_seed_seeds_part_two(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(nd, "run_needle_experiment",
+                        lambda s, *a, **k: seen.setdefault("s", s))
+    assert _main(["demo", "--seed", "4", "--d", "4", "--sizes", "2", "--passes", "1",
+                  "--quiet"]) == 0
+    s = seen["s"]
+    assert s.seeds == (4, 5, 6) and s.tasks == ("pk",) and s.eval_multiples == (1, 4, 16, 64)
+    assert s.models == ("swa", "lmm", "mac", "mag", "mal")
+    with pytest.raises(SystemExit) as e:
+        _main(["demo", "--seed", "-1"])
+    assert e.value.code == 2
