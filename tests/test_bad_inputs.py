@@ -883,7 +883,7 @@ def test_cli_resume_continues_the_recorded_task_and_agreeing_flags_are_fine(
     assert checkpoint_task(ck) == ("mqar", 12)
     # no --task/--length: the checkpoint's (the defaults would be needle-pk at 32)
     assert cli_main(["train", "--resume", str(ck), "--checkpoint", str(ck), "--steps", "3",
-                     "--model", "swa", "--lr", "0.01", "--eval-samples", "2", "--quiet"]) == 0
+                     "--model", "swa", "--lr", "0.003", "--eval-samples", "2", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "on mqar (length 12)" in out and "length    12:" in out
     state, _, cfg, _ = load_checkpoint(ck)
