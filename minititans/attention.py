@@ -1,4 +1,4 @@
-r"""Causal softmax attention, its sliding window and the persistent prefix (Titans Eqs. 1-2).
+r"""Causal softmax attention, its sliding window and the persistent prefix (Titans Eqs. 1–2).
 
 Attention is the short-term memory of every Titans variant. With $Q = xW_Q$, $K = xW_K$,
 $V = xW_V$ (Eq. 1, see :func:`minititans.layers.linear`) token $i$ reads
@@ -67,7 +67,7 @@ def _visible(rows, cols, window, prefix):
 
 def mac_mask(num_persistent: int, num_memory: int, segment_len: int, *,
              memory_causal: bool = False):
-    r"""The attention mask of MAC over $[p_1 \dots p_{N_p}] \,\|\, h \,\|\, S$ (Eqs. 22-23).
+    r"""The attention mask of MAC over $[p_1 \dots p_{N_p}] \,\|\, h \,\|\, S$ (Eqs. 22–23).
 
     Persistent and memory tokens are fully visible (to every row); inside the segment the
     mask is causal. This is :func:`attention_mask` with ``prefix = N_p + N_m``.
@@ -133,7 +133,7 @@ def plot_mask(mask, ax=None, title=None):
 
 
 def causal_attention(q, k, v, window=None, prefix: int = 0, *, mask=None):
-    r"""Titans Eq. (2): causal softmax attention, optionally windowed, with a visible prefix.
+    r"""Titans Eq. 2: causal softmax attention, optionally windowed, with a visible prefix.
 
     $$y_i = \sum_{j \in \mathcal{V}(i)}
             \mathrm{softmax}_j\!\Big(\frac{q_i k_j^\top}{\sqrt d}\Big) v_j$$
@@ -261,7 +261,7 @@ def merge_heads(x):
 
 def multi_head_attention(q, k, v, num_heads: int, window=None, prefix: int = 0, *,
                          mask=None):
-    r"""Eq. (2) in each of ``num_heads`` heads, concatenated: $[y^{(1)} \| \dots \| y^{(H)}]$.
+    r"""Eq. 2 in each of ``num_heads`` heads, concatenated: $[y^{(1)} \| \dots \| y^{(H)}]$.
 
     ``q``, ``k``, ``v`` are already projected (Eq. 1); head $h$ uses channels
     $h\,d_h \dots (h+1)\,d_h - 1$ and scales by $1/\sqrt{d_h}$.

@@ -47,7 +47,7 @@ def init_linear(rng, d_in: int, d_out: int, bias: bool = False, *, dtype=np.floa
 
 
 def linear(p, x):
-    r"""Titans Eq. (1): $Q = x W_Q$ (and likewise $K$, $V$, any projection), plus $b$ if present.
+    r"""Titans Eq. 1: $Q = x W_Q$ (and likewise $K$, $V$, any projection), plus $b$ if present.
 
     Args:
         p: from :func:`init_linear`; x: ``(..., d_in)``.
@@ -217,7 +217,7 @@ def init_persistent(rng, num_tokens: int, d: int, *, dtype=np.float64):
 
 
 def prepend_persistent(p, x):
-    r"""Titans Eq. (19): $x_{new} = [p_1 \dots p_{N_p}] \,\|\, x$.
+    r"""Titans Eq. 19: $x_{new} = [p_1 \dots p_{N_p}] \,\|\, x$.
 
     Args:
         p: from :func:`init_persistent`, ``P`` ``(N_p, d)``; x: ``(..., T, d)``.

@@ -1,7 +1,7 @@
-r"""Linear attention and the delta rule: memories that are a matrix (Titans Eqs. 3-5, Appendix C).
+r"""Linear attention and the delta rule: memories that are a matrix (Titans Eqs. 3–5, Appendix C).
 
 Replacing the softmax of Eq. 2 by a kernel $\phi(q)\phi(k)^\top$ lets the sum over the past
-be carried in a matrix (Eqs. 3-5):
+be carried in a matrix (Eqs. 3–5):
 
 $$M_t = M_{t-1} + \phi(k_t)^\top v_t, \qquad y_t = \phi(q_t)\, M_t .$$
 
@@ -59,12 +59,12 @@ def _check_qkv(q, k, v):
 
 def linear_attention_parallel(q, k, v, feature_map: str = "identity", normalize: bool = False,
                               *, on_nonfinite: str = "raise"):
-    r"""Titans Eqs. (3)-(5) in parallel form: $y = \mathrm{tril}(\phi(Q)\phi(K)^\top)\, V$.
+    r"""Titans Eqs. 3–5 in parallel form: $y = \mathrm{tril}(\phi(Q)\phi(K)^\top)\, V$.
 
     $$y_t = \frac{\phi(q_t) \sum_{j \le t} \phi(k_j)^\top v_j}
                  {\phi(q_t) \sum_{l \le t} \phi(k_l)^\top}$$
 
-    with the denominator only when ``normalize=True`` (Eq. 3); without it this is Eqs. 4-5.
+    with the denominator only when ``normalize=True`` (Eq. 3); without it this is Eqs. 4–5.
     With ``feature_map="identity"`` the normaliser can be zero or negative: normalise with
     ``"elu1"``.
 
@@ -100,7 +100,7 @@ linear_attention = linear_attention_parallel
 
 def linear_attention_recurrent(q, k, v, feature_map: str = "identity", normalize: bool = False,
                                state=None, *, on_nonfinite: str = "raise"):
-    r"""Titans Eqs. (4)-(5) as a recurrence over a matrix state, streamable.
+    r"""Titans Eqs. 4–5 as a recurrence over a matrix state, streamable.
 
     $$M_t = M_{t-1} + \phi(k_t)^\top v_t, \quad z_t = z_{t-1} + \phi(k_t), \quad
       y_t = \frac{\phi(q_t) M_t}{\phi(q_t) z_t^\top}\ \text{(denominator iff normalize)}$$
@@ -200,7 +200,7 @@ def _delta_scan(q, k, v, beta, alpha, state, return_state, gated, on_nonfinite):
 
 def delta_rule(q, k, v, beta, alpha=None, *, state=None, return_state: bool = False,
                on_nonfinite: str = "raise"):
-    r"""The delta rule with Titans' forgetting gate (Appendix C; Eqs. 12-13 with a linear memory).
+    r"""The delta rule with Titans' forgetting gate (Appendix C; Eqs. 12–13 with a linear memory).
 
     $$W_t = (1 - \alpha_t) W_{t-1} - \beta_t\, k_t^\top (k_t W_{t-1} - v_t), \qquad y_t = q_t W_t$$
 

@@ -1,6 +1,6 @@
 r"""The outer loop: train a model's projections, gates, $\mathcal{M}_0$ and persistent tokens.
 
-The inner loop (the memory learning while it reads, Eqs. 13-14) runs inside the forward
+The inner loop (the memory learning while it reads, Eqs. 13–14) runs inside the forward
 pass; the outer loop differentiates through it with autograd (through the numba primitive
 when ``backend="numba"``) and takes AdamW steps on
 

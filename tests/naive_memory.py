@@ -54,7 +54,7 @@ def linear_grad(W, k, v):
 
 def naive_token_loop(weights, K, V, Q, alpha, eta, theta, *, activation="gelu",
                      residual_norm=False, read="after", momentum=None, anchor=None):
-    """Eqs. 13-14 token by token: S_t = η S - θ ∇ℓ(M_{t-1}); M_t = (1-α) M_{t-1} + S_t.
+    """Eqs. 13–14 token by token: S_t = η S - θ ∇ℓ(M_{t-1}); M_t = (1-α) M_{t-1} + S_t.
 
     With ``anchor`` (weights M̄): M_t = M̄ + (1-α)(M_{t-1} - M̄) + S_t.
     """
@@ -76,7 +76,7 @@ def naive_token_loop(weights, K, V, Q, alpha, eta, theta, *, activation="gelu",
 
 def naive_chunked(weights, K, V, Q, alpha, eta, theta, b, *, activation="gelu",
                   residual_norm=False, read="after", anchor=None):
-    """Eqs. 16-18 as plain loops: inside a chunk every gradient is taken at M_{t'}."""
+    """Eqs. 16–18 as plain loops: inside a chunk every gradient is taken at M_{t'}."""
     A = [np.zeros_like(np.asarray(W, dtype=float)) for W in weights] if anchor is None \
         else [np.array(a, dtype=float) for a in anchor]
     M = [np.array(W, dtype=float) for W in weights]
@@ -97,7 +97,7 @@ def naive_chunked(weights, K, V, Q, alpha, eta, theta, b, *, activation="gelu",
 
 
 def naive_linear_attention(Q, K, V):
-    """y_t = q_t Σ_{j<=t} k_jᵀ v_j (Eqs. 4-5), as a double loop."""
+    """y_t = q_t Σ_{j<=t} k_jᵀ v_j (Eqs. 4–5), as a double loop."""
     T = len(Q)
     ys = np.zeros((T, V.shape[1]))
     for t in range(T):
@@ -123,7 +123,7 @@ def unit_rows(rng, n, d):
 
 def naive_clipped_chunked(weights, K, V, Q, alpha, eta, theta, b, max_norm, *,
                           activation="gelu", residual_norm=False, read="after"):
-    """Eqs. 16-18 (b = 1: Eqs. 13-14) with each token's surprise clipped to a global norm.
+    """Eqs. 16–18 (b = 1: Eqs. 13–14) with each token's surprise clipped to a global norm.
 
     u_t <- u_t * max_norm / ||u_t|| when ||u_t|| > max_norm (the norm over every layer's
     weights together), else unchanged. Returns ``(ys, M, S, norms)``, ``norms`` the

@@ -2,7 +2,7 @@
 
 Nothing here imports ``minititans.models``: each model is rebuilt from the paper's
 equations with explicit token loops, the one-token memory update (``memory_step``, Eqs.
-13-14) and reads (``memory_forward``, Eq. 15), the reference delta rules, and attention
+13–14) and reads (``memory_forward``, Eq. 15), the reference delta rules, and attention
 written as "which keys may row i see" (see ``naive_attention_rows``). The parameters are the
 models' own dicts, so a test can run both on the same weights. ``chunk_size`` must be 1.
 """
@@ -99,7 +99,7 @@ def memory_qkv(p, x):
 
 
 def memory_stream(p, x, cfg, state):
-    """Eqs. 13-14 token by token, each token read after its own write (Eq. 15)."""
+    """Eqs. 13–14 token by token, each token read after its own write (Eq. 15)."""
     q, k, v = memory_qkv(p, x)
     alpha, eta, theta = gates(p["gates"], x, cfg)
     ys = []
@@ -147,7 +147,7 @@ def mal_block(p, h, cfg):
 
 
 def mac_block(p, h, cfg, order="paper"):
-    """Eqs. 21-25 segment by segment.
+    """Eqs. 21–25 segment by segment.
 
     ``order="paper"``: retrieve with M_{t-1}, attend, store y_t, read M_t(y_t) and gate.
     Two wrong orders, for the test that must tell them apart: ``"store_first"`` writes the
@@ -231,7 +231,7 @@ def linear_attention_block(p, h, cfg):
     q, k, v = _linear_qkv(p, x)
     M = np.zeros((k.shape[1], v.shape[1]))
     ys = []
-    for t in range(len(x)):  # Eqs. 4-5: M_t = M_{t-1} + k_t^T v_t, y_t = q_t M_t
+    for t in range(len(x)):  # Eqs. 4–5: M_t = M_{t-1} + k_t^T v_t, y_t = q_t M_t
         M = M + np.outer(k[t], v[t])
         ys.append(q[t] @ M)
     return h + _gated_out(p, np.array(ys), x)
@@ -285,7 +285,7 @@ def new_memory_state(p_mem):
 
 
 def memory_token(p_mem, x, cfg, st):
-    """Eqs. 13-14 for one token x (d,), then the read M_t(q_t) (Eq. 15)."""
+    """Eqs. 13–14 for one token x (d,), then the read M_t(q_t) (Eq. 15)."""
     q, k, v = (conv_step(p_mem["qkv"][n], x, st["conv"][n]) for n in "qkv")
     q, k, v = l2n(silu(q)), l2n(silu(k)), silu(v)
     alpha, eta, theta = gates(p_mem["gates"], x[None], cfg)
@@ -400,7 +400,7 @@ class NaiveDecoder:
                                    cfg.window)  # Eq. 31
 
     def _mac(self, p, h, st, first):
-        """Eqs. 21-25 for one token: retrieve with the memory of the segment's start, attend
+        """Eqs. 21–25 for one token: retrieve with the memory of the segment's start, attend
         to [p] ‖ the segment's memory tokens so far ‖ its tokens so far, write y_t, gate."""
         cfg = self.cfg
         mem, attn = p["memory"], p["attn"]
@@ -413,7 +413,7 @@ class NaiveDecoder:
         st["segment_kv"].append((k, v))
         P = p["persistent"]["P"][:cfg.num_persistent]
         kv = list(zip(P @ lin["k"], P @ lin["v"])) + st["memory_kv"] + st["segment_kv"]
-        y = x + attend_one(q, kv, cfg) @ attn["W_O"]["W"]  # Eqs. 22-23
+        y = x + attend_one(q, kv, cfg) @ attn["W_O"]["W"]  # Eqs. 22–23
         m = memory_token(mem, y, cfg, st["writer"])  # Eq. 24, then M*_t(y_t)
         if len(st["segment_kv"]) == cfg.segment_len:  # the next segment retrieves from here
             st["start"], st["memory_kv"], st["segment_kv"] = st["writer"]["mem"], [], []
@@ -435,7 +435,7 @@ class NaiveDecoder:
             alpha = sigmoid(x @ p["w_alpha"] + p["b_alpha"])
             W = (1.0 - alpha) * st["W"]
             st["W"] = W - beta * np.outer(k, k @ W - v)
-        else:  # Eqs. 4-5: M_t = M_{t-1} + k_t^T v_t
+        else:  # Eqs. 4–5: M_t = M_{t-1} + k_t^T v_t
             st["W"] = st["W"] + np.outer(k, v)
         return h + gated_out(p, q @ st["W"], x)
 

@@ -1,4 +1,4 @@
-"""Titans Eqs. 1-2: causal softmax attention, sliding window, persistent prefix, masks."""
+"""Titans Eqs. 1–2: causal softmax attention, sliding window, persistent prefix, masks."""
 
 import math
 
@@ -263,7 +263,7 @@ def test_eq2_bad_inputs():
 
 
 def _naive_mac_mask(n_p, n_m, C, memory_causal):
-    """Eqs. 22-23's mask written out entry by entry: who may read whom."""
+    """Eqs. 22–23's mask written out entry by entry: who may read whom."""
     L = n_p + n_m + C
     mask = np.zeros((L, L), dtype=bool)
     for i in range(L):

@@ -64,3 +64,30 @@ def test_every_function_and_test_named_in_the_equation_map_exists(row):
         path = ROOT / file
         assert path.exists(), ref
         assert func in _test_names(path), ref
+
+
+# --- one citation style ------------------------------------------------------------------------
+
+# the one style: "Eq. 16", "Eqs. 13–14" (an en dash), "Eqs. 27 and 31"; these are the others
+_OFF_STYLE = [
+    (re.compile(r"\bEqs?\.?\s*\(\d"), "parenthesised number, write Eq. 16"),
+    (re.compile(r"\bEqs?\s+\d"), "no period, write Eq. 16"),
+    (re.compile(r"\bEqs\.\s*\d+\s*-\s*\d"), "hyphen in a range, write Eqs. 13–14"),
+    (re.compile(r"\bEquations?\s+\(?\d"), "spelled out, write Eq. 16"),
+]
+_CITING = [*sorted((ROOT / "minititans").rglob("*.py")), *sorted((ROOT / "tests").glob("*.py")),
+           *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "notebooks").glob("*.ipynb")),
+           ROOT / "README.md"]
+
+
+def test_equations_are_cited_in_one_greppable_style():
+    """``grep "Eq. 16"`` finds every place that implements or explains Eq. 16."""
+    bad = []
+    for path in _CITING:
+        if path.name == "test_docs_equations.py":
+            continue  # the patterns above
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            for pattern, why in _OFF_STYLE:
+                for m in pattern.finditer(line):
+                    bad.append(f"{path.relative_to(ROOT)}:{i}: {m.group(0)!r} ({why})")
+    assert not bad, f"{len(bad)} citations off the style:\n" + "\n".join(bad[:40])

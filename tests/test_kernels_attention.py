@@ -1,4 +1,4 @@
-"""The numba attention twins against the reference: Eq. 2 (windowed, prefix), Eqs. 4-5, App. C."""
+"""The numba attention twins against the reference: Eq. 2 (windowed, prefix), Eqs. 4–5, App. C."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""The VJP of the numba memory scan (Titans Eqs. 13-18): gradients for the outer loop.
+"""The VJP of the numba memory scan (Titans Eqs. 13–18): gradients for the outer loop.
 
 The oracle is autograd through the reference scan (``backend="reference"``); the numba
 primitive must give the same gradients for every input: keys, values, queries, the gates
@@ -81,7 +81,7 @@ def _assert_grads_close(got, want, rtol):
 @pytest.mark.parametrize("depth,activation,residual_norm", CONFIGS)
 def test_eq13_eq14_vjp_matches_autograd_through_reference(rng, depth, activation,
                                                          residual_norm, read, chunk_size, loss):
-    # T = 10 with chunks of 4: the last chunk is partial (Eqs. 16-18)
+    # T = 10 with chunks of 4: the last chunk is partial (Eqs. 16–18)
     problem = _problem(rng, 10, 3, depth, activation, residual_norm)
     options = dict(chunk_size=chunk_size, read=read, loss=loss)
     f_ref = _objective(np.random.default_rng(7), problem, _reference(**options))

@@ -1,4 +1,4 @@
-"""Titans Eqs. 3-5 (linear attention) and Appendix C (delta rule, gated delta rule)."""
+"""Titans Eqs. 3–5 (linear attention) and Appendix C (delta rule, gated delta rule)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""memory_scan: the token loop (Eqs. 13-14) and the chunked form (Eqs. 16-18), streaming."""
+"""memory_scan: the token loop (Eqs. 13–14) and the chunked form (Eqs. 16–18), streaming."""
 
 import numpy as np
 import pytest

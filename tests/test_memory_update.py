@@ -1,4 +1,4 @@
-"""Eqs. 8-14: one step of the update, MemoryState, the special cases α = 1 and θ = 0."""
+"""Eqs. 8–14: one step of the update, MemoryState, the special cases α = 1 and θ = 0."""
 
 import numpy as np
 import pytest

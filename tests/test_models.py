@@ -1,4 +1,4 @@
-"""The Titans (Eqs. 19-31) and the baselines against hand-assembled forwards, causality,
+"""The Titans (Eqs. 19–31) and the baselines against hand-assembled forwards, causality,
 gradients (finite differences; reference vs numba backend)."""
 
 import autograd.numpy as anp

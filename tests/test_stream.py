@@ -1,6 +1,6 @@
 """Streaming every model in pieces equals one ``apply`` on the whole; the state; generation.
 
-The memory's chunks (Eqs. 16-18), MAC's segments (Eqs. 21-25), the attention window
+The memory's chunks (Eqs. 16–18), MAC's segments (Eqs. 21–25), the attention window
 (Eqs. 27, 31) and the convolutions (Section 4.4) all cut the sequence; these tests check
 that a piece may end anywhere and the next one continues exactly, against ``apply`` and
 against a naive token-by-token decoder (``tests/naive_models.py``).
@@ -60,7 +60,7 @@ def max_diff(a, b):
 @pytest.mark.parametrize("chunk_size", [1, 3])
 @pytest.mark.parametrize("model", MODEL_NAMES)
 def test_stream_pieces_equal_apply_on_the_whole_any_split(model, chunk_size):
-    """Eqs. 16-18 and 21-25 cut the sequence; pieces that end anywhere (inside a memory
+    """Eqs. 16–18 and 21-25 cut the sequence; pieces that end anywhere (inside a memory
     chunk of 3, inside a MAC segment of 4, one token at a time) give apply's logits."""
     m, params, tokens = setup(tiny(model, chunk_size=chunk_size))
     whole = m.apply(params, tokens)
@@ -89,7 +89,7 @@ def test_stream_state_does_not_depend_on_the_piece_sizes(model):
 @pytest.mark.parametrize("model", MODEL_NAMES)
 def test_stream_token_by_token_matches_naive_recurrent_decoder(model):
     """One token per call against a decoder that keeps explicit lists of past keys, conv
-    inputs and the MemoryState (memory_step, Eqs. 13-14), written from the equations."""
+    inputs and the MemoryState (memory_step, Eqs. 13–14), written from the equations."""
     cfg = tiny(model, num_layers=1)
     m, params, tokens = setup(cfg, B=1, T=9)
     naive = NaiveDecoder(params, cfg)

@@ -8,7 +8,7 @@ of that peak and its speedup over the readable reference path. BLAS runs single-
 
 FLOPs are counted, not measured: per token and per weight matrix ``(f, o)`` of the memory,
 ``2fo`` key forward, ``2fo`` surprise, ``2fo`` backprop to the layer input (not for the first
-layer), ``2fo`` query read and ``4fo`` for Eqs. 13-14, i.e. ``22 d h`` for a depth-2 memory
+layer), ``2fo`` query read and ``4fo`` for Eqs. 13–14, i.e. ``22 d h`` for a depth-2 memory
 ``(d, h), (h, d)``. The chunked form does more arithmetic than that; it is counted the same.
 
 The reference is slow, so it runs on a shorter sequence (``T_ref`` in the table) and its

@@ -127,6 +127,17 @@ def model_config(name: str, s: NeedleSettings, vocab_size: int, backend: str) ->
     return ModelConfig(model=base, vocab_size=vocab_size, backend=backend, **fields)
 
 
+def train_config(name: str, s: NeedleSettings, seed: int) -> TrainConfig:
+    """The training recipe of experiment model ``name`` with ``seed`` (its overrides applied)."""
+    return TrainConfig(seed=seed, **{**s.train, **s.train_overrides.get(name, {})})
+
+
+def training_task(task_name: str, s: NeedleSettings) -> MixedLengths:
+    """The training data: needles anywhere, lengths drawn from ``s.train_multiples`` x w."""
+    return MixedLengths(tuple(make_task(task_name, m * s.window, "anywhere")
+                              for m in s.train_multiples))
+
+
 def receptive_field(cfg: ModelConfig) -> int | None:
     """How many earlier tokens SWA's output at a position depends on (None: all of them).
 
@@ -171,10 +182,9 @@ def evaluate_at(model: Model, params, task, *, num_samples: int, rng) -> float:
 def _run_one(args) -> dict:
     """Train one model with one seed on one task, evaluate at every length (a pool job)."""
     task_name, name, seed, s, backend = args
-    L = [m * s.window for m in s.train_multiples]
-    train_task = MixedLengths(tuple(make_task(task_name, n, "anywhere") for n in L))
+    train_task = training_task(task_name, s)
     model = Model(model_config(name, s, train_task.vocab_size, backend))
-    cfg = TrainConfig(seed=seed, **{**s.train, **s.train_overrides.get(name, {})})
+    cfg = train_config(name, s, seed)
     start = time.perf_counter()
     diverged = []
     try:

@@ -130,7 +130,7 @@ def reading(result: dict, p: int) -> list[str]:
     if p == 1 and titans is not None and delta is not None and titans > delta + 0.1:
         out.append(f"Reading: after one write, Titans linear ({titans:.2f} at N={n0}) trails "
                    f"the delta rule ({delta:.2f}): with momentum eta = 0.9 a write reaches M "
-                   "over the following tokens (Eqs. 13-14), so the last writes are still in the "
+                   "over the following tokens (Eqs. 13–14), so the last writes are still in the "
                    "momentum when the reading starts. Without momentum it is the delta rule. "
                    "docs: tutorial/04-momentum-forgetting.")
     lin = _error(result, "linear attention", n0, p)

@@ -1,4 +1,4 @@
-r"""Data-dependent gates $\alpha_t$, $\eta_t$, $\theta_t$ (Titans Section 3.1, Eqs. 13-14).
+r"""Data-dependent gates $\alpha_t$, $\eta_t$, $\theta_t$ (Titans Section 3.1, Eqs. 13–14).
 
 The paper says the forgetting gate $\alpha_t$, the momentum decay $\eta_t$ and the step size
 $\theta_t$ are functions of the token $x_t$ but not which functions. Our choice (see

@@ -37,7 +37,7 @@ def check_loss(loss: str, p: float, delta: float) -> None:
 
 def _loss_of_prediction(pred, v, loss: str, p: float, delta: float):
     if loss == "dot":
-        # -<M(k), v>: its gradient step M += θ kᵀv is linear attention (Eqs. 4-5)
+        # -<M(k), v>: its gradient step M += θ kᵀv is linear attention (Eqs. 4–5)
         return -anp.sum(pred * v)
     r = pred - v
     if loss == "l2":
@@ -52,7 +52,7 @@ def _loss_of_prediction(pred, v, loss: str, p: float, delta: float):
 
 
 def associative_loss(params, k, v, loss: str = "l2", *, p: float = 3.0, delta: float = 1.0):
-    r"""Titans Eq. (12): $\ell = \sum \lVert \mathcal{M}(k) - v \rVert_2^2$, summed over tokens.
+    r"""Titans Eq. 12: $\ell = \sum \lVert \mathcal{M}(k) - v \rVert_2^2$, summed over tokens.
 
     Args:
         params: MemoryParams.
@@ -76,7 +76,7 @@ def associative_loss(params, k, v, loss: str = "l2", *, p: float = 3.0, delta: f
 
 
 def surprise(params, k, v, loss: str = "l2", *, p: float = 3.0, delta: float = 1.0):
-    r"""Titans Eq. (8): the momentary surprise $\nabla_\mathcal{M}\,\ell(\mathcal{M}; k, v)$.
+    r"""Titans Eq. 8: the momentary surprise $\nabla_\mathcal{M}\,\ell(\mathcal{M}; k, v)$.
 
     Computed by ``autograd.grad`` of :func:`associative_loss`. For several tokens at once the
     gradients are summed (the loss is a sum); see :func:`per_token_surprise` for one gradient
@@ -97,7 +97,7 @@ def per_token_surprise(params, k, v, loss: str = "l2", *, p: float = 3.0, delta:
 
     Every token gets its own copy of the weights; since token i's loss only touches copy i,
     the gradient of the summed loss with respect to the stacked copies is the stack of the
-    per-token gradients. This is what the chunked scan needs (Eqs. 16-18).
+    per-token gradients. This is what the chunked scan needs (Eqs. 16–18).
 
     Args:
         k: ``(b, d_in)``; v: ``(b, d_out)``.

@@ -1,7 +1,7 @@
 r"""The linear recurrence $h_i = a_i\,h_{i-1} + x_i$, sequentially and as a parallel scan.
 
-Inside a chunk the momentum of Titans Eq. (18), $S_i = \eta_i S_{i-1} - \theta_i u_i$, and
-the forgetting update of Eq. (13), $M_i = (1 - \alpha_i) M_{i-1} + S_i$, are both this
+Inside a chunk the momentum of Titans Eq. 18, $S_i = \eta_i S_{i-1} - \theta_i u_i$, and
+the forgetting update of Eq. 13, $M_i = (1 - \alpha_i) M_{i-1} + S_i$, are both this
 recurrence. Because the pairs $(a_i, x_i)$ compose associatively,
 
 $$(a, x) \circ (a', x') = (a\,a',\; a'\,x + x'),$$

@@ -1,11 +1,11 @@
 r"""One update rule, many models (Titans Appendix C, and the MIRAS view).
 
-Titans' update, Eqs. (13)-(14), with a chosen memory, inner loss and gates, *is* several
+Titans' update, Eqs. 13–14, with a chosen memory, inner loss and gates, *is* several
 well-known sequence models:
 
 | preset | memory | loss | $\theta$ | $\eta$ | $\alpha$ | chunk | equals |
 |---|---|---|---|---|---|---|---|
-| ``linear_attention`` | matrix | $-\langle kW, v\rangle$ | 1 | 0 | 0 | 1 | Eqs. 4-5 |
+| ``linear_attention`` | matrix | $-\langle kW, v\rangle$ | 1 | 0 | 0 | 1 | Eqs. 4–5 |
 | ``delta_rule`` | matrix | Eq. 12 | $\beta/2$ | 0 | 0 | 1 | DeltaNet |
 | ``gated_delta_rule`` | matrix | Eq. 12 | $\beta/2$ | 0 | $\alpha$ | 1 | gated delta rule (1) |
 | ``ttt_linear`` | matrix | Eq. 12 | $\theta$ | 0 | 0 | 16 | TTT-Linear (2) |
@@ -40,7 +40,7 @@ class MemoryRule:
     theta: float = 0.5        # inner step; the delta rule's β is 2θ
     eta: float = 0.0          # momentum decay (Eq. 14); 0 turns momentum off
     alpha: float = 0.0        # forgetting (Eq. 13); 0 turns forgetting off
-    chunk_size: int = 1       # tokens sharing the chunk-start weights (Eqs. 16-18)
+    chunk_size: int = 1       # tokens sharing the chunk-start weights (Eqs. 16–18)
     expansion: int = 4        # hidden width = expansion * d_in for deep memories
     activation: str = "gelu"
     residual_norm: bool = False
@@ -77,7 +77,7 @@ PRESETS = {
                    theta=0.5, alpha=0.02),
         MemoryRule("ttt_linear", "plain gradient steps, gradients shared in chunks of 16",
                    theta=0.5, chunk_size=16),
-        MemoryRule("titans_linear", "matrix memory with momentum and forgetting (Eqs. 13-14)",
+        MemoryRule("titans_linear", "matrix memory with momentum and forgetting (Eqs. 13–14)",
                    theta=0.1, eta=0.5, alpha=0.001),
         MemoryRule("titans_deep", "2-layer MLP memory with momentum and forgetting",
                    depth=2, theta=0.1, eta=0.5, alpha=0.001),

@@ -1,15 +1,15 @@
 r"""Running the memory over a sequence: the token loop and the chunked form (Section 3.2).
 
-``memory_scan`` applies Eqs. (13)-(14) to every token and reads the memory with a query:
+``memory_scan`` applies Eqs. 13–14 to every token and reads the memory with a query:
 $y_t = \mathcal{M}_t(q_t)$ (``read="after"``, the default: a token reads after it writes,
 as linear attention and the delta rule do) or $y_t = \mathcal{M}_{t-1}(q_t)$
 (``read="before"``, which MAC needs for Eq. 21).
 
 With ``chunk_size = b`` the sequence is cut into chunks of b tokens and, inside a chunk,
 every gradient is taken at the weights left by the previous chunk, $\mathcal{M}_{t'}$ with
-$t' = t - \mathrm{mod}(t, b)$ (Eqs. 16-18). The gradients of a chunk are then independent of
-each other, so they are computed together; the momentum recurrence of Eq. (18) and the
-forgetting recurrence of Eq. (13) are computed by a parallel associative scan. Every token
+$t' = t - \mathrm{mod}(t, b)$ (Eqs. 16–18). The gradients of a chunk are then independent of
+each other, so they are computed together; the momentum recurrence of Eq. 18 and the
+forgetting recurrence of Eq. 13 are computed by a parallel associative scan. Every token
 still reads its own $\mathcal{M}_t$. With $b = 1$ the chunked form *is* the token loop.
 
 The state passes between calls: scanning two halves one after the other, passing the state
@@ -59,14 +59,14 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
                 chunk_size: int = 1, read: str = "after", backend: str = "reference",
                 loss: str = "l2", p: float = 3.0, delta: float = 1.0,
                 max_grad_norm=None, on_nonfinite: str = "raise", partial_chunk: str = "warn"):
-    r"""Write a sequence into the memory and read it back (Titans Eqs. 13-18).
+    r"""Write a sequence into the memory and read it back (Titans Eqs. 13–18).
 
     Args:
         state: the initial MemoryState $(\mathcal{M}_0, S_0)$.
         keys: ``(T, d_in)``; values: ``(T, d_out)``; queries: ``(T, d_in)``.
         alpha, eta, theta: per-token gates, each a float or an array ``(T,)``;
             $\alpha, \eta \in [0, 1]$, $\theta \ge 0$.
-        chunk_size: tokens whose gradients share the chunk-start weights (Eqs. 16-18).
+        chunk_size: tokens whose gradients share the chunk-start weights (Eqs. 16–18).
         read: "after" ($y_t = \mathcal{M}_t(q_t)$) or "before" ($\mathcal{M}_{t-1}(q_t)$).
         backend: "reference" (NumPy + autograd, this module) or "numba" (fused kernels).
         loss, p, delta: the inner loss (see :func:`associative_loss`).
@@ -127,7 +127,7 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
         warnings.warn(
             f"memory_scan continues from a state that ended {r} tokens into a chunk of "
             f"chunk_size={b0}: this call starts a new chunk at its first token, so the result "
-            "differs from one call on the whole sequence (Eqs. 16-18); cut the pieces at "
+            "differs from one call on the whole sequence (Eqs. 16–18); cut the pieces at "
             "multiples of chunk_size, or pass partial_chunk='ok' if this chunking is meant",
             UserWarning, stacklevel=2)
     if backend == "numba":
@@ -169,7 +169,7 @@ def _to_dtype(x, dtype):
 
 def _token_loop(state, K, V, Q, alpha, eta, theta, *, loss, p, delta, max_grad_norm,
                 on_nonfinite, read):
-    """Eqs. (13)-(14) one token at a time: the definition the chunked form must match."""
+    """Eqs. 13–14 one token at a time: the definition the chunked form must match."""
     M, S, A = state.params, state.momentum, state.anchor
     outs = []
     finite = True
@@ -189,7 +189,7 @@ def _token_loop(state, K, V, Q, alpha, eta, theta, *, loss, p, delta, max_grad_n
 
 def _chunked(state, K, V, Q, alpha, eta, theta, b, *, loss, p, delta, max_grad_norm,
              on_nonfinite, read):
-    """Eqs. (16)-(18): gradients at the chunk-start weights, recurrences by parallel scan."""
+    """Eqs. 16–18: gradients at the chunk-start weights, recurrences by parallel scan."""
     spec = spec_of(state.params)
     M, S, A = state.params, state.momentum, state.anchor
     outs = []

@@ -1,12 +1,12 @@
-r"""One step of the Titans memory update (Section 3.1, Eqs. 8-14).
+r"""One step of the Titans memory update (Section 3.1, Eqs. 8–14).
 
-The full rule, Eqs. (13)-(14):
+The full rule, Eqs. 13–14:
 
 $$S_t = \eta_t S_{t-1} - \theta_t \nabla\ell(\mathcal{M}_{t-1}; x_t), \qquad
 \mathcal{M}_t = (1 - \alpha_t)\,\mathcal{M}_{t-1} + S_t .$$
 
 Plain gradient descent on the surprise (Eq. 8) is the case $\alpha = \eta = 0$; momentum
-without forgetting (Eqs. 9-10) is $\alpha = 0$.
+without forgetting (Eqs. 9–10) is $\alpha = 0$.
 
 Forgetting towards an anchor. Eq. 13 decays the weights towards 0, and for a deep memory 0
 is an absorbing state: with every weight matrix at 0 no gradient flows (the surprise of
@@ -51,7 +51,7 @@ class MemoryState:
     ``open_chunk`` is ``(r, b)`` when the ``memory_scan`` that returned this state ended
     ``r`` tokens into a chunk of ``chunk_size = b`` (None: at a chunk boundary). Continuing
     from such a state starts a new chunk, which differs from one call on the whole sequence
-    (Eqs. 16-18), so ``memory_scan`` warns then (see its ``partial_chunk``).
+    (Eqs. 16–18), so ``memory_scan`` warns then (see its ``partial_chunk``).
     """
 
     params: MemoryParams
@@ -158,7 +158,7 @@ def check_finite(params, token: int, on_nonfinite: str) -> bool:
 
 
 def apply_update(M, S, u, alpha, eta, theta, anchor=None):
-    r"""Eqs. (13)-(14) on whole weight trees; returns the new $(\mathcal{M}_t, S_t)$.
+    r"""Eqs. 13–14 on whole weight trees; returns the new $(\mathcal{M}_t, S_t)$.
 
     With an ``anchor`` $\bar{\mathcal{M}}$, Eq. 13 acts on $\mathcal{M} - \bar{\mathcal{M}}$.
     """
@@ -177,7 +177,7 @@ def apply_update(M, S, u, alpha, eta, theta, anchor=None):
 def memory_step(state: MemoryState, k, v, *, alpha, eta, theta, loss: str = "l2",
                 p: float = 3.0, delta: float = 1.0, max_grad_norm=None,
                 on_nonfinite: str = "raise") -> MemoryState:
-    r"""One token of the Titans update, Eqs. (13)-(14).
+    r"""One token of the Titans update, Eqs. 13–14.
 
     $$S_t = \eta_t S_{t-1} - \theta_t \nabla\ell(\mathcal{M}_{t-1}; x_t), \quad
     \mathcal{M}_t = (1-\alpha_t)\mathcal{M}_{t-1} + S_t$$

@@ -58,7 +58,7 @@ def init_linear_layer(rng, cfg) -> dict:
 
 
 def linear_attention_chunks(q, k, v, M, size=64):
-    r"""Eqs. 4-5 from $M_0$ = ``M`` ``(B, d, d_v)``, in chunks of ``size`` tokens.
+    r"""Eqs. 4–5 from $M_0$ = ``M`` ``(B, d, d_v)``, in chunks of ``size`` tokens.
 
     Per chunk: $y = q M + \mathrm{tril}(q k^\top) v$ (the parallel form inside the chunk),
     then $M \leftarrow M + k^\top v$; no $T \times T$ matrix. Returns ``(y, M_T)``.
@@ -72,7 +72,7 @@ def linear_attention_chunks(q, k, v, M, size=64):
 
 
 def linear_attention_layer(p, h, cfg):
-    """Linear attention, Eqs. (4)-(5): $y_t = q_t \\sum_{j \\le t} k_j^\\top v_j$."""
+    """Linear attention, Eqs. 4–5: $y_t = q_t \\sum_{j \\le t} k_j^\\top v_j$."""
     x = rms_norm(p["norm"], h)
     q, k, v, _ = qkv(p["qkv"], x)
     d = cfg.d_model

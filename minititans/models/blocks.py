@@ -2,7 +2,7 @@ r"""The parts every model is built from (Titans Section 4.4).
 
 * :func:`qkv` — Section 4.4's projections: $x W$, a depthwise causal convolution, SiLU, and
   $\ell_2$-normalised $q$ and $k$.
-* :func:`memory_core` — the neural memory run over a sequence (Eqs. 11-15 with Eqs. 13-14 as
+* :func:`memory_core` — the neural memory run over a sequence (Eqs. 11–15 with Eqs. 13–14 as
   the update), with data-dependent gates $\alpha_t, \eta_t, \theta_t$ and a learned
   $\mathcal{M}_0$.
 * :func:`attention` — projections and multi-head softmax attention (Eq. 2), window or mask.
@@ -132,10 +132,10 @@ def initial_states(p, batch_size, anchored=False):
 
 
 def memory_core(p, x, cfg, states=None, conv_states=None, read="after"):
-    r"""Write ``x`` ``(B, T, d)`` into the memory and read it back: Titans Eqs. (11)-(15).
+    r"""Write ``x`` ``(B, T, d)`` into the memory and read it back: Titans Eqs. 11–15.
 
-    $k_t, v_t, q_t$ come from :func:`qkv`; the update is Eqs. (13)-(14) with the gates of
-    :func:`gates`, chunked as in Eqs. (16)-(18) with ``cfg.chunk_size``; the read is
+    $k_t, v_t, q_t$ come from :func:`qkv`; the update is Eqs. 13–14 with the gates of
+    :func:`gates`, chunked as in Eqs. 16–18 with ``cfg.chunk_size``; the read is
     $\mathcal{M}_t(q_t)$ (``read="after"``). Each sequence of the batch has its own memory.
 
     Returns:

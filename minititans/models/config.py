@@ -37,11 +37,11 @@ class ModelConfig:
     conv_kernel: int = 4           # [NeurIPS] depthwise causal conv, kernel 4; 0: "w/o conv"
     num_persistent: int = 4        # N_p persistent tokens, Eq. 19 (Titans only); 0: ablation
     window: int = 16               # sliding-window size, Eqs. 27 and 31 (MAG, MAL, SWA)
-    segment_len: int = 16          # MAC segment C, Eqs. 21-25 (paper: 512)
+    segment_len: int = 16          # MAC segment C, Eqs. 21–25 (paper: 512)
     memory_depth: int = 2          # L_M; paper default 2; 1 is the "linear memory" ablation
     memory_expansion: int = 2      # hidden width / d_model of a deep memory ([NeurIPS]: 4)
     memory_activation: str = "gelu"  # [NeurIPS]: GELU inside the memory MLP
-    chunk_size: int = 16           # tokens sharing the chunk-start weights, Eqs. 16-18
+    chunk_size: int = 16           # tokens sharing the chunk-start weights, Eqs. 16–18
     #                                ([NeurIPS]: 16); 1 is the exact token loop
     momentum: bool = True          # False: eta = 0, the "w/o momentum" ablation (Eq. 10 off)
     forgetting: bool = True        # False: alpha = 0, the "w/o weight decay" ablation

@@ -3,7 +3,7 @@ r"""LMM: the neural long-term memory alone as a sequence model (Titans Sections 
 One block, pre-norm and residual:
 
 $$x = \mathrm{RMS}(h), \quad \tilde x = [p_1 \dots p_{N_p}] \,\|\, x \ \text{(Eq. 19)}, \quad
-  y = \mathcal{M}(\tilde x) \ \text{(Eqs. 11-15)}, \quad
+  y = \mathcal{M}(\tilde x) \ \text{(Eqs. 11–15)}, \quad
   h \leftarrow h + (\mathrm{RMS}(y) \odot \sigma(x W_g))\, W_O .$$
 
 The memory is written and read token by token (read after write), so the block is causal.
@@ -37,7 +37,7 @@ def init_layer(rng, cfg) -> dict:
 
 
 def with_persistent(p, x, cfg):
-    """Eq. (19): prepend the persistent tokens to ``x`` ``(B, T, d)`` (none if N_p = 0)."""
+    """Eq. 19: prepend the persistent tokens to ``x`` ``(B, T, d)`` (none if N_p = 0)."""
     if not cfg.num_persistent:
         return x
     return prepend_persistent(p, x)  # (B, N_p + T, d)

@@ -1,10 +1,10 @@
-r"""MAC, memory as a context (Titans Eqs. 21-25), in the paper's order.
+r"""MAC, memory as a context (Titans Eqs. 21–25), in the paper's order.
 
 The sequence is cut into segments $S^{(t)}$ of ``segment_len`` tokens. For each segment, with
 the memory $\mathcal{M}_{t-1}$ left by the previous one:
 
 1. retrieve (Eq. 21): $h_t = \mathcal{M}^*_{t-1}(q_t)$, $q_t = S^{(t)} W_Q$ — a read, no update;
-2. attend (Eqs. 22-23): $y_t = \mathrm{Attn}([p_1 \dots p_{N_p}] \,\|\, \mathrm{RMS}(h_t)
+2. attend (Eqs. 22–23): $y_t = \mathrm{Attn}([p_1 \dots p_{N_p}] \,\|\, \mathrm{RMS}(h_t)
    \,\|\, S^{(t)})$, kept at the segment's own positions (the memory tokens are
    RMS-normalised with a learned gain, see docs/design-decisions.md);
 3. store (Eq. 24): $\mathcal{M}_t = \mathcal{M}_{t-1}(y_t)$ — keys and values are
@@ -18,7 +18,7 @@ memory token $m$ of step 1 is visible only from segment token $m$ on
 
 Streamed (:func:`layer_stream`), a piece may end anywhere inside a segment: the state keeps
 the memory as it was at the segment's start (for Eq. 21), the keys and values of the
-segment's memory tokens and tokens read so far (the attention of Eqs. 22-23), and the
+segment's memory tokens and tokens read so far (the attention of Eqs. 22–23), and the
 memory being written (Eq. 24). With ``memory_causal=False`` a token sees memory tokens read
 with *later* queries of its segment, so there only pieces that end at segment boundaries
 give the outputs of one call on the whole sequence.

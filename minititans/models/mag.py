@@ -1,4 +1,4 @@
-r"""MAG, memory as a gate (Titans Eqs. 26-28).
+r"""MAG, memory as a gate (Titans Eqs. 26–28).
 
 $$\tilde x = [p_1 \dots p_{N_p}] \,\|\, x \ \text{(Eq. 26)}, \quad
   y = \text{SW-Attn}^*(\tilde x) \ \text{(Eq. 27)}, \quad

@@ -1,4 +1,4 @@
-r"""MAL, memory as a layer (Titans Eqs. 29-31).
+r"""MAL, memory as a layer (Titans Eqs. 29–31).
 
 $$\tilde x = [p_1 \dots p_{N_p}] \,\|\, x \ \text{(Eq. 29)}, \quad
   y = \mathcal{M}(\tilde x) \ \text{(Eq. 30)}, \quad

@@ -6,11 +6,11 @@ next piece needs to continue as if the sequence had been read in one call:
 * a causal convolution (Section 4.4): its last $K - 1$ inputs;
 * attention (Eq. 2): the keys and values of the persistent prefix and of the last $w - 1$
   tokens of the window (all tokens without a window: the KV cache of the transformer);
-* the neural memory (Eqs. 13-18): the weights and momentum $(\mathcal{M}_{t'}, S_{t'})$ at
+* the neural memory (Eqs. 13–18): the weights and momentum $(\mathcal{M}_{t'}, S_{t'})$ at
   the start of the current chunk, and the keys, values, queries and gates of the tokens of
   that chunk already read. A piece that ends inside a chunk is therefore still exact: the
   next call replays the partial chunk from $\mathcal{M}_{t'}$, so every gradient of the chunk
-  is taken at $\mathcal{M}_{t'}$ as Eqs. 16-18 say (at most ``chunk_size - 1`` tokens are
+  is taken at $\mathcal{M}_{t'}$ as Eqs. 16–18 say (at most ``chunk_size - 1`` tokens are
   recomputed, their outputs discarded).
 
 Every state is a dict of arrays with the batch on the first axis; ``*_state(..., n)``
