@@ -33,7 +33,7 @@ def _phi(x, feature_map):
 
 
 def naive_linear_attention(q, k, v, feature_map="identity", normalize=False):
-    """Titans Eqs. 3-5 as the double sum over j <= t, with no matrix state."""
+    """Titans Eqs. 3–5 as the double sum over j <= t, with no matrix state."""
     pq, pk = _phi(q, feature_map), _phi(k, feature_map)
     T = q.shape[0]
     y = np.zeros((T, v.shape[1]))
