@@ -195,13 +195,16 @@ def load_arrays(path, *, kind: str) -> tuple[dict, dict]:
 
 
 def save_memory_state(path, state: MemoryState) -> Path:
-    """Save a MemoryState (weights, momentum, activation, residual flag) to ``path``."""
+    """Save a MemoryState (weights, momentum, the forgetting anchor if any, activation,
+    residual flag) to ``path``."""
     if not isinstance(state, MemoryState):
         raise TypeError(f"state must be a MemoryState, got {type(state).__name__}")
     arrays = {f"W{i}": w for i, w in enumerate(state.params)}
     arrays.update({f"S{i}": s for i, s in enumerate(state.momentum)})
+    if state.anchor is not None:
+        arrays.update({f"A{i}": a for i, a in enumerate(state.anchor)})
     meta = {"depth": len(state.params), "activation": state.params.activation,
-            "residual_norm": state.params.residual_norm}
+            "residual_norm": state.params.residual_norm, "anchored": state.anchor is not None}
     return save_arrays(path, arrays, kind="memory_state", meta=meta)
 
 
@@ -245,7 +248,12 @@ def load_memory_state(path) -> MemoryState:
                             f"one of {sorted(ACTIVATIONS)}")
     residual = meta_value(path, meta, "residual_norm", lambda r: isinstance(r, bool),
                           "true or false")
-    names = [f"W{i}" for i in range(depth)] + [f"S{i}" for i in range(depth)]
+    # files written before the anchor existed have no "anchored" key: not anchored
+    anchored = meta.get("anchored", False)
+    if not isinstance(anchored, bool):
+        raise ValueError(f"{path} has metadata 'anchored' = {anchored!r}; expected true or "
+                         "false")
+    names = [f"{n}{i}" for n in ("WSA" if anchored else "WS") for i in range(depth)]
     missing = [n for n in names if n not in arrays]
     if missing:
         raise ValueError(f"{path} is missing arrays {missing} (its metadata says depth "
@@ -270,7 +278,9 @@ def load_memory_state(path) -> MemoryState:
         raise ValueError(f"{path}: residual_norm is true but the memory maps "
                          f"{W[0].shape[0]} to {W[-1].shape[1]} channels (it must be square)")
     spec = MemoryParams([], activation, residual)
-    return MemoryState(spec.like(W), spec.like(S))
+    anchor = (spec.like(check_float_array(path, f"A{i}", arrays[f"A{i}"], shape=W[i].shape)
+                        for i in range(depth)) if anchored else None)
+    return MemoryState(spec.like(W), spec.like(S), anchor)
 
 
 def update_results_json(out, key: str, payload: dict) -> Path:

@@ -111,3 +111,23 @@ def test_saved_files_get_the_mode_of_the_umask_not_0600(tmp_path, umask):
         os.umask(old)
     for p in (path, json_path):
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o666 & ~umask, p
+
+
+def test_an_anchored_memory_state_round_trips_with_its_anchor(tmp_path):
+    rng = np.random.default_rng(3)
+    params = mt.init_memory(rng, 4, 4, depth=2, expansion=2)
+    k = rng.standard_normal((5, 4))
+    _, state = mt.memory_scan(mt.MemoryState.initial(params, anchored=True), k, k, k,
+                              alpha=0.2, eta=0.5, theta=0.05)
+    back = mt.load_memory_state(mt.save_memory_state(tmp_path / "a.npz", state))
+    assert back.anchor is not None
+    for a, b in zip(back.anchor, params):
+        np.testing.assert_array_equal(a, b)
+    # continuing from the loaded state is continuing from the saved one, bit for bit
+    q = rng.standard_normal((3, 4))
+    out1, _ = mt.memory_scan(state, q, q, q, alpha=0.2, eta=0.5, theta=0.05)
+    out2, _ = mt.memory_scan(back, q, q, q, alpha=0.2, eta=0.5, theta=0.05)
+    np.testing.assert_array_equal(out1, out2)
+    plain = mt.load_memory_state(mt.save_memory_state(tmp_path / "p.npz",
+                                                      mt.MemoryState.initial(params)))
+    assert plain.anchor is None

@@ -10,6 +10,10 @@ Every module has a frozen settings dataclass (its defaults are the command's def
 * :mod:`.needle` — single needle in a haystack beyond the attention window, Titans
   Table 2 (``minititans needle``, demo part 2).
 * :mod:`.ablation` — the LMM and its ablations, Titans Table 5 (``minititans ablate``).
+* :mod:`.lm` — a character-level language model on text that ships with Python, Titans
+  Table 1 and Fig. 7 (``minititans lm``).
+* :mod:`.mad` — MAD-mini, the synthetic token-mixing suite of the NeurIPS version's
+  Table 10 (``minititans mad``).
 
 Jobs (one model, one seed) run in parallel processes through :func:`.pool.run_jobs`.
 """
