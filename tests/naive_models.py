@@ -4,7 +4,9 @@ Nothing here imports ``minititans.models``: each model is rebuilt from the paper
 equations with explicit token loops, the one-token memory update (``memory_step``, Eqs.
 13–14) and reads (``memory_forward``, Eq. 15), the reference delta rules, and attention
 written as "which keys may row i see" (see ``naive_attention_rows``). The parameters are the
-models' own dicts, so a test can run both on the same weights. ``chunk_size`` must be 1.
+models' own dicts, so a test can run both on the same weights. ``chunk_size`` may be any b:
+the memory then takes each token's surprise at the weights of its chunk's start (Eqs.
+16–18), written here as a plain loop.
 """
 
 import math
@@ -13,7 +15,7 @@ import numpy as np
 from scipy.special import erf
 
 from minititans.linear_attention import gated_delta_rule
-from minititans.memory import MemoryState, memory_forward, memory_step
+from minititans.memory import MemoryState, memory_forward, memory_step, surprise
 
 
 def sigmoid(x):
@@ -99,13 +101,26 @@ def memory_qkv(p, x):
 
 
 def memory_stream(p, x, cfg, state):
-    """Eqs. 13–14 token by token, each token read after its own write (Eq. 15)."""
+    """Eqs. 13–14 token by token, each token read after its own write (Eq. 15); with
+    ``chunk_size`` b > 1 the surprise of token t is taken at the weights of its chunk's
+    start M_{t'}, t' = t - t mod b (Eqs. 16–18), the chunks counted from this call's start."""
     q, k, v = memory_qkv(p, x)
     alpha, eta, theta = gates(p["gates"], x, cfg)
+    b, clip = cfg.chunk_size, cfg.max_grad_norm or None
     ys = []
     for t in range(len(x)):
-        state = memory_step(state, k[t], v[t], alpha=alpha[t], eta=eta[t], theta=theta[t],
-                            max_grad_norm=cfg.max_grad_norm or None)
+        if b == 1:
+            state = memory_step(state, k[t], v[t], alpha=alpha[t], eta=eta[t],
+                                theta=theta[t], max_grad_norm=clip)
+        else:
+            if t % b == 0:
+                start = state.params
+            g = [np.asarray(w) for w in surprise(start, k[t][None], v[t][None])]
+            if clip is not None:
+                g = [w * min(1.0, clip / np.sqrt(sum(np.sum(u**2) for u in g))) for w in g]
+            S = [eta[t] * s - theta[t] * gi for s, gi in zip(state.momentum, g)]
+            M = [(1.0 - alpha[t]) * w + s for w, s in zip(state.params, S)]
+            state = MemoryState(state.params.like(M), state.params.like(S))
         ys.append(memory_forward(state.params, q[t]))
     return np.array(ys), state
 
@@ -252,7 +267,6 @@ BLOCKS = {"lmm": lmm_block, "mac": mac_block, "mag": mag_block, "mal": mal_block
 
 def naive_forward(params, tokens, cfg, **block_kwargs):
     """Logits (T, V) for one sequence of int tokens (T,)."""
-    assert cfg.chunk_size == 1
     h = params["embed"]["E"][tokens]
     for layer in params["layers"]:
         h = BLOCKS[cfg.model](layer["mixer"], h, cfg, **block_kwargs)
