@@ -155,9 +155,9 @@ def run_demo(args) -> int:
     return 0
 
 
-def _add_recall_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", metavar="DIR", default=None,
-                   help="write recall.png and results.json (key 'recall') into DIR")
+def _add_recall_options(p: argparse.ArgumentParser, out_help: str = "write recall.png and "
+                        "results.json (key 'recall') into DIR") -> None:
+    p.add_argument("--out", metavar="DIR", default=None, help=out_help)
     p.add_argument("--d", type=int, default=16, help="key and value width d (default 16)")
     p.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16, 32, 64], metavar="N",
                    help="numbers of stored pairs (default: 4 8 16 32 64)")
@@ -856,7 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     demo = sub.add_parser(
         "demo", help="the headline demo: test-time recall, then a passkey beyond the window",
-        description="Run the headline demo (about 1-2 minutes on 2 cores). Part 1 writes "
+        description="Run the headline demo (a few minutes on 2 cores). Part 1 writes "
                     "random key->value pairs into linear attention, the delta rule and "
                     "Titans memories (linear and deep, with and without momentum and "
                     "forgetting) and prints how well each recalls them as the number of "
@@ -865,7 +865,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "passkey task with seeds --seed, +1, +2 and tests them at 1-64x the "
                     "attention window, a cut of `minititans needle` (Titans Table 2 in "
                     "small).")
-    _add_recall_options(demo)
+    _add_recall_options(demo, "write recall.png, needle.png and results.json (keys 'recall' "
+                              "and 'needle') into DIR")
     demo.add_argument("--full", action="store_true",
                       help="part 2 with five seeds up to 256x the window (longer)")
     demo.add_argument("--skip-needle", action="store_true", help="run part 1 only")
