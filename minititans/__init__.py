@@ -18,8 +18,8 @@ The public API (DESIGN, and the API pages of the docs), importable as ``mt.NAME`
 * training and evaluation: ``train``, ``TrainConfig``, ``evaluate``;
 * the tasks: ``Batch``, ``NeedleTask``, ``MQARTask``, ``make_task``, ``TASKS``.
 
-Names are imported on first use, so ``import minititans`` (and ``minititans --help``) loads
-nothing heavy until a function is called.
+(``minititans --help`` does not import the package's heavy parts: the command line lives in
+:mod:`minititans.cli`, which imports an experiment only when its command runs.)
 """
 
 from __future__ import annotations
@@ -43,19 +43,12 @@ _HOMES = {
     ".training": ("TrainConfig", "evaluate", "train"),
     ".tasks": ("TASKS", "Batch", "MQARTask", "NeedleTask", "make_task"),
 }
-_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+__all__ = sorted(name for names in _HOMES.values() for name in names)
 
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'minititans' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later look-ups do not come back here
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+# imported at once, not on first use: a lazy look-up would lose ``linear_attention`` to the
+# submodule of the same name, which Python binds on the package when anything imports it
+for _module, _names in _HOMES.items():
+    _mod = importlib.import_module(_module, __name__)
+    for _name in _names:
+        globals()[_name] = getattr(_mod, _name)
+del _module, _names, _mod, _name
