@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._checks import check_choice, check_int
-from .base import Batch, check_rng, to_batch
+from .base import Batch, sample_sequences
 
 # The story vocabulary: entities, places, two markers and the filler words.
 ENTITIES = tuple(range(4))            # mary, john, daniel, sandra
@@ -94,11 +94,4 @@ class BabilongTask:
         return s.astype(np.int64), starts, answer
 
     def sample(self, rng, batch_size: int) -> Batch:
-        check_rng(rng)
-        check_int("batch_size", batch_size, minimum=1)
-        seqs, starts = [], []
-        for _ in range(batch_size):
-            s, _, answer = self.sequence(rng)
-            seqs.append(s)
-            starts.append(answer)
-        return to_batch(seqs, starts)
+        return sample_sequences(self, rng, batch_size)

@@ -12,8 +12,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._checks import check_rng  # noqa: F401  (the tasks' samplers import it from here)
+from .._checks import check_int, check_rng
 
+
+def sample_sequences(task, rng, batch_size: int) -> Batch:
+    """``batch_size`` sequences of a task whose ``sequence(rng)`` returns ``(tokens (T + 1,),
+    anything, answer start)``: the answer is every token from its start on."""
+    check_rng(rng)
+    check_int("batch_size", batch_size, minimum=1)
+    seqs, starts = [], []
+    for _ in range(batch_size):
+        s, _, answer = task.sequence(rng)
+        seqs.append(s)
+        starts.append(answer)
+    return to_batch(seqs, starts)
 
 @dataclass(frozen=True)
 class Batch:
