@@ -34,8 +34,9 @@ import numpy as np
 
 from ..activations import gelu
 from ..layers import init_linear, init_rms_norm, linear, rms_norm
-from ..models import DISPLAY_NAMES, LAYERS, Model, ModelConfig, init, tree_leaves
-from ..models.blocks import embed, ffn, head
+from ..models import DISPLAY_NAMES, Model, ModelConfig, init, tree_leaves
+from ..models.blocks import head
+from ..models.forward import hidden_states
 from ..tasks import MAD_TASKS
 from ..training import TrainConfig, evaluate, train
 from .pool import default_workers, resolve_backend, run_jobs
@@ -178,12 +179,7 @@ class AutoEncoder(Model):
         if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
             raise ValueError(f"tokens must be ints of shape (B, T), got {tokens.shape}")
         cfg = self.config
-        _, layer = LAYERS[cfg.model]
-        h = embed(params["embed"], tokens)  # (B, T, d)
-        for block in params["layers"]:
-            h = layer(block["mixer"], h, cfg)
-            if "ffn" in block:
-                h = ffn(block["ffn"], h)
+        h = hidden_states(params, tokens, cfg)  # (B, T, d)
         T = tokens.shape[1]
         z = h[:, -1:, :] + position_code(T, cfg.d_model)[None]  # (B, T, d): h_T + p_t
         p = params["decoder"]

@@ -100,14 +100,19 @@ def check_params_fit(params, config: ModelConfig) -> None:
                          "were they made for another config?")
 
 
-def _apply_batch(params, tokens, config):
+def hidden_states(params, tokens, config):
+    """The last block's output ``(B, T, d)`` for ``(B, T)`` int tokens (before the head)."""
     _, layer = LAYERS[config.model]
     h = embed(params["embed"], tokens)  # (B, T, d)
     for block in params["layers"]:
         h = layer(block["mixer"], h, config)
         if "ffn" in block:
             h = ffn(block["ffn"], h)
-    return head(params["head"], h)  # (B, T, V)
+    return h
+
+
+def _apply_batch(params, tokens, config):
+    return head(params["head"], hidden_states(params, tokens, config))  # (B, T, V)
 
 
 def check_tokens(tokens, config: ModelConfig, name: str = "tokens"):
