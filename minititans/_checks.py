@@ -34,11 +34,48 @@ def report_divergence(token: int, on_nonfinite: str, detail: str = "", stackleve
                       **message):
     """Raise :class:`MemoryDivergenceError` for ``token`` (``on_nonfinite="raise"``) or warn
     with its message (``"warn"``). ``stacklevel`` counts from the caller of this helper;
-    ``message`` (``what``, ``hint``) is passed to the error."""
+    ``message`` (``what``, ``hint``, ``reason``) is passed to the error."""
     err = MemoryDivergenceError(int(token), detail, **message)
     if on_nonfinite == "raise":
         raise err
     warnings.warn(str(err), RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def weight_bound(dtype, depth: int) -> float:
+    r"""The largest weight magnitude a learned recurrent memory may reach before it counts as
+    diverged: $B = \mathrm{finfo}(\text{dtype}).\max^{1/(2L + 2)}$ for depth $L$.
+
+    Why a bound and not only "NaN or inf": a depth-$L$ read multiplies $L$ weights and the
+    surprise of its first layer $2L - 1$, so weights far below the float range already
+    overflow inside the forward or the gradient. Two correct implementations then round
+    the overflow differently (one gets NaN from inf·0 where the other gets a saturated 0),
+    and the token at which the weights finally turn NaN differs between them. Below $B$
+    no product of $2L + 2$ weights overflows, so every backend computes the same weights up
+    to rounding, and the first token past $B$ is the same on all of them. $B$: float64
+    1.2e77 (L = 1), 2.4e51 (2), 3.4e38 (3); float32 4.3e9, 2.6e6, 6.6e4.
+    """
+    return float(np.finfo(dtype).max) ** (1.0 / (2 * int(depth) + 2))
+
+
+def weights_diverged(arrays, bound: float) -> bool:
+    """Any NaN, inf or magnitude above ``bound`` in ``arrays`` (autograd boxes looked through)."""
+    # not (|w| <= B) is also True for NaN
+    return any(not np.all(np.abs(np.asarray(getval(w))) <= bound) for w in arrays)
+
+
+def first_diverged_token(x, bound: float, axis: int = -3) -> int:
+    """The first index along ``axis`` (the tokens) of a stack of weights ``x`` at which any
+    entry is NaN, inf or above ``bound`` in magnitude, or -1 when none is."""
+    x = np.asarray(value_of(x))
+    bad = ~(np.abs(x) <= bound)
+    if x.size == 0 or not bad.any():
+        return -1
+    return int(np.argmax(np.moveaxis(bad, axis, 0).reshape(x.shape[axis], -1).any(axis=1)))
+
+
+def diverged_reason(bound: float) -> str:
+    """The ``reason`` of a :class:`MemoryDivergenceError` raised by the weight bound."""
+    return f"diverged (a NaN, an inf or a magnitude above {bound:.2g})"
 
 
 def first_nonfinite_token(x, axis: int = -2) -> int:
@@ -52,18 +89,21 @@ def first_nonfinite_token(x, axis: int = -2) -> int:
 
 
 def check_recurrence(y, on_nonfinite: str, *, what: str, hint: str, state_token: int = -1,
-                     stacklevel: int = 3) -> None:
+                     stacklevel: int = 3, state_reason: str = "became non-finite") -> None:
     """The divergence rule of every recurrence: raise (or warn) naming the first bad token.
 
     The first bad token is the first whose output row of ``y`` ``(..., T, d_v)`` (token axis
     -2) is not finite, or ``state_token``, the first at which the carried state is not
-    (-1: it stays finite), whichever comes first.
+    (-1: it stays finite; for learned weights, past :func:`weight_bound`, which
+    ``state_reason`` then says), whichever comes first.
     """
     bad = first_nonfinite_token(y)
-    if state_token >= 0:
-        bad = state_token if bad < 0 else min(bad, state_token)
+    reason = "became non-finite"
+    if state_token >= 0 and (bad < 0 or state_token <= bad):
+        bad, reason = state_token, state_reason
     if bad >= 0:
-        report_divergence(bad, on_nonfinite, stacklevel=stacklevel + 1, what=what, hint=hint)
+        report_divergence(bad, on_nonfinite, stacklevel=stacklevel + 1, what=what, hint=hint,
+                          reason=reason)
 
 
 def check_rng(rng) -> None:

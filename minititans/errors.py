@@ -17,11 +17,13 @@ class MemoryDivergenceError(FloatingPointError):
 
     Every recurrent function (``memory_scan``, ``memory_step``, the delta rules, linear
     attention) raises it, on either backend, naming the first token whose state or output is
-    NaN or inf; with ``on_nonfinite="warn"`` it is a ``RuntimeWarning`` with the same message.
-    ``what`` says what went non-finite, ``hint`` what to change.
+    NaN or inf, or, for learned weights (the memory and the delta rules), the first token whose
+    weights leave the bound of :func:`minititans._checks.weight_bound`; with
+    ``on_nonfinite="warn"`` it is a ``RuntimeWarning`` with the same message. ``what`` says
+    what went bad, ``reason`` how, ``hint`` what to change.
     """
 
     def __init__(self, token: int, detail: str = "", *, what: str = "memory weights",
-                 hint: str = MEMORY_HINT):
+                 hint: str = MEMORY_HINT, reason: str = "became non-finite"):
         self.token = token
-        super().__init__(f"{what} became non-finite at token {token}{detail}; {hint}")
+        super().__init__(f"{what} {reason} at token {token}{detail}; {hint}")

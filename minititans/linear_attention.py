@@ -34,8 +34,11 @@ from ._checks import (
     check_qkv,
     check_qkv_rows,
     check_recurrence,
+    diverged_reason,
     first_nonfinite_token,
     value_of,
+    weight_bound,
+    weights_diverged,
 )
 
 
@@ -181,6 +184,8 @@ def _delta_scan(q, k, v, beta, alpha, state, return_state, gated, on_nonfinite):
             raise ValueError(f"state must have shape {(d, d_v)}, got {W_.shape}")
         W = state
     ys = []
+    bound = weight_bound(dtype, 1)  # the rule of a depth-1 memory's weights
+    first_bad = -1
     with np.errstate(over="ignore", invalid="ignore"):  # a divergence is named below
         for t in range(T):
             kt, vt = k[t:t + 1], v[t:t + 1]  # (1, d), (1, d_v)
@@ -192,9 +197,12 @@ def _delta_scan(q, k, v, beta, alpha, state, return_state, gated, on_nonfinite):
                 # Titans: decay and gradient step both at W_{t-1} (Eq. 13, theta = beta / 2)
                 W = (1.0 - alpha[t]) * W - beta[t] * (kt.T @ (kt @ W - vt))  # (d, d_v)
             ys.append((q[t:t + 1] @ W)[0])
+            if first_bad < 0 and weights_diverged([W], bound):
+                first_bad = t
     y = anp.stack(ys) if T else np.zeros((0, d_v), dtype)
-    # y_t = q_t W_t is non-finite wherever W_t is, so the outputs name the first bad token
-    check_recurrence(y, on_nonfinite, what=DELTA_WHAT, hint=DELTA_HINT)
+    # the first token whose weights diverged (NaN, inf or past the bound) or output is bad
+    check_recurrence(y, on_nonfinite, what=DELTA_WHAT, hint=DELTA_HINT, state_token=first_bad,
+                     state_reason=diverged_reason(bound))
     return (y, W) if return_state else y
 
 
@@ -216,7 +224,9 @@ def delta_rule(q, k, v, beta, alpha=None, *, state=None, return_state: bool = Fa
         state: initial $W_0$ ``(d, d_v)``; None means zeros.
         return_state: also return $W_T$.
         on_nonfinite: "raise" (default) a :class:`~minititans.MemoryDivergenceError` naming
-            the first token whose weights or output are NaN or inf, or "warn" (once).
+            the first token whose output is NaN or inf or whose weights have diverged (NaN,
+            inf or past :func:`~minititans._checks.weight_bound` of a depth-1 memory), or
+            "warn" (once).
 
     Returns:
         ``y`` ``(T, d_v)``, or ``(y, W_T)`` if ``return_state``.

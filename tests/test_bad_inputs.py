@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from naive_memory import naive_grad
 
 import minititans as mt
 from minititans import layers
@@ -951,15 +952,20 @@ REF_DELTA = (mt.delta_rule, mt.gated_delta_rule)
 NB_DELTA = (nb_attention.delta_rule, nb_attention.gated_delta_rule)
 
 
+# the weight bound of a depth-L memory in float64, written out: max ** (1 / (2L + 2))
+BOUND64 = {L: np.finfo(np.float64).max ** (1.0 / (2 * L + 2)) for L in (1, 2, 3)}
+
+
 def _naive_first_bad_delta_token(q, k, v, beta, alpha, gated):
-    """The first t at which W_t or y_t = q_t W_t is NaN or inf, by a plain loop (-1: none)."""
+    """The first t at which an entry of W_t is NaN, inf or above the depth-1 bound, or
+    y_t = q_t W_t is NaN or inf, by a plain loop (-1: none)."""
     W = np.zeros((k.shape[1], v.shape[1]))
     with np.errstate(all="ignore"):
         for t in range(k.shape[0]):
             kt, vt = k[t][None], v[t][None]
             Wd = (1.0 - alpha) * W if gated else W
             W = (Wd if gated else (1.0 - alpha) * W) - beta * kt.T @ (kt @ Wd - vt)
-            if not (np.all(np.isfinite(W)) and np.all(np.isfinite(q[t] @ W))):
+            if not (np.all(np.abs(W) <= BOUND64[1]) and np.all(np.isfinite(q[t] @ W))):
                 return t
     return -1
 
@@ -976,16 +982,120 @@ def test_delta_rules_that_diverge_raise_naming_the_first_bad_token_on_both_backe
     assert expected > 0
     for fn in (REF_DELTA[gated], NB_DELTA[gated]):
         with pytest.raises(mt.MemoryDivergenceError,
-                           match=rf"delta rule's weights or outputs became non-finite at "
-                                 rf"token {expected}; lower beta") as err:
+                           match=rf"delta rule's weights or outputs diverged \(a NaN, an inf "
+                                 rf"or a magnitude above 1.2e\+77\) at token {expected}; "
+                                 rf"lower beta") as err:
             fn(*args)
         assert err.value.token == expected
         with pytest.warns(RuntimeWarning, match=rf"at token {expected};") as record:
             y = fn(*args, on_nonfinite="warn")
         assert len(record) == 1  # once, and no NumPy overflow warning besides it
-        assert np.all(np.isfinite(y[:expected])) and not np.all(np.isfinite(y[expected]))
+        assert np.all(np.isfinite(y[:expected])) and not np.all(np.isfinite(y))
         with pytest.raises(ValueError, match="on_nonfinite must be one of 'raise', 'warn'"):
             fn(*args, on_nonfinite="ignore")
+
+
+# --- the two backends name the same divergence token (issue 14, item 3) ---------------------
+
+
+def _naive_first_diverged_token(weights, K, V, alpha, eta, theta, b):
+    """Eqs. 13–18 as plain loops (every surprise of a chunk at the chunk's first weights;
+    b = 1 is the token loop): the first t at which a weight is NaN, inf or above the bound
+    of its depth, or -1."""
+    bound = BOUND64[len(weights)]
+    M = [np.array(w, dtype=float) for w in weights]
+    S = [np.zeros_like(w) for w in M]
+    with np.errstate(all="ignore"):
+        for start in range(0, len(K), b):
+            M0 = [w.copy() for w in M]
+            for t in range(start, min(start + b, len(K))):
+                g = naive_grad(M0, K[t], V[t])
+                S = [eta * s - theta * gi for s, gi in zip(S, g)]
+                M = [(1.0 - alpha) * w + s for w, s in zip(M, S)]
+                if not all(np.all(np.abs(w) <= bound) for w in M):
+                    return t
+    return -1
+
+
+def _divergence_token(state, K, V, backend, b, gates):
+    try:
+        mt.memory_scan(state, K, V, K, chunk_size=b, backend=backend, **gates)
+    except mt.MemoryDivergenceError as err:
+        return err.token
+    return -1
+
+
+def test_both_backends_name_the_same_divergence_token():
+    # the case of the issue: NaN weights from token 64 on the reference, while the kernels'
+    # saturated GELU froze the weights and only the outputs overflowed, at token 246
+    r = np.random.default_rng(316)
+    P = mt.init_memory(r, 8, 8, depth=3)
+    K, V = r.standard_normal((300, 8)), r.standard_normal((300, 8))
+    gates = dict(alpha=0.0, eta=0.0, theta=0.5)
+    expected = _naive_first_diverged_token(list(P), K[:250], V[:250], 0.0, 0.0, 0.5, 16)
+    assert 0 < expected < 64
+    for backend in ("reference", "numba"):
+        with pytest.raises(mt.MemoryDivergenceError,
+                           match=rf"memory weights diverged \(a NaN, an inf or a magnitude "
+                                 rf"above 3.4e\+38\) at token {expected};"):
+            mt.memory_scan(mt.MemoryState.initial(P), K[:250], V[:250], K[:250], chunk_size=16,
+                           backend=backend, **gates)
+    # a sweep like the one that found 27 disagreements in 89 diverging scans: depths 1-3,
+    # token loop and chunks, plain and with momentum and forgetting
+    diverged = 0
+    for seed in range(24):
+        r = np.random.default_rng(seed)
+        depth, b = int(r.integers(1, 4)), int(r.choice([1, 4, 16]))
+        P = mt.init_memory(r, 8, 8, depth=depth)
+        K = r.standard_normal((120, 8)) * r.choice([1.0, 3.0])
+        V = r.standard_normal((120, 8))
+        gates = dict(alpha=float(r.choice([0.0, 0.01])), eta=float(r.choice([0.0, 0.9])),
+                     theta=float(r.choice([0.3, 1.0, 3.0])))
+        state = mt.MemoryState.initial(P)
+        tokens = [_divergence_token(state, K, V, backend, b, gates)
+                  for backend in ("reference", "numba")]
+        naive = _naive_first_diverged_token(list(P), K, V, gates["alpha"], gates["eta"],
+                                            gates["theta"], b)
+        assert tokens == [naive, naive], (seed, depth, b, gates)
+        diverged += naive >= 0
+    assert diverged >= 12  # most of the sweep diverges: the check is not vacuous
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_momentum_alone_carrying_the_weights_past_the_bound_is_named(backend, chunk_size):
+    # Eqs. 13-14 with theta = 0, eta = 1, alpha = 0: S_t = S_0 and W_t = W_0 + (t + 1) S_0,
+    # so the first token past the bound B is known in closed form; no gradient moves the
+    # weights (the kernels' running bound must carry the momentum, not only each step)
+    rng = np.random.default_rng(5)
+    P = mt.init_memory(rng, 4, 4, depth=1)
+    S0 = P.like([np.full_like(P[0], 1e75)])
+    steps = np.arange(1, 201)[:, None, None]  # token t holds W_0 + (t + 1) S_0
+    past = np.abs(P[0][None] + steps * 1e75).max(axis=(1, 2)) > BOUND64[1]
+    expected = int(np.argmax(past))
+    assert past[expected] and 10 < expected < 150
+    k = rng.standard_normal((200, 4))
+    with pytest.raises(mt.MemoryDivergenceError, match=rf"at token {expected};"):
+        mt.memory_scan(mt.MemoryState(P, S0), k, k, k, alpha=0.0, eta=1.0, theta=0.0,
+                       chunk_size=chunk_size, backend=backend)
+
+
+def test_delta_rule_and_its_memory_scan_name_the_same_divergence_token():
+    # delta_rule is memory_scan with a zero depth-1 memory, theta = beta / 2, eta = 0: both
+    # apply the weight bound of depth 1, so they stop at the same token (they named 780
+    # and 781 when only the outputs of one and the weights of the other were checked)
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((2000, 8))
+    k /= np.linalg.norm(k, axis=1, keepdims=True)
+    v, q = rng.standard_normal((2000, 8)), rng.standard_normal((2000, 8))
+    expected = _naive_first_bad_delta_token(q, k, v, 10.0, 0.0, False)
+    zero = mt.MemoryState.initial(mt.MemoryParams([np.zeros((8, 8))]))
+    for backend, delta in (("reference", mt.delta_rule), ("numba", nb_attention.delta_rule)):
+        with pytest.raises(mt.MemoryDivergenceError) as by_delta:
+            delta(q, k, v, 10.0)
+        with pytest.raises(mt.MemoryDivergenceError) as by_scan:
+            mt.memory_scan(zero, k, v, q, alpha=0.0, eta=0.0, theta=5.0, backend=backend)
+        assert by_delta.value.token == by_scan.value.token == expected
 
 
 def _linear_attention_fns():
@@ -1116,7 +1226,8 @@ def test_memory_scan_continued_from_inside_a_chunk_warns_once_naming_chunk_size_
     k = rng.standard_normal((80, 4))
     k /= np.linalg.norm(k, axis=1, keepdims=True)
     v, q = rng.standard_normal((80, 4)), rng.standard_normal((80, 4))
-    g = dict(alpha=0.01, eta=0.9, theta=0.05, chunk_size=16, backend=backend)
+    # (theta = 0.05 here grew the weights 1e4-fold every chunk: a divergence, caught now)
+    g = dict(alpha=0.01, eta=0.9, theta=0.02, chunk_size=16, backend=backend)
     s0 = mt.MemoryState.initial(params)
     whole, _ = mt.memory_scan(s0, k, v, q, **g)  # one call ending inside a chunk: no warning
     # pieces at a chunk boundary: no warning, exactly one call
@@ -1158,12 +1269,13 @@ def test_models_that_carry_the_partial_chunk_do_not_warn():
 
 @pytest.mark.parametrize("backend", ["reference", "numba"])
 def test_memory_scan_whose_read_overflows_with_finite_weights_raises(backend):
-    # a depth-2 memory whose weights are huge but finite: the read overflows to inf
+    # a depth-2 memory whose weights are large (1e10, within the weight bound 2.4e51) read
+    # with huge queries: the read overflows to inf while every weight is fine
     rng = np.random.default_rng(0)
     params = mt.init_memory(rng, 4, 4, depth=2, expansion=2)
-    params = params.like([w * 1e160 for w in params])
+    params = params.like([w * 1e10 for w in params])
     k = np.zeros((3, 4))  # zero keys: no surprise, the weights stay as they are (finite)
-    q = rng.standard_normal((3, 4))
+    q = rng.standard_normal((3, 4)) * 1e300
     with pytest.raises(mt.MemoryDivergenceError, match="outputs became non-finite at token 0"):
         mt.memory_scan(mt.MemoryState.initial(params), k, k, q, alpha=0.0, eta=0.0,
                        theta=0.0, backend=backend)

@@ -47,10 +47,13 @@ from .._checks import (
     check_qkv,
     check_qkv_rows,
     check_recurrence,
+    diverged_reason,
     first_nonfinite_token,
+    weight_bound,
 )
 from ._jit import kernel, parallel_kernel
 from .layout import as_kernel_array
+from .rows import exceeds
 from .scalars import fast_exp
 
 _BLOCK = 64  # queries per block of the windowed attention
@@ -278,16 +281,20 @@ def linear_attention_recurrent(q, k, v, feature_map: str = "identity", normalize
 
 
 @kernel
-def _delta_loop(q, k, v, beta, alpha, gated, W, y):
+def _delta_loop(q, k, v, beta, alpha, gated, bound, W, y):
     r"""The delta rule in place on ``W`` ``(d, d_v)``; writes ``y`` ``(T, d_v)``.
 
     Titans: $e = k W_{t-1} - v$, $W_t = (1-\alpha) W_{t-1} - \beta k^\top e$.
     Gated DeltaNet: $e = (1-\alpha) k W_{t-1} - v$, the same $W_t$ formula with this $e$.
+
+    Returns:
+        The first token whose $W_t$ has diverged (NaN, inf or above ``bound``), or -1.
     """
     T, d = q.shape
     dv = v.shape[1]
     t_ = q.dtype.type
     e = np.empty(dv, q.dtype)
+    first_bad = -1
     for t in range(T):
         decay = t_(1.0) - alpha[t]
         # e = k_t W_{t-1}, rows of W scaled by k_t[a] (no reduction across j)
@@ -306,6 +313,9 @@ def _delta_loop(q, k, v, beta, alpha, gated, W, y):
             for j in range(dv):
                 Wa[j] = decay * Wa[j] + g * e[j]
                 y[t, j] += qa * Wa[j]  # y_t = q_t W_t
+        if first_bad < 0 and exceeds(W.ravel(), bound):
+            first_bad = t
+    return first_bad
 
 
 def _delta(q, k, v, beta, alpha, state, return_state, gated, on_nonfinite):
@@ -326,10 +336,11 @@ def _delta(q, k, v, beta, alpha, state, return_state, gated, on_nonfinite):
         W = np.array(W_, dtype=dtype)  # a copy: the state is not mutated
     Q, K, V = (as_kernel_array(x, dtype) for x in (q_, k_, v_))
     y = np.zeros((T, dv), dtype)
-    if T:
-        _delta_loop(Q, K, V, b, a, gated, W, y)
-    # y_t = q_t W_t is non-finite wherever W_t is: the outputs name the first bad token
-    check_recurrence(y, on_nonfinite, what=DELTA_WHAT, hint=DELTA_HINT)
+    bound = weight_bound(dtype, 1)
+    first_bad = _delta_loop(Q, K, V, b, a, gated, dtype.type(bound), W, y) if T else -1
+    # the weights' rule (_checks.weight_bound, as for a depth-1 memory) or the outputs
+    check_recurrence(y, on_nonfinite, what=DELTA_WHAT, hint=DELTA_HINT, state_token=first_bad,
+                     state_reason=diverged_reason(bound))
     return (y, W) if return_state else y
 
 
@@ -343,8 +354,8 @@ def delta_rule(q, k, v, beta, alpha=None, *, state=None, return_state: bool = Fa
     Args:
         q, k: ``(T, d)``; v: ``(T, d_v)``; beta: float or ``(T,)``; alpha: None, float or
         ``(T,)``; state: initial ``W_0`` ``(d, d_v)`` (None: zeros); on_nonfinite: "raise"
-        (default) or "warn" when the weights or an output become NaN or inf, naming the
-        first such token as the reference does.
+        (default) or "warn" when an output becomes NaN or inf or the weights diverge (past
+        ``_checks.weight_bound``), naming the first such token as the reference does.
 
     Returns:
         ``y`` ``(T, d_v)``, or ``(y, W_T)`` if ``return_state``.

@@ -61,8 +61,8 @@ from .layout import (
     tape_view,
 )
 from .rows import (
-    all_finite,
     clip_scales,
+    exceeds,
     first_bad_token,
     layer_norm_backward_rows,
     matmul,
@@ -211,7 +211,7 @@ def chunk_scan(M, S, M1, S1, spec, seq, tape, b, seg, stop, out):
     the first token whose weights are not finite.
 
     Returns:
-        The first token whose weights became non-finite, or -1.
+        The first token whose weights diverged (NaN, inf or above ``spec.bound``), or -1.
     """
     T = seq.K.shape[0]
     shapes = spec.shapes
@@ -245,7 +245,7 @@ def chunk_scan(M, S, M1, S1, spec, seq, tape, b, seg, stop, out):
         output_rows(tape_view(q.Z, n * spec.zoff[L - 1], n, d_out), q.X, spec.residual, q.ln,
                     out[t0:t0 + n])
         chunk_end(M, S, M1, S1, seq.anchor, spec, key, co, work)
-        if first_bad < 0 and not all_finite(M1[:P]):
+        if first_bad < 0 and exceeds(M1[:P], spec.bound):
             first_bad = first_bad_token(M, S, spec, seq, key, uscale, t0)
             if stop:
                 return first_bad

@@ -31,6 +31,7 @@ from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic
 from numba.np.arrayobj import make_array, populate_array
 
+from .._checks import weight_bound
 from ._jit import inline_kernel, kernel, specialise
 
 ALIGN_BYTES = 64  # one cache line / one AVX-512 register: aligned rows load in one piece
@@ -41,6 +42,7 @@ Spec = namedtuple("Spec", [
     "act_kind", "residual", "loss_kind", "p", "delta",  # the memory and its inner loss
     "clip",  # max global norm of a surprise, <= 0 for none
     "read_after",  # y_t = M_t(q_t) (True) or M_{t-1}(q_t)
+    "bound",  # the weights have diverged past this magnitude (_checks.weight_bound)
 ])
 # (T, d) rows, (T,) gates and the anchor M̄ that Eq. 13 forgets towards: flat weights (P,),
 # or (0,) for Eq. 13 as printed (forgetting towards 0; the kernels then do no anchor work)
@@ -127,7 +129,8 @@ def make_spec(shapes, offsets, dtype, act_kind, residual, loss_kind, p, delta, c
     hoff = np.concatenate([zero, np.cumsum(shapes[:-1, 1])])
     boff = np.concatenate([zero, np.cumsum(shapes[:, 0])])
     return Spec(shapes, offsets, zoff, hoff, boff, int(act_kind), bool(residual),
-                int(loss_kind), t(p), t(delta), t(clip), bool(read_after))
+                int(loss_kind), t(p), t(delta), t(clip), bool(read_after),
+                t(weight_bound(dtype, shapes.shape[0])))
 
 
 def tape_view(tape, start, n, width):

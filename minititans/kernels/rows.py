@@ -188,6 +188,28 @@ def all_finite(a):
     return True
 
 
+@inline_kernel
+def max_abs(a):
+    r"""$\max_i |a_i|$ of the 1-d array ``a`` as a float64, inf if any entry is NaN."""
+    m = 0.0
+    for i in range(a.shape[0]):
+        x = abs(a[i])
+        if not (x <= m):
+            m = x if x == x else np.inf
+    return m
+
+
+@inline_kernel
+def exceeds(a, bound):
+    """Any entry of the 1-d array ``a`` NaN, inf or above ``bound`` in magnitude (the rule of
+    :func:`minititans._checks.weight_bound`). Branch-free: an OR over the whole array, which
+    vectorises (a check per token costs one pass over the weights)."""
+    bad = False
+    for i in range(a.shape[0]):
+        bad |= not (abs(a[i]) <= bound)
+    return bad
+
+
 @kernel
 def apply_update(Mi, Si, Mo, So, spec, seq, key, r, t, c):
     r"""Eqs. 13–14 for token ``t``, row ``r`` of the tapes ``key`` (clip scale ``c``):
@@ -222,10 +244,11 @@ def apply_update(Mi, Si, Mo, So, spec, seq, key, r, t, c):
 @kernel
 def first_bad_token(M, S, spec, seq, key, uscale, t0):
     """Replay the tokens ``t0, t0 + 1, ...`` of the rows ``key`` from the state ``(M, S)``
-    before ``t0`` (not modified): the first token whose weights are not finite (the last
-    token if none is, when only a closed form overflowed). ``uscale`` holds the rows' clip
-    scales."""
+    before ``t0`` (not modified): the first token whose weights have diverged (NaN, inf or
+    above ``spec.bound``; the last token if none has, when only a closed form overflowed).
+    ``uscale`` holds the rows' clip scales."""
     n = key.X.shape[0]
+    P = spec.offsets[spec.shapes.shape[0]]
     M, S = M.copy(), S.copy()
     M2, S2 = np.empty_like(M), np.empty_like(S)
     for r in range(n):
@@ -233,6 +256,6 @@ def first_bad_token(M, S, spec, seq, key, uscale, t0):
         apply_update(M, S, M2, S2, spec, seq, key, r, t, uscale[r])
         M, M2 = M2, M
         S, S2 = S2, S
-        if not all_finite(M):
+        if exceeds(M[:P], spec.bound):
             return t
     return t0 + n - 1

@@ -15,7 +15,7 @@ import numba
 import numpy as np
 from autograd.tracer import getval, isbox
 
-from .._checks import report_divergence
+from .._checks import diverged_reason, report_divergence
 from ._jit import parallel_kernel
 from .chunk import chunk_scan
 from .layout import (
@@ -82,7 +82,8 @@ def numba_scan(weights, momentum, keys, values, queries, alpha, eta, theta, *, a
         M1, S1 = aligned_zeros(M.shape, dtype), aligned_zeros(M.shape, dtype)
         first_bad = chunk_scan(M, S, M1, S1, spec, seq, tape, b, 1, stop, out)
     if first_bad >= 0:
-        report_divergence(first_bad, on_nonfinite, stacklevel=3)
+        report_divergence(first_bad, on_nonfinite, stacklevel=3,
+                          reason=diverged_reason(spec.bound))
     return out, unpack_weights(M, shapes, offsets), unpack_weights(S, shapes, offsets)
 
 
@@ -145,5 +146,6 @@ def numba_scan_batched(weights, momentum, keys, values, queries, alpha, eta, the
         batch_loop(M, S, M1, S1, spec, seq, tape, b, out, first_bad)
         if (first_bad >= 0).any():
             s = int(np.argmin(np.where(first_bad >= 0, first_bad, T)))
-            report_divergence(first_bad[s], on_nonfinite, f" of sequence {s}", stacklevel=3)
+            report_divergence(first_bad[s], on_nonfinite, f" of sequence {s}", stacklevel=3,
+                              reason=diverged_reason(spec.bound))
     return out, unpack_weights(M, shapes, offsets), unpack_weights(S, shapes, offsets)

@@ -41,12 +41,15 @@ the per-token rows and a checkpoint every ``seg`` tokens, for the VJP.
    Hessian-vector product of token $t+1$ (rank two per layer), so no pass of their own adds
    them; likewise $\bar{\mathcal{M}}$ waits for the next pass to be multiplied by $1-\alpha$.
 
-A weight that becomes NaN/inf shows up in the rows read through it (any non-finite entry
-of column $j$ of $W$ makes entry $j$ of $xW$ non-finite), so divergence is found without a
-separate pass.
+Divergence (a weight NaN, inf or past ``spec.bound``, :func:`minititans._checks.weight_bound`)
+is found without a pass over the weights at every token: running upper bounds of each
+layer's largest weight, from the norms of the rows the update multiplies, trigger an exact
+scan of the layer only when they reach half the bound (see :func:`token_loop`).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -54,11 +57,11 @@ from ._jit import kernel
 from .hvp import hvp_rows, hvp_work_size, scale_products
 from .layout import add_scaled, copy, key_rows, layer, tape_view
 from .rows import (
-    all_finite,
     apply_update,
     backprop_rows,
     clip_scales,
     matmul_t,
+    max_abs,
     memory_forward_rows,
     output_rows,
     surprise_rows,
@@ -134,11 +137,19 @@ def token_loop(M, S, spec, seq, tape, seg, stop, out):
         tape: :class:`.layout.Tape` from :func:`.layout.new_tape` (``b = 1``): a full one is
             filled for the VJP (every ``seg`` tokens a checkpoint), a workspace one is only
             used.
-        stop: return at the first token whose weights are not finite.
+        stop: return at the first token whose weights have diverged.
         out: ``(T, d_out)``, written.
 
     Returns:
-        The first token whose update made the weights non-finite, or -1.
+        The first token whose update made the weights diverge (NaN, inf or past
+        ``spec.bound``), or -1.
+
+    The bound is checked without a pass over the weights at every token: per layer, running
+    upper bounds $U_S \ge \max|S|$ and $U_W \ge \max|W|$ follow from the update itself,
+    $U_S \leftarrow \eta_t U_S + \theta_t c \lVert k\rVert\lVert\delta\rVert$ and
+    $U_W \leftarrow (1-\alpha_t) U_W + U_S\ (+\,\alpha_t \max|\bar W|)$, in $O(d)$ a token;
+    only when $U_W$ reaches half the bound are the layer's weights scanned, which gives the
+    exact maxima back (and the exact first token past the bound).
     """
     t_ = M.dtype.type
     K, Q = seq.K, seq.Q
@@ -150,6 +161,14 @@ def token_loop(M, S, spec, seq, tape, seg, stop, out):
     keep = tape.ckM.shape[0] > 0
     anchored = seq.anchor.shape[0] > 0
     zero_row = np.zeros((1, K.shape[1]), M.dtype)
+    # upper bounds of max|W_i|, max|S_i| (exact at the start) and max|anchor_i|, per layer
+    UW, US, UA = np.zeros(L), np.zeros(L), np.zeros(L)
+    for i in range(L):
+        UW[i] = max_abs(layer(M, spec.shapes, spec.offsets, i).ravel())
+        US[i] = max_abs(layer(S, spec.shapes, spec.offsets, i).ravel())
+        if anchored:
+            UA[i] = max_abs(layer(seq.anchor, spec.shapes, spec.offsets, i).ravel())
+    half_bound = 0.5 * float(spec.bound)
     # the first key (and query) through M_0; later rows are read inside the update pass
     _read_row(M, spec, K[0:1], tape.KZ[0], tape.KH[0], tape.KD1[0], tape.kln[0:1],
               tape.KP[0:1], True)
@@ -187,12 +206,20 @@ def token_loop(M, S, spec, seq, tape, seg, stop, out):
             if anchored:
                 forget_towards(W, layer(seq.anchor, spec.shapes, spec.offsets, i),
                                seq.alpha[t], ra, rb, za[lo:hi], zb[lo:hi])
-            # a non-finite weight in column j makes za[j] non-finite; confirm on W itself
-            if not all_finite(za[lo:hi]) and not all_finite(W.ravel()):
-                bad = True
+            if first_bad < 0:
+                kin = K[t] if i == 0 else key.H[h0:h1]
+                dl = key.D[lo:hi]  # |k_a δ_j| <= ‖k‖ ‖δ‖ (NaN stays NaN: the scan runs)
+                US[i] = seq.eta[t] * US[i] + abs(seq.theta[t] * c) * math.sqrt(
+                    np.dot(kin, kin) * np.dot(dl, dl))
+                UW[i] = (1.0 - seq.alpha[t]) * UW[i] + US[i] + seq.alpha[t] * UA[i]
+                if not (UW[i] <= half_bound):  # scan the layer: the exact maxima
+                    UW[i] = max_abs(W.ravel())
+                    US[i] = max_abs(layer(S, spec.shapes, spec.offsets, i).ravel())
+                    bad |= not (UW[i] <= spec.bound)
             if i < L - 1:
                 hidden(za[lo:hi], ha[h1:hoff[i + 1]], hda[h1:hoff[i + 1]], spec.act_kind, keep)
                 hidden(zb[lo:hi], hb[h1:hoff[i + 1]], hdb[h1:hoff[i + 1]], spec.act_kind, True)
+        # the weights diverged: a NaN, an inf or a magnitude past spec.bound (_checks)
         if bad and first_bad < 0:
             first_bad = t
             if stop:

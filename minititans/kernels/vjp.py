@@ -67,7 +67,7 @@ from autograd.core import defvjp_argnums
 from autograd.extend import primitive
 from autograd.tracer import getval, isbox
 
-from .._checks import report_divergence
+from .._checks import diverged_reason, report_divergence
 from .chunk import chunk_backward, chunk_scan
 from .layout import Seq, Spec, aligned_zeros, new_tape, pack_weights, padded, unpack_weights
 from .token import token_loop, token_vjp
@@ -164,7 +164,8 @@ def _scan_primitive(keys, values, queries, alpha, eta, theta, *memory, config, t
         M1, S1 = (take((1, padded(P, dt)), dt)[0, :P] for _ in range(2))
         first_bad = chunk_scan(M, S, M1, S1, spec, seq, tp, b, seg, stop, out)
     if first_bad >= 0:
-        report_divergence(first_bad, cf.on_nonfinite, stacklevel=4)
+        report_divergence(first_bad, cf.on_nonfinite, stacklevel=4,
+                          reason=diverged_reason(spec.bound))
     tape.arrays = dict(tape=tp, seq=seq)
     return (out, *unpack_weights(M, spec.shapes, spec.offsets),
             *unpack_weights(S, spec.shapes, spec.offsets))

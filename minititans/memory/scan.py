@@ -34,7 +34,11 @@ from .._checks import (
     check_gate,
     check_int,
     check_recurrence,
+    diverged_reason,
+    first_diverged_token,
     report_divergence,
+    weight_bound,
+    weights_diverged,
 )
 from ..errors import MEMORY_HINT
 from .loss import check_loss, per_token_surprise, surprise
@@ -43,9 +47,9 @@ from .parallel_scan import linear_recurrence
 from .update import (
     MemoryState,
     apply_update,
-    check_finite,
     check_max_grad_norm,
     check_state,
+    check_weights,
     clip_by_norm,
     result_dtype,
     state_in_dtype,
@@ -71,7 +75,9 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
         backend: "reference" (NumPy + autograd, this module) or "numba" (fused kernels).
         loss, p, delta: the inner loss (see :func:`associative_loss`).
         max_grad_norm: clip each token's surprise to this global norm (None: off).
-        on_nonfinite: "raise" (default) or "warn" if the weights stop being finite.
+        on_nonfinite: "raise" (default) or "warn" when the weights diverge (a NaN, an inf
+            or a magnitude past :func:`~minititans._checks.weight_bound`, the same token on
+            both backends) or an output is NaN or inf.
         partial_chunk: "warn" (default) or "ok": what to do when ``state`` comes from a call
             that ended inside a chunk (``state.open_chunk``, below).
 
@@ -153,11 +159,12 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
 def _check_outputs(out, new, on_nonfinite):
     """The outputs obey the divergence rule too: finite weights can still read inf.
 
-    (A deep memory whose weights reach ~1e180 overflows in its read while every weight is
-    finite.) Diverged weights have already raised, or warned once; this names the first
-    token whose output row is not finite when the weights never went bad.
+    (A huge query overflows the read of weights that are within their bound.) Diverged
+    weights have already raised, or warned once; this names the first token whose output
+    row is not finite when the weights never went bad.
     """
-    if all_finite(*new.params, *new.momentum):
+    bound = weight_bound(getval(new.params[0]).dtype, len(new.params))
+    if all_finite(*new.momentum) and not weights_diverged(new.params, bound):
         check_recurrence(out, on_nonfinite, what="the memory's outputs", hint=MEMORY_HINT,
                          stacklevel=4)
 
@@ -181,7 +188,7 @@ def _token_loop(state, K, V, Q, alpha, eta, theta, *, loss, p, delta, max_grad_n
                          max_grad_norm)
         M, S = apply_update(M, S, u, alpha[t], eta[t], theta[t], A)
         if finite:
-            finite = check_finite(M, t, on_nonfinite)
+            finite = check_weights(M, t, on_nonfinite)
         if read == "after":
             outs.append(memory_forward(M, Q[t]))  # y_t = M_t(q_t)
     return anp.stack(outs), MemoryState(M, S, A)
@@ -231,12 +238,14 @@ def _clip_per_token(u, max_norm):
 
 
 def _check_chunk(M_all, start, on_nonfinite):
-    ok = np.ones(getval(M_all[0]).shape[0], dtype=bool)
-    for w in M_all:
-        ok &= np.all(np.isfinite(getval(w)), axis=(1, 2))
-    if ok.all():
+    """The weights of every token of a chunk (``M_all``: per layer ``(n, *W.shape)``) under
+    the rule of :func:`check_weights`: raise or warn naming the first bad token."""
+    bound = weight_bound(getval(M_all[0]).dtype, len(M_all))
+    bad = [first_diverged_token(w, bound) for w in M_all]
+    bad = [t for t in bad if t >= 0]
+    if not bad:
         return True
-    report_divergence(start + int(np.argmin(ok)), on_nonfinite)
+    report_divergence(start + min(bad), on_nonfinite, reason=diverged_reason(bound))
     return False
 
 

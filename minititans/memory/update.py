@@ -35,7 +35,10 @@ from .._checks import (
     check_array,
     check_choice,
     check_gate,
+    diverged_reason,
     report_divergence,
+    weight_bound,
+    weights_diverged,
 )
 from .loss import check_loss, surprise
 from .models import MemoryParams, check_params, spec_of
@@ -145,15 +148,17 @@ def clip_by_norm(u, max_norm):
     return spec_of(u).like(scale * w for w in u)
 
 
-def check_finite(params, token: int, on_nonfinite: str) -> bool:
-    """Raise (or warn, and return False) when the weights are no longer finite.
+def check_weights(params, token: int, on_nonfinite: str) -> bool:
+    """Raise (or warn, and return False) when the weights have diverged: a NaN, an inf or a
+    magnitude above :func:`~minititans._checks.weight_bound` (the same rule as the kernels').
 
     With ``on_nonfinite="warn"`` the caller stops checking after the first warning, so a
     diverged scan warns once, naming the first bad token.
     """
-    if all(np.all(np.isfinite(getval(w))) for w in params):
+    bound = weight_bound(getval(params[0]).dtype, len(params))
+    if not weights_diverged(params, bound):
         return True
-    report_divergence(token, on_nonfinite)
+    report_divergence(token, on_nonfinite, reason=diverged_reason(bound))
     return False
 
 
@@ -212,5 +217,5 @@ def memory_step(state: MemoryState, k, v, *, alpha, eta, theta, loss: str = "l2"
         u = clip_by_norm(surprise(state.params, k[None], v[None], loss, p=p, delta=delta),
                          max_grad_norm)
         M, S = apply_update(state.params, state.momentum, u, a, e, th, state.anchor)
-    check_finite(M, 0, on_nonfinite)
+    check_weights(M, 0, on_nonfinite)
     return MemoryState(M, S, state.anchor)
