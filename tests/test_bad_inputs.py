@@ -1064,7 +1064,7 @@ def test_both_backends_name_the_same_divergence_token():
 @pytest.mark.parametrize("chunk_size", [1, 4])
 @pytest.mark.parametrize("backend", ["reference", "numba"])
 def test_momentum_alone_carrying_the_weights_past_the_bound_is_named(backend, chunk_size):
-    # Eqs. 13-14 with theta = 0, eta = 1, alpha = 0: S_t = S_0 and W_t = W_0 + (t + 1) S_0,
+    # Eqs. 13–14 with theta = 0, eta = 1, alpha = 0: S_t = S_0 and W_t = W_0 + (t + 1) S_0,
     # so the first token past the bound B is known in closed form; no gradient moves the
     # weights (the kernels' running bound must carry the momentum, not only each step)
     rng = np.random.default_rng(5)

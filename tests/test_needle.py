@@ -168,3 +168,28 @@ def test_demo_seed_seeds_part_two(monkeypatch):
     with pytest.raises(SystemExit) as e:
         _main(["demo", "--seed", "-1"])
     assert e.value.code == 2
+
+
+_STARTED = []
+
+
+def _record_start(job):
+    _STARTED.append(job)
+    return job * 10
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_jobs_starts_the_costly_jobs_first_and_returns_results_in_job_order(workers):
+    from minititans.experiments.pool import run_jobs
+
+    jobs = [3, 1, 4, 1, 5, 9, 2, 6]
+    _STARTED.clear()
+    out = run_jobs(_record_start, jobs, desc="t", progress=False, workers=workers,
+                   cost=lambda j: j)
+    assert out == [j * 10 for j in jobs]
+    if workers == 1:  # in-process: the start order is visible
+        assert _STARTED == sorted(jobs, reverse=True)
+    # the needle experiment's costs put MAC first and SWA last
+    order = sorted(nd.MODELS, key=lambda m: -nd.RELATIVE_COST[m])
+    assert set(nd.RELATIVE_COST) == set(nd.MODELS)
+    assert order[-1] == "swa" and nd.RELATIVE_COST["mac"] > nd.RELATIVE_COST["lmm"]

@@ -198,13 +198,13 @@ def lm_experiment(settings: LMSettings = LMSettings(), corpus: Corpus | None = N
     for cfg in depth_configs.values():
         if cfg != configs.get(settings.depth_model):
             jobs += [("depth", cfg, settings, seed, corpus) for seed in settings.seeds]
-    order = sorted(range(len(jobs)), key=lambda i: -_COST.get(jobs[i][1].model, 1)
-                   * (jobs[i][1].memory_depth if jobs[i][1].model in ("lmm", "mac", "mag", "mal")
-                      else 1))
+    def cost(job):
+        cfg = job[1]
+        return _COST.get(cfg.model, 1) * (cfg.memory_depth if cfg.model in ("lmm", "mac", "mag",
+                                                                             "mal") else 1)
+
     start = time.perf_counter()
-    done = run_jobs(_lm_job, [jobs[i] for i in order], desc="lm", progress=progress,
-                    workers=workers)
-    done = [d for _, d in sorted(zip(order, done), key=lambda p: p[0])]
+    done = run_jobs(_lm_job, jobs, desc="lm", progress=progress, workers=workers, cost=cost)
     rows, depth = [], []
     for d in done:
         bpc, by_pos = bpc_report(d["bits"], settings.window)

@@ -26,18 +26,28 @@ def default_workers(n_jobs: int) -> int:
 
 
 def run_jobs(fn, jobs: list, *, desc: str, progress: bool = True,
-             workers: int | None = None) -> list:
+             workers: int | None = None, cost=None) -> list:
     """``[fn(job) for job in jobs]``, in ``workers`` processes (default: one per core).
 
     ``fn`` must be a module-level function (it is pickled by name). Results come back in
-    the order of ``jobs``; a progress bar counts finished jobs.
+    the order of ``jobs``; a progress bar counts finished jobs. ``cost`` (job -> a number,
+    optional): the jobs start in decreasing cost, so that a long job does not start last
+    while the other workers idle (the results do not depend on the order).
     """
     workers = workers or default_workers(len(jobs))
+    order = list(range(len(jobs)))
+    if cost is not None:
+        order.sort(key=lambda i: -cost(jobs[i]))
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers, mp_context=_CONTEXT) as pool:
-            return list(tqdm(pool.map(fn, jobs), total=len(jobs), desc=desc,
-                             disable=not progress, leave=False))
-    return [fn(j) for j in tqdm(jobs, desc=desc, disable=not progress, leave=False)]
+            done = list(tqdm(pool.map(fn, [jobs[i] for i in order]), total=len(jobs),
+                             desc=desc, disable=not progress, leave=False))
+    else:
+        done = [fn(jobs[i]) for i in tqdm(order, desc=desc, disable=not progress, leave=False)]
+    results = [None] * len(jobs)
+    for i, r in zip(order, done):
+        results[i] = r
+    return results
 
 
 def resolve_backend(backend: str) -> str:
