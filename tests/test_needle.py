@@ -193,3 +193,18 @@ def test_run_jobs_starts_the_costly_jobs_first_and_returns_results_in_job_order(
     order = sorted(nd.MODELS, key=lambda m: -nd.RELATIVE_COST[m])
     assert set(nd.RELATIVE_COST) == set(nd.MODELS)
     assert order[-1] == "swa" and nd.RELATIVE_COST["mac"] > nd.RELATIVE_COST["lmm"]
+
+
+def _blas_threads(_):
+    from threadpoolctl import threadpool_info
+
+    return sorted({pool["num_threads"] for pool in threadpool_info()
+                   if pool["user_api"] == "blas"})
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_jobs_runs_every_job_on_one_blas_thread(workers):
+    from minititans.experiments.pool import run_jobs
+
+    assert run_jobs(_blas_threads, [0, 1], desc="t", progress=False,
+                    workers=workers) == [[1], [1]]
