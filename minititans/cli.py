@@ -828,8 +828,8 @@ batch 8, length 512) and of inference (model.apply without a gradient, batch 8, 
 512 and 4,096), on the reference and, where the model has a numba path, on numba, with
 the speedup numba/reference from interleaved runs (warm-up and compilation excluded).
 --quick runs a small subset (the headline memory, attention at T=1024, LMM and MAG
-inference at 512 and one LMM training step) in about a minute; the full run takes 10-20
-minutes on two cores, most of it the reference models.
+inference at 512 and one LMM training step) in under a minute; the full run took 15
+minutes on a busy 2-core machine (about 4 of them the model rows).
 
 --out PATH writes JSON: the kernel rows under "rows" (with "machine", "peak_gflops",
 "goals", "noise" as before) and the model rows under "models": {"settings",
