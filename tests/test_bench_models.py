@@ -116,3 +116,21 @@ def test_cases_must_be_tuples_of_three():
         ModelBenchSettings(cases=(("lmm", "train"),))
     with pytest.raises(TypeError, match="settings must be a ModelBenchSettings"):
         run_model_bench("quick")
+
+
+def test_run_bench_refuses_model_settings_of_another_type_before_any_work():
+    from minititans.bench import run_bench
+
+    with pytest.raises(TypeError, match="models must be a ModelBenchSettings"):
+        run_bench(quick=True, models=("lmm", "train", 512))
+
+
+def test_bench_help_names_the_models_key_and_its_row_fields(capsys):
+    from minititans.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert 'the model rows under "models"' in text
+    assert '"tokens_per_s", "seconds", "runs", "loss", "speedup"' in text
