@@ -815,23 +815,40 @@ def run_bench_command(args) -> int:
     return 0
 
 
-BENCH_HELP = """Benchmark the numba kernels against the single-thread matmul peak of this machine.
+BENCH_HELP = """Benchmark the numba kernels and the models against the reference path.
 
 Prints a table (tokens/s, GFLOP/s, % of peak, speedup over the reference path) for the
 memory scan at d in {32, 64, 128}, depth 1-4, chunk 1/16/64 (T = 4096, float32), the
 headline depth-2 d=64 memory in float64, forward+VJP against forward, a batch of two
 sequences on two threads against one, the first call in a fresh process, and the attention
-kernels; then whether the goals of docs/performance.md are met. --quick runs a small
-subset in about a minute; the full run takes a few minutes on two cores."""
+kernels; then whether the goals of docs/performance.md are met. Then the model rows: for
+each model of `minititans needle` at its default settings (SWA, LMM, MAC, MAG, MAL, linear
+attention, Gated DeltaNet, TTT-Linear-style), tokens/s of a training step (loss + gradient,
+batch 8, length 512) and of inference (model.apply without a gradient, batch 8, lengths
+512 and 4,096), on the reference and, where the model has a numba path, on numba, with
+the speedup numba/reference from interleaved runs (warm-up and compilation excluded).
+--quick runs a small subset (the headline memory, attention at T=1024, LMM and MAG
+inference at 512 and one LMM training step) in under a minute; the full run took 15
+minutes on a busy 2-core machine (about 4 of them the model rows).
+
+--out PATH writes JSON: the kernel rows under "rows" (with "machine", "peak_gflops",
+"goals", "noise" as before) and the model rows under "models": {"settings",
+"load_average_start_end", "rows": [{"model", "what" ("train" | "inference"), "length",
+"batch", "backend", "tokens_per_s", "seconds", "runs", "loss", "speedup"}]}, where
+"speedup" is numba / reference tokens/s on the numba row (null on reference rows); "loss"
+(and "grad_norm" on training rows) is what the timed runs computed."""
 
 
 def _add_bench(sub):
-    p = sub.add_parser("bench", help="benchmark the numba kernels", description=BENCH_HELP,
+    p = sub.add_parser("bench", help="benchmark the numba kernels and the models",
+                       description=BENCH_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="a small subset (headline memory, attention at T=1024), about a minute")
+                   help="a small subset (headline memory, attention at T=1024, LMM and MAG "
+                        "inference at 512, one LMM training step), about a minute")
     p.add_argument("--out", type=Path, default=None, metavar="PATH",
-                   help="also write the results as JSON to PATH")
+                   help="also write the results as JSON to PATH (kernel rows under 'rows', "
+                        "model rows under 'models')")
     p.add_argument("--stream", action="store_true",
                    help="long-stream check instead: --tokens tokens through the numba scan in "
                         "calls of 10,000 (finite? memory norm bounded? RSS flat? streamed == "

@@ -14,13 +14,18 @@ layer), ``2fo`` query read and ``4fo`` for Eqs. 13–14, i.e. ``22 d h`` for a d
 The reference is slow, so it runs on a shorter sequence (``T_ref`` in the table) and its
 tokens/s are compared with the kernel's. "% peak" divides by the matmul peak measured again
 right after the row (under the same machine load); the header shows the peak of the start.
+
+The model rows (:mod:`minititans.bench.models`, the result's ``"models"`` key) time the
+needle experiment's models: a training step (loss + gradient) and inference
+(``model.apply``), reference against numba in the same run.
 """
 
 from .kernels import HEADLINE, run_bench
-from .report import format_table, goals, machine_noise
+from .models import ModelBenchSettings, run_model_bench
+from .report import format_models, format_table, goals, machine_noise
 from .stream import STREAM_GATES, format_stream, run_stream
 from .timing import SINGLE_THREAD_ENV, single_threaded_blas
 
-__all__ = ["HEADLINE", "SINGLE_THREAD_ENV", "STREAM_GATES", "format_stream",
-           "format_table", "goals", "machine_noise", "run_bench", "run_stream",
-           "single_threaded_blas"]
+__all__ = ["HEADLINE", "SINGLE_THREAD_ENV", "STREAM_GATES", "ModelBenchSettings",
+           "format_models", "format_stream", "format_table", "goals", "machine_noise",
+           "run_bench", "run_model_bench", "run_stream", "single_threaded_blas"]

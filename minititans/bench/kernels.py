@@ -213,9 +213,23 @@ def attention_rows(T, T_ref, dtype, heads=4, d=64, window=256, prefix=16):
     return rows
 
 
-def run_bench(quick=False, progress=True):
-    """Run every measurement; returns the JSON-ready result dict."""
+def run_bench(quick=False, progress=True, models=None):
+    """Run every measurement; returns the JSON-ready result dict.
+
+    The kernel rows are under ``"rows"``, the model rows of ``models`` (a
+    :class:`~minititans.bench.models.ModelBenchSettings`; default :data:`~minititans.bench.
+    models.QUICK` with ``quick``, else :data:`~minititans.bench.models.FULL`) under
+    ``"models"``.
+    """
     from tqdm import tqdm
+
+    from .models import FULL, QUICK, ModelBenchSettings, run_model_bench
+
+    if models is None:
+        models = QUICK if quick else FULL
+    if not isinstance(models, ModelBenchSettings):
+        raise TypeError(f"models must be a ModelBenchSettings or None, got "
+                        f"{type(models).__name__}")
 
     load_start = load_average()
     peaks = {"float32": matmul_peak(np.float32), "float64": matmul_peak(np.float64)}
@@ -248,6 +262,7 @@ def run_bench(quick=False, progress=True):
         else:
             rows += attention_rows(1024 if quick else T, 256 if quick else 1024, np.float32)
     result = dict(machine=machine_info(), quick=quick, peak_gflops=peaks, rows=rows)
+    result["models"] = run_model_bench(models, progress=progress)
     result["machine"]["load_average_start_end"] = [load_start, load_average()]
     result["goals"] = goals(result)
     result["noise"] = machine_noise(result)

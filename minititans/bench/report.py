@@ -111,4 +111,24 @@ def format_table(result):
         if g["met"] is False and noise["busy"]:
             met += " (busy machine)"
         lines.append(f"| {g['goal']} | {g.get('text', 'not measured')} | {met} |")
+    if result.get("models"):
+        lines += ["", format_models(result["models"])]
+    return "\n".join(lines)
+
+
+def format_models(models) -> str:
+    """The model rows (:func:`minititans.bench.models.run_model_bench`) as a Markdown table."""
+    s = models["settings"]
+    lines = [f"Models of `minititans needle` (its default settings), batch {s['batch_size']}, "
+             f"the {s['task']!r} task's vocabulary; train = loss + gradient, inference = "
+             "model.apply without a gradient. Best of "
+             f"{s['repeats']} numba / {s['ref_repeats']} reference runs, interleaved; "
+             f"warm-up ({s['warm_up']}) excluded; numba on {s['numba_threads']} thread. "
+             f"Load average at start/end: {models['load_average_start_end']}.", "",
+             "| model | what | length | backend | tokens/s | speedup | other |",
+             "|---|---|---:|---|---:|---:|---|"]
+    for r in models["rows"]:
+        speedup = f"{r['speedup']:.1f}x" if r.get("speedup") is not None else ""
+        lines.append(f"| {r['model']} | {r['what']} | {r['length']:,} | {r['backend']} | "
+                     f"{r['tokens_per_s']:,.0f} | {speedup} | {r.get('note', '')} |")
     return "\n".join(lines)
