@@ -8,6 +8,10 @@ autograd of a naive token loop written here and of the package's reference, for 
 inputs with a non-zero $W_0$ and per-token gates, and at model level (apply and stream).
 """
 
+import os
+import subprocess
+import sys
+
 import autograd.numpy as anp
 import numpy as np
 import pytest
@@ -163,6 +167,33 @@ def test_numba_vjp_is_first_order_only_and_checks_its_arguments():
 
     with pytest.raises(NotImplementedError, match="first order only"):
         grad(grad(first))(1.0)
+
+
+_NO_JIT_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import numpy as np
+from autograd import grad
+import test_delta_vjp as t
+for rule in t.RULES:
+    args, gy, gW = t.inputs(7)
+    got = grad(t.numba_loss(rule, gy, gW, 3))(args)
+    want = grad(t.naive_loss(rule, gy, gW))(args)
+    keep = [0, 1, 2, 5] if rule == "linear" else range(6)
+    t.assert_grads_close([got[i] for i in keep], [want[i] for i in keep], 1e-12,
+                         names=[str(i) for i in keep])
+print("ok")
+"""
+
+
+def test_numba_vjp_as_plain_python_with_numba_disable_jit():
+    """The same backward kernel run as plain Python (the flag is read at import)."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    run = subprocess.run([sys.executable, "-c", _NO_JIT_SCRIPT.format(tests=tests)],
+                         capture_output=True, text=True, env=env, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith("ok")
 
 
 # --- in the models: the Gated DeltaNet and linear-attention baselines -----------------------
