@@ -112,13 +112,15 @@ def _delta_backward_one(x, W0, gy, rule, seg, Wbar, g):
     e = np.empty(dv, dt)
     kWbar = np.empty(dv, dt)
     ebar = np.empty(dv, dt)
+    tmp = np.empty(d, dt)
     W = buf[0]
     W[:, :] = W0
-    for t in range(T):
+    for t in range((n_seg - 1) * seg):  # up to the last checkpoint (the rest is replayed)
         if t % seg == 0:
             ck[t // seg, :, :] = W
         _step(k[t], v[t], beta[t], alpha[t], rule, W, buf[1], ke, e)
         W[:, :] = buf[1]
+    ck[n_seg - 1, :, :] = W
     for s in range(n_seg - 1, -1, -1):
         t0 = s * seg
         t1 = min(T, t0 + seg)
@@ -132,38 +134,41 @@ def _delta_backward_one(x, W0, gy, rule, seg, Wbar, g):
             b = one if rule == 0 else beta[t]
             sc = c if rule == 2 else one  # s_t: how W_{t-1} enters the error
             _error(k[t], v[t], beta[t], alpha[t], rule, W_prev, ke, e)
-            # the read y_t = q_t W_t, then k_t W̄_t
+            # the read y_t = q_t W_t: q̄_t = ȳ_t W_tᵀ, W̄_t += q_tᵀ ȳ_t; then k_t W̄_t
+            np.dot(W_t, gy[t], gq[t])
             kWbar[:] = 0
             for a in range(d):
                 qa = q[t, a]
                 ka = k[t, a]
-                acc = zero
                 for j in range(dv):
                     Wbar[a, j] += qa * gy[t, j]
-                    acc += W_t[a, j] * gy[t, j]
                     kWbar[j] += ka * Wbar[a, j]
-                gq[t, a] = acc
             gb = zero
             for j in range(dv):
                 ebar[j] = -b * kWbar[j]
                 gb -= kWbar[j] * e[j]
                 gv[t, j] = -ebar[j]
             gbeta[t] = gb if rule != 0 else zero
-            gc = zero
+            # k̄_t = -β_t W̄_t e_tᵀ + s_t W_{t-1} ē_tᵀ
+            np.dot(Wbar, e, tmp)
+            for a in range(d):
+                gk[t, a] = -b * tmp[a]
+            if rule == 0:
+                galpha[t] = zero
+                continue  # linear attention: W̄_{t-1} = W̄_t, no gates
+            np.dot(W_prev, ebar, tmp)
+            for a in range(d):
+                gk[t, a] += sc * tmp[a]
+            # ᾱ_t = -c̄_t: c_t scales W_{t-1} in the write and, gated, in the error
+            gc = np.dot(Wbar.reshape(d * dv), W_prev.reshape(d * dv))
             if rule == 2:
                 for j in range(dv):
-                    gc += ke[j] * ebar[j]  # e = c k W_{t-1} - v
+                    gc += ke[j] * ebar[j]
+            galpha[t] = -gc
             for a in range(d):
                 ka = k[t, a]
-                acc = zero
                 for j in range(dv):
-                    acc += -b * Wbar[a, j] * e[j]
-                    if rule != 0:
-                        acc += sc * W_prev[a, j] * ebar[j]
-                        gc += Wbar[a, j] * W_prev[a, j]
-                        Wbar[a, j] = c * Wbar[a, j] + sc * ka * ebar[j]
-                gk[t, a] = acc
-            galpha[t] = -gc
+                    Wbar[a, j] = c * Wbar[a, j] + sc * ka * ebar[j]
 
 
 @parallel_kernel
