@@ -192,7 +192,8 @@ class _Config:
 def _forward(q, k, v, beta, alpha, W0, cf):
     """The numba twins of :mod:`.attention` on a batch: ``(y (B, T, d_v), W_T (B, d, d_v))``."""
     if cf.rule == "linear":
-        y, (W, _) = linear_attention_recurrent(q, k, v, state=(W0, np.zeros(W0.shape[:2], W0.dtype)),
+        z0 = np.zeros(W0.shape[:2], W0.dtype)  # the normaliser's sum: not used (normalize=False)
+        y, (W, _) = linear_attention_recurrent(q, k, v, state=(W0, z0),
                                                on_nonfinite=cf.on_nonfinite)
         return y, W
     fn = gated_delta_rule if cf.rule == "gated" else delta_rule
