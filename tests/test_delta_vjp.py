@@ -157,6 +157,12 @@ def test_numba_vjp_is_first_order_only_and_checks_its_arguments():
         delta_rule_batched(q, k, v, beta, alpha, W0, rule="titans")
     with pytest.raises(ValueError, match=r"q must have 3 axes \(batch first\)"):
         delta_rule_batched(q[0], k[0], v[0], beta[0], alpha[0], W0[0], rule="delta")
+    with pytest.raises(ValueError, match=r"beta must have shape \(3, 17\), got \(2, 17\)"):
+        delta_rule_batched(q, k, v, beta[:2], alpha, W0, rule="gated")
+    with pytest.raises(ValueError, match=r"state must have shape \(3, 5, 4\), got \(3, 4, 4\)"):
+        delta_rule_batched(q, k, v, beta, alpha, W0[:, 1:], rule="linear")
+    with pytest.raises(ValueError, match=r"k must have the shape of q \(3, 17, 5\)"):
+        delta_rule_batched(q, k[:, 1:], v, beta, alpha, W0, rule="delta")
     with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
         delta_rule_batched(q, k, v, beta, alpha, W0, rule="delta", checkpoint_every=0)
     with pytest.raises(ValueError, match="backend must be one of 'reference', 'numba'"):

@@ -265,7 +265,17 @@ def delta_rule_batched(q, k, v, beta, alpha, state, *, rule, on_nonfinite="raise
                           ("state", np.asarray(getval(state)), 3)):
         if x.ndim != ndim:
             raise ValueError(f"{name} must have {ndim} axes (batch first), got shape {x.shape}")
-    T = plain[0].shape[1]
+    B, T, d = plain[0].shape
+    if plain[1].shape != (B, T, d) or plain[2].shape[:2] != (B, T):
+        raise ValueError(f"k must have the shape of q {(B, T, d)} and v {(B, T, 'd_v')}, got "
+                         f"{plain[1].shape} and {plain[2].shape}")
+    if np.shape(getval(state)) != (B, d, plain[2].shape[2]):
+        raise ValueError(f"state must have shape {(B, d, plain[2].shape[2])}, got "
+                         f"{np.shape(getval(state))}")
+    if rule != "linear":
+        for name, gate in (("beta", beta), ("alpha", alpha)):
+            if np.shape(getval(gate)) != (B, T):
+                raise ValueError(f"{name} must have shape {(B, T)}, got {np.shape(getval(gate))}")
     seg = default_checkpoint_every(T) if checkpoint_every is None else int(checkpoint_every)
     if seg < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
