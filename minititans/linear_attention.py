@@ -166,9 +166,13 @@ def linear_attention_recurrent(q, k, v, feature_map: str = "identity", normalize
     return y, (M, z)
 
 
-def _delta_scan(q, k, v, beta, alpha, state, return_state, gated, on_nonfinite):
+BACKENDS = ("reference", "numba")
+
+
+def _delta_scan(q, k, v, beta, alpha, state, return_state, gated, on_nonfinite, backend):
     """The token loop shared by both gate placements (so they differ in one line only)."""
     check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
+    check_choice("backend", backend, BACKENDS)
     q_, k_, v_ = check_qkv_rows(q, k, v)
     T, d = q_.shape
     d_v = v_.shape[1]
@@ -183,6 +187,8 @@ def _delta_scan(q, k, v, beta, alpha, state, return_state, gated, on_nonfinite):
         if W_.shape != (d, d_v):
             raise ValueError(f"state must have shape {(d, d_v)}, got {W_.shape}")
         W = state
+    if backend == "numba":
+        return _delta_numba(q, k, v, beta, alpha, W, return_state, gated, on_nonfinite)
     ys = []
     bound = weight_bound(dtype, 1)  # the rule of a depth-1 memory's weights
     first_bad = -1
@@ -206,8 +212,17 @@ def _delta_scan(q, k, v, beta, alpha, state, return_state, gated, on_nonfinite):
     return (y, W) if return_state else y
 
 
+def _delta_numba(q, k, v, beta, alpha, W, return_state, gated, on_nonfinite):
+    """The checked arguments through the numba kernels (differentiable, first order)."""
+    from .kernels.delta_vjp import delta_rule_batched  # imports numba: only when asked for
+
+    y, W = delta_rule_batched(q[None], k[None], v[None], beta[None], alpha[None], W[None],
+                              rule="gated" if gated else "delta", on_nonfinite=on_nonfinite)
+    return (y[0], W[0]) if return_state else y[0]
+
+
 def delta_rule(q, k, v, beta, alpha=None, *, state=None, return_state: bool = False,
-               on_nonfinite: str = "raise"):
+               on_nonfinite: str = "raise", backend: str = "reference"):
     r"""The delta rule with Titans' forgetting gate (Appendix C; Eqs. 12–13 with a linear memory).
 
     $$W_t = (1 - \alpha_t) W_{t-1} - \beta_t\, k_t^\top (k_t W_{t-1} - v_t), \qquad y_t = q_t W_t$$
@@ -227,15 +242,19 @@ def delta_rule(q, k, v, beta, alpha=None, *, state=None, return_state: bool = Fa
             the first token whose output is NaN or inf or whose weights have diverged (NaN,
             inf or past :func:`~minititans._checks.weight_bound` of a depth-1 memory), or
             "warn" (once).
+        backend: "reference" (this token loop, differentiated by autograd) or "numba" (the
+            kernel of :mod:`minititans.kernels.attention`, differentiable through the
+            hand-written VJP of :mod:`minititans.kernels.delta_vjp`; first order only).
 
     Returns:
         ``y`` ``(T, d_v)``, or ``(y, W_T)`` if ``return_state``.
     """
-    return _delta_scan(q, k, v, beta, alpha, state, return_state, False, on_nonfinite)
+    return _delta_scan(q, k, v, beta, alpha, state, return_state, False, on_nonfinite,
+                       backend)
 
 
 def gated_delta_rule(q, k, v, beta, alpha, *, state=None, return_state: bool = False,
-                     on_nonfinite: str = "raise"):
+                     on_nonfinite: str = "raise", backend: str = "reference"):
     r"""Gated DeltaNet (Yang et al. 2024): the gate is applied *before* the error is computed.
 
     $$W' = (1 - \alpha_t) W_{t-1}, \qquad W_t = W' - \beta_t\, k_t^\top (k_t W' - v_t)
@@ -250,4 +269,5 @@ def gated_delta_rule(q, k, v, beta, alpha, *, state=None, return_state: bool = F
 
     Args and returns as in :func:`delta_rule` (here ``alpha`` is required).
     """
-    return _delta_scan(q, k, v, beta, alpha, state, return_state, True, on_nonfinite)
+    return _delta_scan(q, k, v, beta, alpha, state, return_state, True, on_nonfinite,
+                       backend)

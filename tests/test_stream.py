@@ -166,7 +166,8 @@ def test_forward_only_baselines_build_no_autograd_graph(model, monkeypatch):
 
 
 @pytest.mark.skipif(not numba_available(), reason="needs numba")
-@pytest.mark.parametrize("model", ["lmm", "mac", "mag", "mal", "swa"])
+@pytest.mark.parametrize("model", ["lmm", "mac", "mag", "mal", "swa", "linear_attention",
+                                   "gated_delta"])
 def test_forward_only_numba_path_builds_no_graph_and_equals_the_differentiable_one(
         model, monkeypatch):
     cfg = tiny(model, chunk_size=2)
@@ -194,7 +195,9 @@ def test_forward_only_numba_path_builds_no_graph_and_equals_the_differentiable_o
 
 
 @pytest.mark.parametrize("model,backend", [("swa", "reference"), ("swa", "numba"),
-                                           ("mal", "numba"), ("linear_attention", "reference")])
+                                           ("mal", "numba"), ("linear_attention", "reference"),
+                                           ("linear_attention", "numba"),
+                                           ("gated_delta", "numba")])
 def test_windowed_models_evaluate_16384_tokens_without_a_T_by_T_matrix(model, backend):
     """A float64 (T, T) matrix at T = 16,384 is 2 GB (its boolean mask 268 MB); the banded
     attention (or its numba twin) needs a few MB, and so does linear attention in chunks.

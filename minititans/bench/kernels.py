@@ -210,6 +210,18 @@ def attention_rows(T, T_ref, dtype, heads=4, d=64, window=256, prefix=16):
         lambda n: fast.delta_rule(q[0, :n], k[0, :n], v[0, :n], beta[:n], 0.01),
         lambda n: ref_lin.delta_rule(q[0, :n], k[0, :n], v[0, :n], beta[:n], 0.01),
         T, T_ref // 4)
+    # training: forward + gradient of every input, the numba VJP against autograd through the
+    # reference loop; per element of W: forward 7, replay from checkpoints 10, backward 15
+    kn = k[0] / np.linalg.norm(k[0], axis=-1, keepdims=True)  # unit keys, as in the models
+
+    def delta_grad(n, backend):
+        def f(args):
+            return anp.sum(ref_lin.gated_delta_rule(*args, 0.01, backend=backend))
+        return grad(f)([q[0, :n], kn[:n], v[0, :n], beta[:n]])
+
+    add("gated_delta_rule fwd+bwd", f"d={d}", 32 * d * d,
+        lambda n: delta_grad(n, "numba"), lambda n: delta_grad(n, "reference"),
+        T, T_ref // 4)
     return rows
 
 

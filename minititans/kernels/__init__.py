@@ -12,6 +12,8 @@ A one-way chain; each module imports only the ones above it:
   (Eqs. 16–18) and its VJP.
 * :mod:`.vjp` — the scan as an autograd primitive; :mod:`.scan` — the entry points.
 * :mod:`.attention` — sliding-window softmax attention, linear attention, the delta rule.
+* :mod:`.delta_vjp` — linear attention and the delta rules as an autograd primitive with
+  a reverse-time numba VJP (what the baselines train with on the numba backend).
 
 Each kernel has a readable reference twin elsewhere in the package and a parity test in
 ``tests/``. Nothing here imports the rest of ``minititans`` (only ``minititans._checks``),

@@ -5,6 +5,11 @@ same embedding, feed-forward layer and head as the Titans, and no persistent tok
 attention mixers use the projections with Section 4.4's convolution (so a one-layer model
 can tell which token follows which); the linear mixers use Section 4.4's SiLU and
 $\ell_2$-normalised $q$, $k$ and the output gate, exactly as the memory does.
+
+With ``cfg.backend == "numba"`` the two matrix memories run as one numba recurrence over
+the batch with a hand-written VJP (:mod:`minititans.kernels.delta_vjp`), in ``apply`` and
+in ``stream`` alike; with ``"reference"``, linear attention runs in chunks of its parallel
+form and the gated delta rule token by token, both differentiated by autograd.
 """
 
 from __future__ import annotations
@@ -71,12 +76,40 @@ def linear_attention_chunks(q, k, v, M, size=64):
     return anp.concatenate(ys, axis=1), M
 
 
+def gates(p, x):
+    """The gated delta rule's $\\beta_t$, $\\alpha_t$ from the normalised input ``x``
+    ``(B, T, d)``: ``(beta, alpha)``, each ``(B, T)``."""
+    beta = sigmoid(x @ p["w_beta"] + p["b_beta"])  # in (0, 1): stable with |k| = 1
+    alpha = sigmoid(x @ p["w_alpha"] + p["b_alpha"])  # starts near 0.02
+    return beta, alpha
+
+
+def matrix_memory(q, k, v, W, cfg, beta=None, alpha=None):
+    """Linear attention (``beta`` None) or the gated delta rule from $W_0$ = ``W``.
+
+    ``q``, ``k``, ``v`` ``(B, T, d)``, ``W`` ``(B, d, d)``, ``beta``, ``alpha`` ``(B, T)``;
+    ``cfg.backend`` picks the numba recurrence or the reference. Returns ``(y, W_T)``.
+    """
+    if cfg.backend == "numba":
+        from ..kernels.delta_vjp import delta_rule_batched  # imports numba: only when asked
+
+        if beta is None:
+            return delta_rule_batched(q, k, v, None, None, W, rule="linear")
+        return delta_rule_batched(q, k, v, beta, alpha, W, rule="gated")
+    if beta is None:
+        return linear_attention_chunks(q, k, v, W)
+    # one recurrence per sequence
+    out = [gated_delta_rule(q[b], k[b], v[b], beta[b], alpha[b], state=W[b], return_state=True)
+           for b in range(np.shape(q)[0])]
+    return anp.stack([o[0] for o in out]), anp.stack([o[1] for o in out])  # (B, T, d), (B, d, d)
+
+
 def linear_attention_layer(p, h, cfg):
     """Linear attention, Eqs. 4–5: $y_t = q_t \\sum_{j \\le t} k_j^\\top v_j$."""
     x = rms_norm(p["norm"], h)
     q, k, v, _ = qkv(p["qkv"], x)
     d = cfg.d_model
-    y, _ = linear_attention_chunks(q, k, v, np.zeros((np.shape(h)[0], d, d)))
+    y, _ = matrix_memory(q, k, v, np.zeros((np.shape(h)[0], d, d)), cfg)
     return h + gated_output(p["out"], y, x)
 
 
@@ -84,11 +117,8 @@ def gated_delta_layer(p, h, cfg):
     r"""Gated DeltaNet: $W_t = W' - \beta_t k_t^\top(k_t W' - v_t)$, $W' = (1-\alpha_t)W_{t-1}$."""
     x = rms_norm(p["norm"], h)
     q, k, v, _ = qkv(p["qkv"], x)
-    beta = sigmoid(x @ p["w_beta"] + p["b_beta"])  # (B, T) in (0, 1): stable with |k| = 1
-    alpha = sigmoid(x @ p["w_alpha"] + p["b_alpha"])  # (B, T), starts near 0.02
-    # one recurrence per sequence
-    y = anp.stack([gated_delta_rule(q[b], k[b], v[b], beta[b], alpha[b])
-                  for b in range(h.shape[0])])  # (B, T, d)
+    d = cfg.d_model
+    y, _ = matrix_memory(q, k, v, np.zeros((np.shape(h)[0], d, d)), cfg, *gates(p, x))
     return h + gated_output(p["out"], y, x)
 
 
@@ -119,12 +149,6 @@ def linear_layer_stream(p, h, cfg, state, t):
     """:func:`linear_attention_layer` or :func:`gated_delta_layer` on the next tokens."""
     x = rms_norm(p["norm"], h)
     q, k, v, conv = qkv(p["qkv"], x, state["conv"])
-    if cfg.model == "linear_attention":
-        y, W = linear_attention_chunks(q, k, v, state["W"])
-    else:
-        beta = sigmoid(x @ p["w_beta"] + p["b_beta"])
-        alpha = sigmoid(x @ p["w_alpha"] + p["b_alpha"])
-        out = [gated_delta_rule(q[b], k[b], v[b], beta[b], alpha[b], state=state["W"][b],
-                                return_state=True) for b in range(h.shape[0])]
-        y, W = anp.stack([o[0] for o in out]), anp.stack([o[1] for o in out])
+    gated = () if cfg.model == "linear_attention" else gates(p, x)
+    y, W = matrix_memory(q, k, v, state["W"], cfg, *gated)
     return h + gated_output(p["out"], y, x), {"conv": conv_dict(conv), "W": W}
