@@ -16,7 +16,7 @@ from minititans.experiments.needle import DEFAULT, model_config
 from minititans.models import Model
 
 TINY = ModelBenchSettings(cases=(("lmm", "train", 32), ("lmm", "inference", 32),
-                                 ("gated_delta", "inference", 32)),
+                                 ("gated_delta", "train", 32), ("swa", "inference", 32)),
                           batch_size=2, repeats=1, ref_repeats=1)
 FIELDS = {"model", "what", "length", "batch", "backend", "tokens_per_s", "seconds", "runs",
           "loss", "speedup"}
@@ -44,11 +44,13 @@ def naive_cross_entropy(logits, targets, mask):
 
 
 def test_model_rows_have_the_fields_and_positive_finite_rates(tiny):
-    # LMM: a numba and a reference row per case; Gated DeltaNet: reference only (no numba path)
+    # LMM and Gated DeltaNet: a numba and a reference row per case; SWA at 32 keys: the
+    # reference only (its numba attention starts at 2,048 keys: no numba path)
     assert [(r["model"], r["what"], r["backend"]) for r in tiny["rows"]] == [
         ("LMM", "train", "numba"), ("LMM", "train", "reference"),
         ("LMM", "inference", "numba"), ("LMM", "inference", "reference"),
-        ("Gated DeltaNet", "inference", "reference")]
+        ("Gated DeltaNet", "train", "numba"), ("Gated DeltaNet", "train", "reference"),
+        ("SWA", "inference", "reference")]
     for r in tiny["rows"]:
         assert FIELDS <= set(r)
         assert r["length"] == 32 and r["batch"] == 2 and r["runs"] == 1
@@ -65,13 +67,14 @@ def test_model_rows_have_the_fields_and_positive_finite_rates(tiny):
 
 
 def test_numba_and_reference_model_rows_compute_the_same_loss_and_gradient(tiny):
-    for what in ("train", "inference"):
-        rows = _rows(tiny, "LMM", what)
+    for model, what in (("LMM", "train"), ("LMM", "inference"), ("Gated DeltaNet", "train")):
+        rows = _rows(tiny, model, what)
         assert rows["numba"]["loss"] == pytest.approx(rows["reference"]["loss"], rel=1e-9)
-    train = _rows(tiny, "LMM", "train")
-    assert train["numba"]["grad_norm"] > 0
-    assert train["numba"]["grad_norm"] == pytest.approx(train["reference"]["grad_norm"],
-                                                        rel=1e-8)
+    for model in ("LMM", "Gated DeltaNet"):
+        train = _rows(tiny, model, "train")
+        assert train["numba"]["grad_norm"] > 0
+        assert train["numba"]["grad_norm"] == pytest.approx(train["reference"]["grad_norm"],
+                                                            rel=1e-8)
 
 
 def test_the_timed_loss_is_the_cross_entropy_of_the_models_logits_on_the_bench_batch(tiny):
@@ -93,7 +96,8 @@ def test_the_bench_table_shows_the_model_rows(tiny):
     speedup = _rows(tiny, "LMM", "train")["numba"]["speedup"]
     assert "| LMM | train | 32 | numba | " in table
     assert f"| {speedup:.1f}x |" in table
-    assert "| Gated DeltaNet | inference | 32 | reference |" in table
+    assert "| Gated DeltaNet | train | 32 | numba |" in table
+    assert "| SWA | inference | 32 | reference |" in table
     assert "no numba path |" in table
 
 

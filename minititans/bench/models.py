@@ -72,15 +72,15 @@ QUICK = ModelBenchSettings(cases=(("lmm", "inference", 512), ("mag", "inference"
 def numba_path(config, what: str, length: int) -> bool:
     """Whether ``backend="numba"`` changes what ``config``'s model computes in this row.
 
-    The Titans run their memory scan in numba (forward, and its VJP in training); sliding-
-    window attention goes to its numba twin only without a gradient and from
-    :data:`~minititans.models.blocks.NUMBA_ATTENTION_MIN_KEYS` keys on. Linear attention and
-    the gated delta rule have no numba path inside the models.
+    The Titans run their memory scan in numba (forward, and its VJP in training), linear
+    attention and the gated delta rule their recurrence (:mod:`minititans.kernels.delta_vjp`);
+    sliding-window attention goes to its numba twin only without a gradient and from
+    :data:`~minititans.models.blocks.NUMBA_ATTENTION_MIN_KEYS` keys on.
     """
     from ..models import TITANS
     from ..models.blocks import NUMBA_ATTENTION_MIN_KEYS
 
-    if config.model in TITANS:
+    if config.model in TITANS or config.model in ("linear_attention", "gated_delta"):
         return True
     return config.model == "swa" and what == "inference" and length >= NUMBA_ATTENTION_MIN_KEYS
 
