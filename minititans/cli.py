@@ -503,7 +503,7 @@ def _common(p, out_help):
 
 
 def _add_needle(sub):
-    from .experiments.needle import MODELS, TASKS
+    from .experiments.needle import CHOICES, MODELS, TASKS
 
     p = sub.add_parser(
         "needle", help="needles beyond the attention window, five seeds (Titans Table 2 in "
@@ -517,8 +517,10 @@ def _add_needle(sub):
     _common(p, "write needle.png and results.json (key 'needle') into DIR")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=None, metavar="TASK",
                    help=f"tasks, from {', '.join(TASKS)} (default: all)")
-    p.add_argument("--models", nargs="+", choices=MODELS, default=None, metavar="MODEL",
-                   help=f"models, from {', '.join(MODELS)} (default: all)")
+    p.add_argument("--models", nargs="+", choices=CHOICES, default=None, metavar="MODEL",
+                   help=f"models, from {', '.join(CHOICES)} (default: all but "
+                        f"{', '.join(c for c in CHOICES if c not in MODELS)}, the LMM with "
+                        f"a deep memory)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
                    help="training seeds (default: 0 1 2 3 4)")
     p.add_argument("--lengths", nargs="+", type=int, default=None, metavar="K",

@@ -108,6 +108,22 @@ def test_ttt_linear_style_is_the_lmm_with_plain_gradient_steps():
     assert init_state(Model(cfg), TrainConfig()).params.size > 0
 
 
+def test_lmm_deep_is_the_lmm_with_a_two_layer_memory_and_clipped_surprise():
+    lmm = nd.model_config("lmm", nd.DEFAULT, 32, "reference")
+    deep = nd.model_config("lmm_deep", nd.DEFAULT, 32, "reference")
+    assert (deep.model, deep.memory_depth, deep.max_grad_norm) == ("lmm", 2, 1.0)
+    # every other field is the LMM's: the same chunking, gates, sizes and recipe
+    assert deep == lmm.with_(memory_depth=2, max_grad_norm=1.0)
+    assert lmm.memory_depth == 1 and lmm.chunk_size == 1
+    assert nd.train_config("lmm_deep", nd.DEFAULT, 3) == nd.train_config("lmm", nd.DEFAULT, 3)
+    # selectable, but not in the default table, and its rows keep a name of their own
+    assert "lmm_deep" not in nd.DEFAULT.models and "lmm_deep" in nd.CHOICES
+    assert nd.NAMES["lmm_deep"] == "LMM (L_M = 2)" and nd.NAMES["lmm"] == "LMM"
+    params = init_state(Model(deep), TrainConfig()).params
+    shallow = init_state(Model(lmm), TrainConfig()).params
+    assert params.size > shallow.size  # the second memory layer's weights
+
+
 def _main(argv):
     from minititans.cli import main
 
@@ -152,6 +168,8 @@ def test_needle_cli_flags_become_the_settings(monkeypatch):
                                                               ("mal", "gated_delta"), (7, 9),
                                                               (2, 8))
     assert s.train["steps"] == 5 and "steps" not in s.train_overrides["mac"]
+    _main(["needle", "--tasks", "pk", "--models", "lmm_deep", "lmm", "--quiet"])
+    assert seen["s"].models == ("lmm_deep", "lmm") and seen["s"].tasks == ("pk",)
     _main(["needle", "--full", "--quiet"])
     assert seen["s"].eval_multiples == (1, 4, 16, 64, 256, 1024) and len(seen["s"].seeds) == 5
 

@@ -37,8 +37,14 @@ TASKS = ("pk", "n", "w", "babilong")
 MODELS = ("swa", "lmm", "mac", "mag", "mal", "linear_attention", "gated_delta", "ttt_linear")
 # experiment names that are a config of another model: a TTT-Linear-style memory is the LMM
 # with a linear memory (L_M = 1) trained by plain gradient steps: no momentum, no forgetting
-VARIANTS = {"ttt_linear": ("lmm", dict(memory_depth=1, momentum=False, forgetting=False))}
-NAMES = {**DISPLAY_NAMES, "ttt_linear": "TTT-Linear-style"}
+VARIANTS = {"ttt_linear": ("lmm", dict(memory_depth=1, momentum=False, forgetting=False)),
+            # item 3 of the issue: the LMM with a deep memory (L_M = 2), read token by token
+            # like the LMM; its surprise clipped at norm 1 (see docs/design-decisions.md)
+            "lmm_deep": ("lmm", dict(memory_depth=2, max_grad_norm=1.0))}
+# selectable with ``--models``, but not in the default table (:data:`MODELS`)
+EXTRA_MODELS = ("lmm_deep",)
+CHOICES = MODELS + EXTRA_MODELS
+NAMES = {**DISPLAY_NAMES, "ttt_linear": "TTT-Linear-style", "lmm_deep": "LMM (L_M = 2)"}
 EVAL_STREAM = 0x5EED  # the third entropy word of every evaluation stream (never 0)
 
 
@@ -82,7 +88,7 @@ class NeedleSettings:
     backend: str = "auto"            # "auto": numba if its gradient works, else reference
 
     def __post_init__(self):
-        for name, allowed in (("tasks", TASKS), ("models", MODELS)):
+        for name, allowed in (("tasks", TASKS), ("models", CHOICES)):
             values = getattr(self, name)
             if not isinstance(values, tuple) or not values:
                 raise TypeError(f"{name} must be a non-empty tuple, got {values!r}")
