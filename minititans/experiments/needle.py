@@ -39,7 +39,8 @@ MODELS = ("swa", "lmm", "mac", "mag", "mal", "linear_attention", "gated_delta", 
 # with a linear memory (L_M = 1) trained by plain gradient steps: no momentum, no forgetting
 VARIANTS = {"ttt_linear": ("lmm", dict(memory_depth=1, momentum=False, forgetting=False)),
             # item 3 of the issue: the LMM with a deep memory (L_M = 2), read token by token
-            # like the LMM; its surprise clipped at norm 1 (see docs/design-decisions.md)
+            # like the LMM; its surprise clipped at norm 1, without which it diverged in
+            # training (validation seed 100: docs/tutorial/09-experiments.md)
             "lmm_deep": ("lmm", dict(memory_depth=2, max_grad_norm=1.0))}
 # selectable with ``--models``, but not in the default table (:data:`MODELS`)
 EXTRA_MODELS = ("lmm_deep",)
