@@ -212,6 +212,10 @@ def check_needle_args(parser, args) -> None:
     for flag in ("steps", "workers"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    try:  # e.g. W (18 tokens at least) asked only at 1x the 16-token window
+        needle_settings(args)
+    except ValueError as e:
+        parser.error(f"--lengths (or --tasks): {e}")
     _check_out_dir(parser, "--out", args.out)
 
 

@@ -40,6 +40,25 @@ def test_needle_results_follow_the_contract_one_row_per_task_model_length_seed(t
     assert "S-NIAH-W" in table and "BABILong" in table and "over 2 seeds" in table
 
 
+def test_w_is_evaluated_only_at_lengths_its_needle_fits_in():
+    # W's needle (key, 4 symbols, the question and the answer) needs 4 * 4 + 2 = 18 tokens:
+    # with the 16-token window it has no 1w row; the other tasks have all five
+    assert nd.DEFAULT.eval_lengths("w") == (64, 256, 1024, 4096)
+    for task in ("pk", "n", "babilong"):
+        assert nd.DEFAULT.eval_lengths(task) == (16, 64, 256, 1024, 4096)
+    s = nd.NeedleSettings(tasks=("pk", "w"), models=("swa",), seeds=(0,), window=4,
+                          train_multiples=(5,), eval_multiples=(4, 5), eval_samples=2,
+                          min_eval_samples=1, model=TINY.model, train=TINY.train,
+                          backend="reference")
+    rows = nd.needle_experiment(s, progress=False, workers=1)[0]["rows"]
+    assert sorted((r["task"], r["length"]) for r in rows) == [("pk", 16), ("pk", 20),
+                                                              ("w", 20)]
+    with pytest.raises(ValueError, match="eval_multiples"):
+        nd.NeedleSettings(tasks=("w",), eval_multiples=(1,))
+    with pytest.raises(ValueError, match="train_multiples"):
+        nd.NeedleSettings(tasks=("w",), train_multiples=(1, 2))
+
+
 def test_needle_row_is_the_accuracy_on_the_evaluation_stream_of_its_seed():
     # recompute one cell by hand: train with TrainConfig.seed, evaluate on eval_rng(seed, n)
     s = nd.NeedleSettings(tasks=("pk",), models=("lmm",), seeds=(1,), window=6,
@@ -82,7 +101,8 @@ def test_evaluation_streams_are_disjoint_from_every_training_stream():
 
 
 def test_swa_answer_logits_depend_only_on_its_receptive_field():
-    s = nd.NeedleSettings(window=6, model=dict(d_model=8, num_heads=2, num_layers=2))
+    s = nd.NeedleSettings(tasks=("pk",), window=6,
+                          model=dict(d_model=8, num_heads=2, num_layers=2))
     cfg = nd.model_config("swa", s, 32, "reference")
     model = Model(cfg)
     params = model.init(np.random.default_rng(0))
@@ -140,6 +160,7 @@ def _main(argv):
     (["--lengths", "4", "4"], "--lengths"),
     (["--tasks", "pk", "pk"], "--tasks"),
     (["--steps", "0"], "--steps"),
+    (["--tasks", "w", "--lengths", "1"], "--lengths"),
 ])
 def test_needle_cli_bad_flags_are_usage_errors_before_any_training(argv, flag, monkeypatch,
                                                                    capsys):

@@ -62,6 +62,19 @@ def make_task(name: str, length: int, placement: str = "early"):
     return NeedleTask(name, length, placement=placement)
 
 
+def fits(name: str, length: int) -> bool:
+    """Whether task ``name`` can be built at ``length`` (its needle and question fit).
+
+    W's needle (4 symbols, with its key and the question) needs 18 tokens, so with the
+    16-token window it starts at 4w; the other tasks fit at 1w.
+    """
+    try:
+        make_task(name, length)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class NeedleSettings:
     """Tasks x models x seeds; one model config, one training recipe, the lengths."""
@@ -105,11 +118,24 @@ class NeedleSettings:
                 raise ValueError(f"{name} must not repeat a value, got {values!r}")
         for name in ("window", "eval_samples", "eval_tokens", "min_eval_samples"):
             check_int(name, getattr(self, name), minimum=1)
+        for task in self.tasks:
+            short = [m for m in self.train_multiples if not fits(task, m * self.window)]
+            if short:
+                raise ValueError(f"train_multiples {short} x window {self.window} are too "
+                                 f"short for task {task!r}")
+            if not self.eval_lengths(task):
+                raise ValueError(f"eval_multiples {self.eval_multiples} x window "
+                                 f"{self.window} are all too short for task {task!r}")
 
     @property
     def train_length(self) -> int:
         """The longest training length (the shorter ones are in ``train_multiples``)."""
         return max(self.train_multiples) * self.window
+
+    def eval_lengths(self, task: str) -> tuple:
+        """The evaluation lengths of ``task``: those of ``eval_multiples`` it fits in."""
+        return tuple(m * self.window for m in self.eval_multiples
+                     if fits(task, m * self.window))
 
     def samples_at(self, length: int) -> int:
         """Evaluation sequences at ``length``: ``eval_samples``, fewer past ``eval_tokens``."""
@@ -201,8 +227,7 @@ def _run_one(args) -> dict:
         params, loss, diverged = None, float("nan"), ["training"]
     train_seconds = time.perf_counter() - start
     rows = []
-    for mult in s.eval_multiples:
-        n = mult * s.window
+    for n in s.eval_lengths(task_name):  # W's needle does not fit in 1w: it starts at 4w
         task = make_task(task_name, n)
         acc = 0.0  # a model whose memory diverges answers nothing
         if params is not None:
@@ -227,7 +252,8 @@ def needle_experiment(settings: NeedleSettings = DEFAULT, *, progress: bool = Tr
     Returns:
         ``(result, timing)``: the ``"needle"`` results dict ``{"window", "train_length",
         "rows": [{"task", "model", "length", "seed", "accuracy", "chance"}]}`` (one row per
-        task, model, length and seed) and the wall times, with any diverged runs.
+        task, model, length and seed; a task's lengths are :meth:`NeedleSettings.eval_lengths`,
+        so W has none at 1w) and the wall times, with any diverged runs.
     """
     if not isinstance(settings, NeedleSettings):
         raise TypeError(f"settings must be a NeedleSettings, got {type(settings).__name__}")
@@ -295,6 +321,12 @@ def run_needle_experiment(settings: NeedleSettings, out_dir: Path | None = None,
 
     Writes ``needle.png`` and the results under ``"needle"`` in ``out_dir/results.json``.
     """
+    for task in settings.tasks:
+        skipped = [m * settings.window for m in settings.eval_multiples
+                   if m * settings.window not in settings.eval_lengths(task)]
+        if skipped:
+            print(f"{task}: not evaluated at {', '.join(map(str, skipped))} tokens (too short "
+                  f"for its needle)")
     result, timing = needle_experiment(settings, progress=progress, workers=workers)
     print(format_needle_table(result))
     per_model = ", ".join(f"{k} {v:.0f} s" for k, v in timing["cpu_seconds"].items())
