@@ -218,7 +218,7 @@ def _run_one(args) -> dict:
     train_task = training_task(task_name, s)
     model = Model(model_config(name, s, train_task.vocab_size, backend))
     cfg = train_config(name, s, seed)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     diverged = []
     try:
         params, _, history = train(model, train_task, cfg, progress=False)
@@ -239,7 +239,9 @@ def _run_one(args) -> dict:
         rows.append({"task": task_name, "model": NAMES[name], "length": n, "seed": seed,
                      "accuracy": float(acc), "chance": task.chance})
     return {"rows": rows, "train_seconds": train_seconds,
-            "seconds": time.perf_counter() - start, "final_loss": loss, "diverged": diverged}
+            "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu_start,  # this worker's processor time
+            "final_loss": loss, "diverged": diverged}
 
 
 def needle_experiment(settings: NeedleSettings = DEFAULT, *, progress: bool = True,
@@ -264,12 +266,14 @@ def needle_experiment(settings: NeedleSettings = DEFAULT, *, progress: bool = Tr
     results = run_jobs(_run_one, jobs, desc="needle", progress=progress, workers=workers)
     result = {"window": settings.window, "train_length": settings.train_length,
               "rows": [r for res in results for r in res["rows"]]}
-    per_model = {}
+    per_model, wall = {}, {}
     for (_, m, _, _, _), res in zip(jobs, results):
-        per_model[NAMES[m]] = per_model.get(NAMES[m], 0.0) + res["seconds"]
+        per_model[NAMES[m]] = per_model.get(NAMES[m], 0.0) + res["cpu_seconds"]
+        wall[NAMES[m]] = wall.get(NAMES[m], 0.0) + res["seconds"]
     timing = {"seconds": round(time.perf_counter() - start, 1), "backend": backend,
               "workers": workers or default_workers(len(jobs)),
               "cpu_seconds": {k: round(v, 1) for k, v in per_model.items()},
+              "job_seconds": {k: round(v, 1) for k, v in wall.items()},
               "diverged": [{"task": t, "model": NAMES[m], "seed": seed, "where": res["diverged"]}
                            for (t, m, seed, _, _), res in zip(jobs, results)
                            if res["diverged"]]}
@@ -329,9 +333,11 @@ def run_needle_experiment(settings: NeedleSettings, out_dir: Path | None = None,
                   f"for its needle)")
     result, timing = needle_experiment(settings, progress=progress, workers=workers)
     print(format_needle_table(result))
-    per_model = ", ".join(f"{k} {v:.0f} s" for k, v in timing["cpu_seconds"].items())
+    per_model = ", ".join(f"{k} {v:.0f} s ({timing['job_seconds'][k]:.0f} s)"
+                          for k, v in timing["cpu_seconds"].items())
     print(f"needle: {timing['seconds']:.1f} s on {timing['workers']} worker(s), backend "
-          f"{timing['backend']} (process time per model, all tasks and seeds: {per_model})")
+          f"{timing['backend']}; processor time per model, all tasks and seeds (the jobs' "
+          f"wall time in brackets): {per_model}")
     for d in timing["diverged"]:
         print(f"diverged (counted as 0% there): {d}")
     if out_dir is not None:
