@@ -212,6 +212,10 @@ def check_needle_args(parser, args) -> None:
     for flag in ("steps", "workers"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    try:  # e.g. W (18 tokens at least) asked only at 1x the 16-token window
+        needle_settings(args)
+    except ValueError as e:
+        parser.error(f"--lengths (or --tasks): {e}")
     _check_out_dir(parser, "--out", args.out)
 
 
@@ -503,7 +507,7 @@ def _common(p, out_help):
 
 
 def _add_needle(sub):
-    from .experiments.needle import MODELS, TASKS
+    from .experiments.needle import CHOICES, MODELS, TASKS
 
     p = sub.add_parser(
         "needle", help="needles beyond the attention window, five seeds (Titans Table 2 in "
@@ -517,8 +521,10 @@ def _add_needle(sub):
     _common(p, "write needle.png and results.json (key 'needle') into DIR")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=None, metavar="TASK",
                    help=f"tasks, from {', '.join(TASKS)} (default: all)")
-    p.add_argument("--models", nargs="+", choices=MODELS, default=None, metavar="MODEL",
-                   help=f"models, from {', '.join(MODELS)} (default: all)")
+    p.add_argument("--models", nargs="+", choices=CHOICES, default=None, metavar="MODEL",
+                   help=f"models, from {', '.join(CHOICES)} (default: all but "
+                        f"{', '.join(c for c in CHOICES if c not in MODELS)}, the LMM with "
+                        f"a deep memory)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
                    help="training seeds (default: 0 1 2 3 4)")
     p.add_argument("--lengths", nargs="+", type=int, default=None, metavar="K",

@@ -40,6 +40,25 @@ def test_needle_results_follow_the_contract_one_row_per_task_model_length_seed(t
     assert "S-NIAH-W" in table and "BABILong" in table and "over 2 seeds" in table
 
 
+def test_w_is_evaluated_only_at_lengths_its_needle_fits_in():
+    # W's needle (key, 4 symbols, the question and the answer) needs 4 * 4 + 2 = 18 tokens:
+    # with the 16-token window it has no 1w row; the other tasks have all five
+    assert nd.DEFAULT.eval_lengths("w") == (64, 256, 1024, 4096)
+    for task in ("pk", "n", "babilong"):
+        assert nd.DEFAULT.eval_lengths(task) == (16, 64, 256, 1024, 4096)
+    s = nd.NeedleSettings(tasks=("pk", "w"), models=("swa",), seeds=(0,), window=4,
+                          train_multiples=(5,), eval_multiples=(4, 5), eval_samples=2,
+                          min_eval_samples=1, model=TINY.model, train=TINY.train,
+                          backend="reference")
+    rows = nd.needle_experiment(s, progress=False, workers=1)[0]["rows"]
+    assert sorted((r["task"], r["length"]) for r in rows) == [("pk", 16), ("pk", 20),
+                                                              ("w", 20)]
+    with pytest.raises(ValueError, match="eval_multiples"):
+        nd.NeedleSettings(tasks=("w",), eval_multiples=(1,))
+    with pytest.raises(ValueError, match="train_multiples"):
+        nd.NeedleSettings(tasks=("w",), train_multiples=(1, 2))
+
+
 def test_needle_row_is_the_accuracy_on_the_evaluation_stream_of_its_seed():
     # recompute one cell by hand: train with TrainConfig.seed, evaluate on eval_rng(seed, n)
     s = nd.NeedleSettings(tasks=("pk",), models=("lmm",), seeds=(1,), window=6,
@@ -82,7 +101,8 @@ def test_evaluation_streams_are_disjoint_from_every_training_stream():
 
 
 def test_swa_answer_logits_depend_only_on_its_receptive_field():
-    s = nd.NeedleSettings(window=6, model=dict(d_model=8, num_heads=2, num_layers=2))
+    s = nd.NeedleSettings(tasks=("pk",), window=6,
+                          model=dict(d_model=8, num_heads=2, num_layers=2))
     cfg = nd.model_config("swa", s, 32, "reference")
     model = Model(cfg)
     params = model.init(np.random.default_rng(0))
@@ -108,6 +128,22 @@ def test_ttt_linear_style_is_the_lmm_with_plain_gradient_steps():
     assert init_state(Model(cfg), TrainConfig()).params.size > 0
 
 
+def test_lmm_deep_is_the_lmm_with_a_two_layer_memory_and_clipped_surprise():
+    lmm = nd.model_config("lmm", nd.DEFAULT, 32, "reference")
+    deep = nd.model_config("lmm_deep", nd.DEFAULT, 32, "reference")
+    assert (deep.model, deep.memory_depth, deep.max_grad_norm) == ("lmm", 2, 1.0)
+    # every other field is the LMM's: the same chunking, gates, sizes and recipe
+    assert deep == lmm.with_(memory_depth=2, max_grad_norm=1.0)
+    assert lmm.memory_depth == 1 and lmm.chunk_size == 1
+    assert nd.train_config("lmm_deep", nd.DEFAULT, 3) == nd.train_config("lmm", nd.DEFAULT, 3)
+    # selectable, but not in the default table, and its rows keep a name of their own
+    assert "lmm_deep" not in nd.DEFAULT.models and "lmm_deep" in nd.CHOICES
+    assert nd.NAMES["lmm_deep"] == "LMM (L_M = 2)" and nd.NAMES["lmm"] == "LMM"
+    params = init_state(Model(deep), TrainConfig()).params
+    shallow = init_state(Model(lmm), TrainConfig()).params
+    assert params.size > shallow.size  # the second memory layer's weights
+
+
 def _main(argv):
     from minititans.cli import main
 
@@ -124,6 +160,7 @@ def _main(argv):
     (["--lengths", "4", "4"], "--lengths"),
     (["--tasks", "pk", "pk"], "--tasks"),
     (["--steps", "0"], "--steps"),
+    (["--tasks", "w", "--lengths", "1"], "--lengths"),
 ])
 def test_needle_cli_bad_flags_are_usage_errors_before_any_training(argv, flag, monkeypatch,
                                                                    capsys):
@@ -152,6 +189,8 @@ def test_needle_cli_flags_become_the_settings(monkeypatch):
                                                               ("mal", "gated_delta"), (7, 9),
                                                               (2, 8))
     assert s.train["steps"] == 5 and "steps" not in s.train_overrides["mac"]
+    _main(["needle", "--tasks", "pk", "--models", "lmm_deep", "lmm", "--quiet"])
+    assert seen["s"].models == ("lmm_deep", "lmm") and seen["s"].tasks == ("pk",)
     _main(["needle", "--full", "--quiet"])
     assert seen["s"].eval_multiples == (1, 4, 16, 64, 256, 1024) and len(seen["s"].seeds) == 5
 
@@ -191,7 +230,7 @@ def test_run_jobs_starts_the_costly_jobs_first_and_returns_results_in_job_order(
         assert _STARTED == sorted(jobs, reverse=True)
     # the needle experiment's costs put MAC first and SWA last
     order = sorted(nd.MODELS, key=lambda m: -nd.RELATIVE_COST[m])
-    assert set(nd.RELATIVE_COST) == set(nd.MODELS)
+    assert set(nd.RELATIVE_COST) == set(nd.CHOICES)
     assert order[-1] == "swa" and nd.RELATIVE_COST["mac"] > nd.RELATIVE_COST["lmm"]
 
 
