@@ -181,6 +181,10 @@ def needle_settings(args):
             changes[name] = tuple(getattr(args, name))
     if args.lengths is not None:
         changes["eval_multiples"] = tuple(args.lengths)
+    if args.train_lengths is not None:
+        changes["train_multiples"] = tuple(args.train_lengths)
+    if args.config is not None:
+        changes["model"] = {**settings.model, **parse_config(args.config)}
     if args.steps is not None:
         changes["train"] = {**settings.train, "steps": args.steps}
         changes["train_overrides"] = {m: {k: v for k, v in o.items() if k != "steps"}
@@ -200,10 +204,15 @@ def run_needle(args) -> int:
 
 def check_needle_args(parser, args) -> None:
     """Usage errors for ``needle`` flags, before any training (argparse checks the names)."""
-    for flag in ("tasks", "models", "seeds", "lengths"):
+    for flag in ("tasks", "models", "seeds", "lengths", "train_lengths"):
         values = getattr(args, flag)
         if values is not None and len(set(values)) != len(values):
-            parser.error(f"--{flag} must not repeat a value, got {' '.join(map(str, values))}")
+            parser.error(f"--{flag.replace('_', '-')} must not repeat a value, got "
+                         f"{' '.join(map(str, values))}")
+    if args.train_lengths is not None and min(args.train_lengths) < 1:
+        parser.error(f"--train-lengths are multiples of the window and must be >= 1, got "
+                     f"{min(args.train_lengths)}")
+    _check_needle_config(parser, args)
     if args.seeds is not None and min(args.seeds) < 0:
         parser.error(f"--seeds must be >= 0, got {min(args.seeds)}")
     if args.lengths is not None and min(args.lengths) < 1:
@@ -217,6 +226,30 @@ def check_needle_args(parser, args) -> None:
     except ValueError as e:
         parser.error(f"--lengths (or --tasks): {e}")
     _check_out_dir(parser, "--out", args.out)
+
+
+def _check_needle_config(parser, args) -> None:
+    """``needle --config``: known ModelConfig fields, not the experiment's own, and values
+    that every model of the run accepts."""
+    if args.config is None:
+        return
+    try:
+        extra = parse_config(args.config)
+    except ValueError as e:
+        parser.error(f"--config: {e}")
+    _check_config_fields(parser, extra)
+    owned = sorted(set(extra) & {"model", "backend", "vocab_size", "window", "segment_len"})
+    if owned:
+        parser.error(f"--config may not set {', '.join(owned)} (the experiment sets them; "
+                     f"use --models and --backend)")
+    from .experiments.needle import model_config
+
+    settings = needle_settings(args)
+    for name in settings.models:
+        try:
+            model_config(name, settings, 32, "reference")
+        except (TypeError, ValueError) as e:
+            parser.error(f"--config: {e}")
 
 
 def _validate_ablate(parser, args) -> None:
@@ -532,6 +565,14 @@ def _add_needle(sub):
                         "256; --full adds 1024)")
     p.add_argument("--full", action="store_true",
                    help="evaluate up to 1024x the window (16,384 tokens; takes longer)")
+    p.add_argument("--train-lengths", nargs="+", type=int, default=None, metavar="K",
+                   help="training lengths as multiples of the window, one drawn per batch "
+                        "(default: 2 8 32)")
+    p.add_argument("--config", default=None, metavar="JSON|FILE|k=v,...",
+                   help="ModelConfig fields changed for every model, e.g. 'alpha_init=0.01' "
+                        "or 'anchored_memory=true' (default: none; model, backend, "
+                        "vocab_size, window and segment_len are the experiment's, and a "
+                        "variant's own fields win)")
     p.add_argument("--steps", type=int, default=None, help="training steps per model")
     p.add_argument("--workers", type=int, default=None,
                    help="parallel training processes (default: number of cores)")

@@ -161,6 +161,12 @@ def _main(argv):
     (["--tasks", "pk", "pk"], "--tasks"),
     (["--steps", "0"], "--steps"),
     (["--tasks", "w", "--lengths", "1"], "--lengths"),
+    (["--train-lengths", "0", "8"], "--train-lengths"),
+    (["--train-lengths", "8", "8"], "--train-lengths"),
+    (["--config", "alpha_innit=0.01"], "--config"),          # unknown field
+    (["--config", "window=8"], "--config"),                  # the experiment's own
+    (["--config", "alpha_init=2.0"], "--config"),            # a value ModelConfig refuses
+    (["--config", "alpha_init"], "--config"),                # not key=value
 ])
 def test_needle_cli_bad_flags_are_usage_errors_before_any_training(argv, flag, monkeypatch,
                                                                    capsys):
@@ -193,6 +199,14 @@ def test_needle_cli_flags_become_the_settings(monkeypatch):
     assert seen["s"].models == ("lmm_deep", "lmm") and seen["s"].tasks == ("pk",)
     _main(["needle", "--full", "--quiet"])
     assert seen["s"].eval_multiples == (1, 4, 16, 64, 256, 1024) and len(seen["s"].seeds) == 5
+    # the length-generalisation ablation's flags: training lengths and model fields
+    from dataclasses import replace
+
+    _main(["needle", "--tasks", "pk", "--models", "lmm", "--train-lengths", "32",
+           "--config", "alpha_init=0.01,anchored_memory=true", "--quiet"])
+    expected = replace(nd.DEFAULT, tasks=("pk",), models=("lmm",), train_multiples=(32,),
+                       model={**nd.DEFAULT.model, "alpha_init": 0.01, "anchored_memory": True})
+    assert seen["s"] == expected
 
 
 def test_demo_seed_seeds_part_two(monkeypatch):
