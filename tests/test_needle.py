@@ -1,6 +1,7 @@
 """The needle experiment (Titans Table 2 in miniature): its output contract, its seeds, its CLI."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -128,14 +129,16 @@ def test_ttt_linear_style_is_the_lmm_with_plain_gradient_steps():
     assert init_state(Model(cfg), TrainConfig()).params.size > 0
 
 
-def test_lmm_deep_is_the_lmm_with_a_two_layer_memory_and_clipped_surprise():
+def test_lmm_deep_is_the_lmm_with_a_two_layer_anchored_memory_clipped_and_twice_the_steps():
     lmm = nd.model_config("lmm", nd.DEFAULT, 32, "reference")
     deep = nd.model_config("lmm_deep", nd.DEFAULT, 32, "reference")
     assert (deep.model, deep.memory_depth, deep.max_grad_norm) == ("lmm", 2, 1.0)
-    # every other field is the LMM's: the same chunking, gates, sizes and recipe
-    assert deep == lmm.with_(memory_depth=2, max_grad_norm=1.0)
-    assert lmm.memory_depth == 1 and lmm.chunk_size == 1
-    assert nd.train_config("lmm_deep", nd.DEFAULT, 3) == nd.train_config("lmm", nd.DEFAULT, 3)
+    # every other field is the LMM's: the same chunking, gates and sizes
+    assert deep == lmm.with_(memory_depth=2, max_grad_norm=1.0, anchored_memory=True)
+    assert lmm.memory_depth == 1 and lmm.chunk_size == 1 and not lmm.anchored_memory
+    lmm_train = nd.train_config("lmm", nd.DEFAULT, 3)
+    assert nd.train_config("lmm_deep", nd.DEFAULT, 3) == replace(lmm_train, steps=600)
+    assert lmm_train.steps == 300
     # selectable, but not in the default table, and its rows keep a name of their own
     assert "lmm_deep" not in nd.DEFAULT.models and "lmm_deep" in nd.CHOICES
     assert nd.NAMES["lmm_deep"] == "LMM (L_M = 2)" and nd.NAMES["lmm"] == "LMM"
