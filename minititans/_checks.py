@@ -49,9 +49,11 @@ def weight_bound(dtype, depth: int) -> float:
     surprise of its first layer $2L - 1$, so weights far below the float range already
     overflow inside the forward or the gradient. Two correct implementations then round
     the overflow differently (one gets NaN from inf·0 where the other gets a saturated 0),
-    and the token at which the weights finally turn NaN differs between them. Below $B$
-    no product of $2L + 2$ weights overflows, so every backend computes the same weights up
-    to rounding, and the first token past $B$ is the same on all of them. $B$: float64
+    and the token at which the weights finally turn NaN differs between them. Below $B$ a
+    product of $2L + 2$ weights stays within the float range (the sums over the layers'
+    widths take a factor of the width per layer, far below the margin for unit-scale keys),
+    so every backend computes the same weights up to rounding, and the first token past
+    $B$ is the same on all of them. $B$: float64
     1.2e77 (L = 1), 2.4e51 (2), 3.4e38 (3); float32 4.3e9, 2.6e6, 6.6e4.
     """
     return float(np.finfo(dtype).max) ** (1.0 / (2 * int(depth) + 2))
