@@ -78,7 +78,7 @@ def test_eq2_banded_window_for_long_sequences_matches_naive_loop(window, prefix,
 
 def test_eq2_banded_window_gradient():
     q, k, v = qkv(T=150, d=2, d_v=2, seed=5)
-    check_grads(lambda q, k, v: causal_attention(q, k, v, 3, 1), modes=["rev"], order=1)(q, k, v)
+    check_grads(lambda a: causal_attention(*a, 3, 1), modes=["rev"], order=1)((q, k, v))
 
 
 @pytest.mark.parametrize("window,prefix,T", [(None, 0, 9), (3, 2, 9), (4, 1, 200)])
@@ -226,8 +226,8 @@ def test_eq2_leading_axes_carried_along():
 @pytest.mark.parametrize("window,prefix", [(None, 0), (2, 1)])
 def test_eq2_causal_attention_gradient(window, prefix):
     q, k, v = qkv(T=5, d=3, d_v=2)
-    check_grads(lambda q, k, v: causal_attention(q, k, v, window, prefix),
-                modes=["rev"], order=1)(q, k, v)
+    check_grads(lambda a: causal_attention(*a, window, prefix),  # all three arguments
+                modes=["rev"], order=1)((q, k, v))
 
 
 def test_eq2_float32_in_float32_out():

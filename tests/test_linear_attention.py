@@ -213,19 +213,18 @@ def test_appendix_c_dot_loss_memory_scan_equals_linear_attention():
 @pytest.mark.parametrize("feature_map,normalize", [("identity", False), ("elu1", True)])
 def test_eq3_linear_attention_gradient(feature_map, normalize):
     q, k, v = qkv(T=4, d=3, d_v=2)
-    check_grads(lambda q, k, v: linear_attention(q, k, v, feature_map, normalize),
-                modes=["rev"], order=1)(q, k, v)
-    check_grads(lambda q, k, v: linear_attention_recurrent(q, k, v, feature_map,
-                                                           normalize)[0],
-                modes=["rev"], order=1)(q, k, v)
+    # check_grads differentiates its first argument: q, k and v go in as one tuple
+    check_grads(lambda a: linear_attention(*a, feature_map, normalize),
+                modes=["rev"], order=1)((q, k, v))
+    check_grads(lambda a: linear_attention_recurrent(*a, feature_map, normalize)[0],
+                modes=["rev"], order=1)((q, k, v))
 
 
 @pytest.mark.parametrize("f", [delta_rule, gated_delta_rule])
 def test_appendix_c_delta_rule_gradient(f):
     q, k, v = qkv(T=4, d=3, d_v=2)
     beta, alpha = gates(T=4)
-    check_grads(lambda q, k, v, beta, alpha: f(q, k, v, beta, alpha),
-                modes=["rev"], order=1)(q, k, v, beta, alpha)
+    check_grads(lambda a: f(*a), modes=["rev"], order=1)((q, k, v, beta, alpha))
 
 
 def test_eq4_and_delta_rule_float32_in_float32_out():
