@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import autograd.numpy as anp
 import numpy as np
+from autograd.extend import defvjp, primitive
 
 from ._checks import check_array, check_float_dtype, check_int, check_rng
 from .activations import sigmoid, silu
@@ -95,6 +96,42 @@ def init_depthwise_conv(rng, channels: int, kernel_size: int = 4, bias: bool = T
     return p
 
 
+@primitive
+def _causal_taps(w, xp):
+    r"""$y_t = \sum_j w_j \odot x'_{K-1+t-j}$ for the padded input ``xp`` ``(..., K-1+T, C)``.
+
+    One autograd node with its own VJP: slicing a box once per tap would cost a scatter
+    into a zero array of ``xp``'s size per tap in the backward pass.
+    """
+    K, T = w.shape[0], xp.shape[-2] - w.shape[0] + 1
+    y = w[0] * xp[..., K - 1:K - 1 + T, :]
+    for j in range(1, K):  # tap j reads x_{t-j}, at row K - 1 + t - j of the padded input
+        y = y + w[j] * xp[..., K - 1 - j:K - 1 - j + T, :]
+    return y
+
+
+def _taps_vjp_w(ans, w, xp):
+    K, T = w.shape[0], xp.shape[-2] - w.shape[0] + 1
+    lead = tuple(range(xp.ndim - 1))  # every axis but the channels
+    return lambda g: np.stack([np.sum(g * xp[..., K - 1 - j:K - 1 - j + T, :], axis=lead)
+                               for j in range(K)])
+
+
+def _taps_vjp_xp(ans, w, xp):
+    K, T = w.shape[0], xp.shape[-2] - w.shape[0] + 1
+
+    def vjp(g):
+        out = np.zeros(np.shape(xp), dtype=np.result_type(g, w))
+        for j in range(K):
+            out[..., K - 1 - j:K - 1 - j + T, :] += w[j] * g
+        return out
+
+    return vjp
+
+
+defvjp(_causal_taps, _taps_vjp_w, _taps_vjp_xp)
+
+
 def depthwise_conv(p, x, state=None):
     r"""Section 4.4's depthwise causal 1-D convolution (kernel 4 in the NeurIPS version).
 
@@ -125,8 +162,7 @@ def depthwise_conv(p, x, state=None):
         raise ValueError(f"state must have shape {lead + (K - 1, C)} (..., kernel_size - 1, "
                          f"channels), got {np.shape(state)}")
     xp = anp.concatenate([state, x], axis=-2)  # (..., K - 1 + T, C)
-    # tap j reads x_{t-j}, which sits at row K - 1 + t - j of the padded input
-    y = sum(p["w"][j] * xp[..., K - 1 - j:K - 1 - j + T, :] for j in range(K))  # (..., T, C)
+    y = _causal_taps(p["w"], xp)  # (..., T, C): tap j reads x_{t-j}
     if "b" in p:
         y = y + p["b"]
     return y, xp[..., xp.shape[-2] - (K - 1):, :]

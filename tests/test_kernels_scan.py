@@ -12,6 +12,7 @@ import sys
 import textwrap
 import warnings
 
+import autograd.numpy as anp
 import numpy as np
 import pytest
 from naive_memory import unit_rows
@@ -231,6 +232,81 @@ def test_batched_scan_reports_divergence_with_its_sequence(rng):
         numba_memory_scan_batched(stacked, np.stack([K * 50] * B), np.stack([V] * B),
                                   np.stack([Q] * B), alpha=0.0, eta=0.99, theta=theta)
     assert err.value.token >= 3
+
+
+@pytest.mark.parametrize("chunk_size,anchored", [(1, False), (4, True)])
+def test_eqs13_18_batched_scan_gradients_equal_each_sequences_own(rng, chunk_size, anchored):
+    """Under autograd the batched scan is one node; its gradients with respect to every
+    argument (rows, gates, initial weights, momentum, anchor) equal those of one
+    differentiable scan per sequence, on both backends."""
+    from autograd import grad
+
+    B, T, d = 3, 10, 4
+    cases = [_case(rng, T, d, 2) for _ in range(B)]
+    K, V, Q = (np.stack([c[i] for c in cases]) for i in (1, 2, 3))
+    G = np.stack([np.stack([c[4][n] for n in ("alpha", "eta", "theta")]) for c in cases])
+    W0 = [np.stack(ws) for ws in zip(*(c[0].params for c in cases))]
+    S0 = [np.stack(ws) for ws in zip(*(c[0].momentum for c in cases))]
+    like = cases[0][0].params.like
+    cot = rng.standard_normal((B, T, d))  # a random cotangent for the outputs ...
+    cot_W = [rng.standard_normal(w.shape) for w in W0]  # ... and for the final weights
+
+    def objective(out, weights):
+        return anp.sum(out * cot) + sum(anp.sum(w * c) for w, c in zip(weights, cot_W))
+
+    def batched(args):
+        K, V, Q, G, W, S = args
+        state = mt.MemoryState(like(W), like(S), like(W) if anchored else None)
+        out, final = numba_memory_scan_batched(state, K, V, Q, alpha=G[:, 0], eta=G[:, 1],
+                                               theta=G[:, 2], chunk_size=chunk_size)
+        return objective(out, final.params)
+
+    def per_sequence(args, backend):
+        K, V, Q, G, W, S = args
+        outs, finals = [], []
+        for s in range(B):
+            Ws = like([w[s] for w in W])
+            state = mt.MemoryState(Ws, like([m[s] for m in S]), Ws if anchored else None)
+            out, final = mt.memory_scan(state, K[s], V[s], Q[s], alpha=G[s, 0], eta=G[s, 1],
+                                        theta=G[s, 2], chunk_size=chunk_size, backend=backend)
+            outs.append(out)
+            finals.append(final.params)
+        return objective(anp.stack(outs), [anp.stack([f[i] for f in finals])
+                                           for i in range(len(W0))])
+
+    args = (K, V, Q, G, W0, S0)
+    got = grad(batched)(args)
+    assert batched(args) == pytest.approx(per_sequence(args, "numba"), rel=1e-13)
+    for backend, tol in (("numba", 1e-12), ("reference", 1e-8)):
+        want = grad(lambda a: per_sequence(a, backend))(args)
+        for g, w in zip(got[:4] + tuple(got[4]) + tuple(got[5]),
+                        want[:4] + tuple(want[4]) + tuple(want[5])):
+            np.testing.assert_allclose(g, w, rtol=tol, atol=tol * np.abs(w).max())
+
+
+def test_batched_scan_under_autograd_names_the_diverging_sequence(rng):
+    from autograd import grad
+
+    B, T, d = 2, 8, 4
+    state, K, V, Q, _ = _case(rng, T, d, 1, momentum=False)
+    W = [np.stack([w] * B) for w in state.params]
+    theta = np.zeros((B, T))
+    theta[1, 3:] = 1e150
+
+    def total(k):
+        st = mt.MemoryState.initial(state.params.like(W))
+        out, _ = numba_memory_scan_batched(st, k, np.stack([V] * B), np.stack([Q] * B),
+                                           alpha=0.0, eta=0.99, theta=theta)
+        return anp.sum(out)
+
+    with pytest.raises(mt.MemoryDivergenceError, match="of sequence 1") as err:
+        grad(total)(np.stack([K * 50] * B))
+    assert err.value.token >= 3
+    with pytest.raises(ValueError, match=r"alpha must have shape \(2, 8\) when differentiated"):
+        grad(lambda a: anp.sum(numba_memory_scan_batched(
+            mt.MemoryState.initial(state.params.like(W)), np.stack([K] * B),
+            np.stack([V] * B), np.stack([Q] * B), alpha=a, eta=0.9, theta=0.1)[0]))(
+            np.full(T, 0.01))
 
 
 def test_numba_scan_under_autograd_goes_to_the_vjp(rng):

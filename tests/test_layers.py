@@ -2,6 +2,7 @@
 
 import math
 
+import autograd.numpy as anp
 import numpy as np
 import pytest
 from autograd.test_util import check_grads
@@ -111,6 +112,23 @@ def test_sec44_depthwise_conv_batch_axes_each_sequence_its_own_state():
         depthwise_conv(p, x, state[0])
 
 
+def test_sec44_depthwise_conv_gradient_matches_finite_differences():
+    """The convolution is one autograd node with a hand-written VJP (for w and for the
+    padded input, hence x and the carried state): checked against central differences."""
+
+    p = randomize(init_depthwise_conv(rng(), channels=3, kernel_size=4))
+    r = rng()
+    x, state = r.standard_normal((2, 7, 3)), r.standard_normal((2, 3, 3))
+    weights = r.standard_normal((2, 7, 3))
+
+    def f(args):  # check_grads differentiates its first argument: all of them in a tuple
+        w, b, x, state = args
+        y, new = depthwise_conv({"w": w, "b": b}, x, state)
+        return anp.sum(y * weights) + anp.sum(new ** 2)
+
+    check_grads(f, modes=["rev"], order=1)((p["w"], p["b"], x, state))
+
+
 def test_sec44_depthwise_conv_is_causal():
     p = randomize(init_depthwise_conv(rng(), channels=2, kernel_size=3))
     x = rng(2).standard_normal((6, 2))
@@ -181,8 +199,8 @@ def test_sec44_layer_gradients():
         (lambda p, x: prepend_persistent(p, x), (pers, x)),
         (lambda x: residual(silu, x), (x,)),
     ]
-    for f, args in checks:
-        check_grads(f, modes=["rev"], order=1)(*args)
+    for f, args in checks:  # check_grads differentiates its first argument: pass them all
+        check_grads(lambda a, f=f: f(*a), modes=["rev"], order=1)(args)
 
 
 def test_sec44_layers_float32_in_float32_out():

@@ -179,15 +179,47 @@ def test_eqs16_18_chunked_models_match_a_hand_assembled_chunked_forward(model):
 @pytest.mark.parametrize("backend", ["reference", "numba"])
 def test_models_run_the_memory_backend_of_their_config(backend, monkeypatch):
     import minititans.memory.scan as scan
+    import minititans.models.blocks as blocks
 
     calls = []
-    real = scan.numba_memory_scan
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def spy(real):
+        def run(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+        return run
 
-    monkeypatch.setattr(scan, "numba_memory_scan", spy)
+    monkeypatch.setattr(scan, "numba_memory_scan", spy(scan.numba_memory_scan))
+    monkeypatch.setattr(blocks, "numba_memory_scan_batched",  # a batch at once
+                        spy(blocks.numba_memory_scan_batched))
     cfg = tiny("lmm", backend=backend)
     apply(init(np.random.default_rng(0), cfg), np.arange(6) % cfg.vocab_size, cfg)
     assert bool(calls) == (backend == "numba")
+
+
+@pytest.mark.skipif(not numba_available(), reason="the numba memory scan has no gradient here")
+@pytest.mark.parametrize("model", ["lmm", "mac", "mag", "mal"])
+def test_numba_models_scan_the_batch_at_once_with_the_numbers_of_one_scan_per_sequence(
+        model, monkeypatch):
+    """On the numba backend a model's batch is one differentiable scan (one batched
+    MemoryState); the loss and its gradient equal one ``memory_scan`` per sequence."""
+    import minititans.models.blocks as blocks
+    import minititans.models.mac as mac
+
+    cfg = tiny(model, backend="numba", chunk_size=2, anchored_memory=True, max_grad_norm=1.0)
+    tokens = np.random.default_rng(7).integers(0, cfg.vocab_size, (3, 11))
+    loss, flat = _loss_fn(cfg, tokens)
+    calls = []
+    real = blocks.numba_memory_scan_batched
+    monkeypatch.setattr(blocks, "numba_memory_scan_batched",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    batched = loss(flat), grad(loss)(flat)
+    assert calls  # the batched scan ran
+    for module in (blocks, mac):
+        monkeypatch.setattr(module, "batched_scan", lambda cfg, x: False)
+    calls.clear()
+    per_sequence = loss(flat), grad(loss)(flat)
+    assert not calls
+    assert batched[0] == pytest.approx(per_sequence[0], rel=1e-13)
+    np.testing.assert_allclose(batched[1], per_sequence[1], rtol=1e-10,
+                               atol=1e-12 * np.abs(per_sequence[1]).max())

@@ -30,7 +30,7 @@ from .layout import (
 )
 from .scalars import ACTIVATION_CODES, LOSS_CODES
 from .token import token_loop
-from .vjp import numba_scan_differentiable
+from .vjp import numba_scan_differentiable, numba_scan_differentiable_batched
 
 
 def _spec(shapes, offsets, dtype, activation, residual_norm, read, loss, p, delta,
@@ -120,14 +120,26 @@ def numba_scan_batched(weights, momentum, keys, values, queries, alpha, eta, the
                        anchor=None):
     r"""B independent scans at once, in parallel over the batch (``numba.prange``).
 
-    As :func:`numba_scan` (arguments already checked, not differentiable) with a leading
-    batch axis on everything: ``W_i`` (and the anchor's) ``(B, fan_in, fan_out)``, rows
-    ``(B, T, d)``, gates ``(B, T)`` arrays. A divergence raises for the earliest token over
-    all sequences (its message names the sequence).
+    As :func:`numba_scan` (arguments already checked) with a leading batch axis on
+    everything: ``W_i`` (and the anchor's) ``(B, fan_in, fan_out)``, rows ``(B, T, d)``,
+    gates ``(B, T)`` arrays. A divergence raises for the earliest token over all sequences
+    (its message names the sequence). If any argument is an autograd box the call goes to
+    :func:`.vjp.numba_scan_differentiable_batched` (one sequence after the other, in one
+    autograd node).
 
     Returns:
         ``(out (B, T, d_out), new weights, new momentum)``, each ``W_i`` ``(B, ...)``.
     """
+    leaves = (*weights, *momentum, *(anchor or ()), keys, values, queries, alpha, eta, theta)
+    if any(isbox(x) for x in leaves):
+        plain = [np.asarray(getval(x)) for x in (*weights, keys, values, queries)]
+        dtype = np.result_type(*plain)
+        shapes, offsets = pack_weights([w[0] for w in plain[:len(weights)]], dtype)[1:]
+        spec = _spec(shapes, offsets, dtype, activation, residual_norm, read, loss, p, delta,
+                     max_grad_norm)
+        return numba_scan_differentiable_batched(
+            weights, momentum, spec, keys, values, queries, alpha, eta, theta,
+            chunk_size=chunk_size, on_nonfinite=on_nonfinite, anchor=anchor)
     K = np.asarray(keys)
     dtype = np.result_type(K, values, queries, *weights)
     M, shapes, offsets = pack_weights(weights, dtype, batched=True)

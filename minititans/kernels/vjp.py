@@ -135,12 +135,11 @@ class _Tape:
         _POOL.give(self.pooled)
 
 
-@primitive
-def _scan_primitive(keys, values, queries, alpha, eta, theta, *memory, config, tape):
-    """The scan on flat arrays: ``memory = (W_1..W_L, S_1..S_L)``, then the anchor
-    ``(A_1..A_L)`` when ``config.anchored``; returns ``(out, W..., S...)``."""
-    cf, dt = config, config.dtype
-    spec = cf.spec
+def _forward_one(cf, tape, keys, values, queries, alpha, eta, theta, memory):
+    """One sequence's scan with a full tape (kept in ``tape``): ``(out, M, S, first_bad)``,
+    ``M`` and ``S`` the final state's flat arrays, ``first_bad`` the first diverged token
+    (-1: none; with ``on_nonfinite="raise"`` the scan stopped there)."""
+    dt, spec = cf.dtype, cf.spec
     L = len(spec.shapes)
     anchor = pack_weights(memory[2 * L:], dt)[0] if cf.anchored else np.zeros(0, dt)
     seq = Seq(*(np.ascontiguousarray(x, dtype=dt)
@@ -163,10 +162,20 @@ def _scan_primitive(keys, values, queries, alpha, eta, theta, *memory, config, t
     else:
         M1, S1 = (take((1, padded(P, dt)), dt)[0, :P] for _ in range(2))
         first_bad = chunk_scan(M, S, M1, S1, spec, seq, tp, b, seg, stop, out)
-    if first_bad >= 0:
-        report_divergence(first_bad, cf.on_nonfinite, stacklevel=4,
-                          reason=diverged_reason(spec.bound))
     tape.arrays = dict(tape=tp, seq=seq)
+    return out, M, S, int(first_bad)
+
+
+@primitive
+def _scan_primitive(keys, values, queries, alpha, eta, theta, *memory, config, tape):
+    """The scan on flat arrays: ``memory = (W_1..W_L, S_1..S_L)``, then the anchor
+    ``(A_1..A_L)`` when ``config.anchored``; returns ``(out, W..., S...)``."""
+    spec = config.spec
+    out, M, S, first_bad = _forward_one(config, tape, keys, values, queries, alpha, eta,
+                                        theta, memory)
+    if first_bad >= 0:
+        report_divergence(first_bad, config.on_nonfinite, stacklevel=4,
+                          reason=diverged_reason(spec.bound))
     return (out, *unpack_weights(M, spec.shapes, spec.offsets),
             *unpack_weights(S, spec.shapes, spec.offsets))
 
@@ -187,6 +196,51 @@ def _scan_vjp(argnums, ans, args, kwargs):
 
 
 defvjp_argnums(_scan_primitive, _scan_vjp)
+
+
+@primitive
+def _batch_primitive(keys, values, queries, alpha, eta, theta, *memory, config, tapes):
+    """:func:`_scan_primitive` on a batch: every argument has a leading batch axis of
+    ``len(tapes)``, sequence ``s`` is scanned on its own with tape ``tapes[s]``; returns
+    ``(out (B, T, d_out), W_1..W_L, S_1..S_L)``, each ``(B, ...)``."""
+    spec = config.spec
+    outs, Ms, Ss, bad = [], [], [], []
+    for s, tape in enumerate(tapes):
+        out, M, S, first_bad = _forward_one(
+            config, tape, keys[s], values[s], queries[s], alpha[s], eta[s], theta[s],
+            [m[s] for m in memory])
+        outs.append(out)
+        Ms.append(unpack_weights(M, spec.shapes, spec.offsets))
+        Ss.append(unpack_weights(S, spec.shapes, spec.offsets))
+        bad.append(first_bad)
+    bad = np.array(bad)
+    if (bad >= 0).any():  # the earliest token over all sequences, as numba_scan_batched
+        s = int(np.argmin(np.where(bad >= 0, bad, np.iinfo(np.int64).max)))
+        report_divergence(int(bad[s]), config.on_nonfinite, f" of sequence {s}",
+                          stacklevel=4, reason=diverged_reason(spec.bound))
+    L = len(spec.shapes)
+    return (np.stack(outs), *(np.stack([W[i] for W in Ms]) for i in range(L)),
+            *(np.stack([S[i] for S in Ss]) for i in range(L)))
+
+
+def _batch_vjp(argnums, ans, args, kwargs):
+    cf, tapes = kwargs["config"], kwargs["tapes"]
+    L = len(cf.spec.shapes)
+
+    def vjp(g):
+        if any(isbox(x) for x in g):
+            raise NotImplementedError(
+                "the VJP of memory_scan(backend='numba') is first order only; use "
+                "backend='reference' for higher derivatives")
+        per_seq = [_backward(cf, tape, g[0][s], [x[s] for x in g[1:1 + L]],
+                             [x[s] for x in g[1 + L:]]) for s, tape in enumerate(tapes)]
+        return tuple(np.stack([grads[i] for grads in per_seq]).astype(
+            np.asarray(args[i]).dtype, copy=False) for i in argnums)
+
+    return vjp
+
+
+defvjp_argnums(_batch_primitive, _batch_vjp)
 
 
 def _backward(cf, tape, g_out, g_M, g_S):
@@ -244,4 +298,35 @@ def numba_scan_differentiable(weights, momentum, spec, keys, values, queries, al
                      anchored=anchor is not None)
     res = _scan_primitive(keys, values, queries, *gates, *weights, *momentum, *(anchor or ()),
                           config=config, tape=_Tape())
+    return res[0], [res[1 + i] for i in range(L)], [res[1 + L + i] for i in range(L)]
+
+
+def numba_scan_differentiable_batched(weights, momentum, spec, keys, values, queries, alpha,
+                                      eta, theta, *, chunk_size=1, on_nonfinite="raise",
+                                      checkpoint_every=None, anchor=None):
+    r""":func:`numba_scan_differentiable` on B independent sequences, one autograd node.
+
+    Every argument has a leading batch axis: ``W_i`` (and the momentum's and anchor's)
+    ``(B, fan_in, fan_out)``, rows ``(B, T, d)``, gates ``(B, T)``. Sequence ``s`` is
+    computed exactly as ``numba_scan_differentiable`` on its slice (the same kernels, one
+    sequence after the other); its gradients too. A model's batch costs one primitive
+    instead of one per sequence plus the slicing (whose gradients scatter into the whole
+    batch): that overhead, not the kernels, was most of a small model's training step.
+    A divergence raises for the earliest token over all sequences.
+
+    Returns:
+        ``(out (B, T, d_out), new weights (list of (B, ...)), new momentum (list))``.
+    """
+    L = len(weights)
+    B, T = np.shape(getval(keys))[:2]
+    b = int(chunk_size)
+    seg = default_checkpoint_every(T, b) if checkpoint_every is None else int(checkpoint_every)
+    if seg < 1 or seg % b:
+        raise ValueError(f"checkpoint_every must be a positive multiple of chunk_size={b}, "
+                         f"got {seg}")
+    config = _Config(spec=spec, dtype=np.dtype(type(spec.p)), chunk_size=b,
+                     checkpoint_every=seg, on_nonfinite=on_nonfinite,
+                     anchored=anchor is not None)
+    res = _batch_primitive(keys, values, queries, alpha, eta, theta, *weights, *momentum,
+                           *(anchor or ()), config=config, tapes=[_Tape() for _ in range(B)])
     return res[0], [res[1 + i] for i in range(L)], [res[1 + L + i] for i in range(L)]

@@ -230,6 +230,15 @@ def memory_forward(params, x):
     return _run(params, x, lambda h, W: h @ W)
 
 
+def forward_batched(params_b, x):
+    """Read B memories at once: weights ``(B, fan_in, fan_out)``, ``x`` ``(B, n, d_in)``.
+
+    Row ``x[s, i]`` is read by memory ``s``: the same numbers as ``memory_forward`` of
+    sequence ``s``'s weights on ``x[s]`` (a model's batch, one memory per sequence).
+    """
+    return _run(params_b, x, anp.matmul)
+
+
 def forward_per_token(params_b, x):
     """Read a memory whose weights differ per token.
 

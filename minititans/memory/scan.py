@@ -290,7 +290,9 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
     r"""B independent memory scans at once, in parallel over the batch (``numba.prange``).
 
     Sequence $s$ is exactly ``memory_scan(..., backend="numba")`` on ``keys[s]``, ... from
-    its own initial state; the time loop inside each stays serial. The number of threads is
+    its own initial state; the time loop inside each stays serial. When an argument is an
+    autograd box the batch is differentiable (first order): the sequences then run one
+    after the other in one autograd node, and differentiated gates must be ``(B, T)``. The number of threads is
     numba's (``numba.set_num_threads``); keep BLAS single-threaded
     (``OPENBLAS_NUM_THREADS=1``) when ``chunk_size > 1`` so the threads do not oversubscribe
     the cores.
@@ -311,14 +313,12 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
         raise TypeError(f"state must be a MemoryState, got {type(state).__name__}")
     leaves = (*state.params, *state.momentum, *(state.anchor or ()), keys, values, queries,
               alpha, eta, theta)
-    if any(isbox(x) for x in leaves):
-        raise NotImplementedError("the batched numba scan is not differentiable; map "
-                                  "memory_scan over the batch to differentiate")
-    spec = state.params
-    weights = [np.asarray(w) for w in spec]
-    momentum = [np.asarray(w) for w in state.momentum]
-    anchor = None if state.anchor is None else [np.asarray(w) for w in state.anchor]
-    K, V, Q = (np.asarray(x) for x in (keys, values, queries))
+    boxed = any(isbox(x) for x in leaves)
+    spec = spec_of(state.params)
+    weights = [np.asarray(getval(w)) for w in spec]
+    momentum = [np.asarray(getval(w)) for w in state.momentum]
+    anchor = None if state.anchor is None else [np.asarray(getval(w)) for w in state.anchor]
+    K, V, Q = (np.asarray(getval(x)) for x in (keys, values, queries))
     if K.ndim != 3 or V.ndim != 3 or Q.ndim != 3:
         raise ValueError("keys, values and queries must have shape (B, T, d), got "
                          f"{K.shape}, {V.shape} and {Q.shape}")
@@ -344,8 +344,11 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
             raise ValueError(f"{name} contains NaN or inf")
     gates = []
     for name, g, high in (("alpha", alpha, 1.0), ("eta", eta, 1.0), ("theta", theta, None)):
+        if isbox(g) and np.shape(getval(g)) != (B, T):
+            raise ValueError(f"{name} must have shape ({B}, {T}) when differentiated, got "
+                             f"shape {np.shape(getval(g))}")
         try:
-            g = np.broadcast_to(np.asarray(g, dtype=dtype), (B, T))
+            g = np.broadcast_to(np.asarray(getval(g), dtype=dtype), (B, T))
         except ValueError:
             raise ValueError(f"{name} must be a float or have shape ({B}, {T}), got shape "
                              f"{np.shape(g)}") from None
@@ -357,10 +360,18 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
         gates.append(g)
     from ..kernels.scan import numba_scan_batched
 
+    if boxed:  # the differentiable batch: the arguments as given, in the common dtype
+        weights, momentum = list(state.params), list(state.momentum)
+        anchor = None if state.anchor is None else list(state.anchor)
+        K, V, Q = (_to_dtype(x, dtype) for x in (keys, values, queries))
+        gates = [g if isbox(g) else np.asarray(g_plain) for g, g_plain in
+                 zip((alpha, eta, theta), gates)]
+        gates = [_to_dtype(g, dtype) if isbox(g) else g for g in gates]
     out, M, S = numba_scan_batched(
-        weights, momentum, K.astype(dtype, copy=False), V, Q, *gates, activation=spec.activation,
-        residual_norm=spec.residual_norm, chunk_size=chunk_size, read=read, loss=loss, p=p,
-        delta=delta, max_grad_norm=max_grad_norm, on_nonfinite=on_nonfinite, anchor=anchor)
+        weights, momentum, K if boxed else K.astype(dtype, copy=False), V, Q, *gates,
+        activation=spec.activation, residual_norm=spec.residual_norm, chunk_size=chunk_size,
+        read=read, loss=loss, p=p, delta=delta, max_grad_norm=max_grad_norm,
+        on_nonfinite=on_nonfinite, anchor=anchor)
     new = MemoryState(spec.like(M), spec.like(S), state.anchor)
     _check_outputs(out, new, on_nonfinite)
     return out, new

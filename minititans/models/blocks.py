@@ -38,6 +38,8 @@ from ..layers import (
     rms_norm,
 )
 from ..memory import MemoryState, compute_gates, init_gates, init_memory, memory_scan
+from ..memory.models import forward_batched, memory_forward
+from ..memory.scan import numba_memory_scan_batched
 
 # --- projections with Section 4.4's convolution -------------------------------------------
 
@@ -125,10 +127,36 @@ def gates(p, x, cfg):
     return (alpha if cfg.forgetting else zero), (eta if cfg.momentum else zero), theta
 
 
-def initial_states(p, batch_size, anchored=False):
+def initial_states(p, batch_size, anchored=False, batched=False):
     r"""One fresh memory per sequence: $(\mathcal{M}_0, S_0 = 0)$, forgetting towards
-    $\mathcal{M}_0$ when ``anchored`` (``ModelConfig.anchored_memory``)."""
-    return [MemoryState.initial(p["M0"], anchored=anchored) for _ in range(batch_size)]
+    $\mathcal{M}_0$ when ``anchored`` (``ModelConfig.anchored_memory``).
+
+    A list of MemoryState, or with ``batched`` one MemoryState whose weights (and momentum
+    and anchor) have a leading batch axis, ``W_i`` ``(B, fan_in, fan_out)``.
+    """
+    if not batched:
+        return [MemoryState.initial(p["M0"], anchored=anchored) for _ in range(batch_size)]
+    M0 = p["M0"]
+    W = M0.like(anp.stack([w] * batch_size) for w in M0)
+    return MemoryState(W, M0.like(np.zeros((batch_size,) + np.shape(w)) for w in M0),
+                       W if anchored else None)
+
+
+def batched_scan(cfg, x) -> bool:
+    """Whether :func:`memory_core` scans the batch in one call (the numba backend): its
+    states are then one batched MemoryState instead of a list."""
+    return cfg.backend == "numba" and np.shape(x)[1] > 0
+
+
+def read_memories(states, q):
+    r"""$\mathcal{M}(q)$ of each sequence's memory: ``q`` ``(B, n, d)`` → ``(B, n, d)``.
+
+    ``states``: a list of MemoryState (one per sequence) or one batched MemoryState (as
+    :func:`memory_core` keeps them on the numba backend); the same numbers either way.
+    """
+    if isinstance(states, MemoryState):
+        return forward_batched(states.params, q)
+    return anp.stack([memory_forward(s.params, q[b]) for b, s in enumerate(states)])
 
 
 def memory_core(p, x, cfg, states=None, conv_states=None, read="after"):
@@ -138,13 +166,26 @@ def memory_core(p, x, cfg, states=None, conv_states=None, read="after"):
     :func:`gates`, chunked as in Eqs. 16–18 with ``cfg.chunk_size``; the read is
     $\mathcal{M}_t(q_t)$ (``read="after"``). Each sequence of the batch has its own memory.
 
+    On the numba backend the whole batch is one differentiable scan
+    (:func:`~minititans.memory.scan.numba_memory_scan_batched`), the states one batched
+    MemoryState; otherwise one ``memory_scan`` per sequence, the states a list. Both give
+    the same numbers (a test checks outputs and gradients).
+
     Returns:
         ``(y (B, T, d), states, conv_states)`` so a caller can continue the stream (MAC).
     """
     q, k, v, conv_states = qkv(p["qkv"], x, conv_states)
-    if states is None:
-        states = initial_states(p, np.shape(x)[0], cfg.anchored_memory)
+    B = np.shape(x)[0]
     alpha, eta, theta = gates(p, x, cfg)
+    if batched_scan(cfg, x) and not isinstance(states, list):
+        if states is None:
+            states = initial_states(p, B, cfg.anchored_memory, batched=True)
+        y, state = numba_memory_scan_batched(
+            states, k, v, q, alpha, eta, theta, chunk_size=cfg.chunk_size, read=read,
+            max_grad_norm=cfg.max_grad_norm or None)
+        return y, state, conv_states
+    if states is None:
+        states = initial_states(p, B, cfg.anchored_memory)
     ys, new_states = [], []
     for b, state in enumerate(states):
         y, state = memory_scan(state, k[b], v[b], q[b], alpha=alpha[b], eta=eta[b],

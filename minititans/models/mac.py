@@ -36,6 +36,7 @@ from ..errors import MEMORY_HINT
 from ..layers import init_linear, l2_normalize, linear, rms_norm
 from ..memory import memory_forward
 from .blocks import (
+    batched_scan,
     combine,
     init_attention,
     init_combine,
@@ -45,6 +46,7 @@ from .blocks import (
     initial_states,
     memory_core,
     proj,
+    read_memories,
 )
 from .lmm import with_persistent
 from .streaming import conv_dict, conv_state, memory_state, memory_stream, memory_weights
@@ -83,15 +85,15 @@ def layer(p, h, cfg):
     # the attention's projections of the segment tokens, also along the stream
     QKV_x = [proj(attn["qkv"][n], x)[0] for n in ("q", "k", "v")]  # 3 x (B, T, d)
     P = with_persistent(p["persistent"], x[:, :0], cfg)  # (B, N_p, d)
-    states, conv_states = initial_states(mem, B, cfg.anchored_memory), None
+    states = initial_states(mem, B, cfg.anchored_memory, batched=batched_scan(cfg, x))
+    conv_states = None
     outs = []
     for start in range(0, T, C):
         seg = slice(start, min(start + C, T))
         n = seg.stop - seg.start
         # Eq. 21: h_t = M*_{t-1}(q_t), each sequence's memory as it was before this segment
         with np.errstate(over="ignore", invalid="ignore"):  # said by check_read
-            h_mem = anp.stack([memory_forward(s.params, q_x[b, seg])
-                              for b, s in enumerate(states)])  # (B, n, d)
+            h_mem = read_memories(states, q_x[:, seg])  # (B, n, d)
         check_read(h_mem, start)
         # as memory tokens, RMS-normalised: their scale drifts as the memory fills or
         # forgets, and attention logits must not drift with it

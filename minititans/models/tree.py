@@ -8,8 +8,8 @@ thing for every tree of the same structure.
 
 from __future__ import annotations
 
-import autograd.numpy as anp
 import numpy as np
+from autograd.extend import defvjp, primitive
 
 from ..memory import MemoryParams
 
@@ -37,21 +37,34 @@ def as_float_arrays(tree):
     return tree_map(lambda x: np.asarray(x, dtype=np.float64), tree)
 
 
+@primitive
+def _split(vec, offsets, shapes):
+    """The pieces of ``vec``: ``vec[offsets[i]:offsets[i + 1]]`` in ``shapes[i]``, a tuple."""
+    return tuple(np.reshape(vec[offsets[i]:offsets[i + 1]], shape)
+                 for i, shape in enumerate(shapes))
+
+
+# the cotangent of the pieces, concatenated: one copy. (Slicing the box instead costs one
+# scatter into a zero vector of the full size per leaf, a tenth of a small model's step.)
+defvjp(_split, lambda ans, vec, offsets, shapes: lambda g: np.concatenate(
+    [np.ravel(x) for x in g]) if len(g) else np.zeros(0))
+
+
 def ravel(tree):
     """``(flat, unravel)``: all leaves in one vector ``(P,)``, and its inverse.
 
-    ``unravel(flat)`` is built from slices and reshapes, so autograd differentiates through
-    it: the gradient of ``loss(unravel(flat))`` is a flat vector in the same order.
+    Autograd differentiates through ``unravel``: the gradient of ``loss(unravel(flat))``
+    is a flat vector in the same order.
     """
     leaves = [np.asarray(x, dtype=np.float64) for x in tree_leaves(tree)]
-    shapes = [x.shape for x in leaves]
+    shapes = tuple(x.shape for x in leaves)
     sizes = [x.size for x in leaves]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes)]))
     flat = np.concatenate([x.ravel() for x in leaves]) if leaves else np.zeros(0)
 
     def unravel(vec):
-        pieces = iter(anp.reshape(vec[offsets[i]:offsets[i + 1]], shapes[i])
-                      for i in range(len(shapes)))
-        return tree_map(lambda _: next(pieces), tree)
+        pieces = _split(vec, offsets, shapes)
+        it = iter(pieces[i] for i in range(len(shapes)))
+        return tree_map(lambda _: next(it), tree)
 
     return flat, unravel
