@@ -267,3 +267,15 @@ def test_run_jobs_runs_every_job_on_one_blas_thread(workers):
 
     assert run_jobs(_blas_threads, [0, 1], desc="t", progress=False,
                     workers=workers) == [[1], [1]]
+
+
+def _numba_threads(_):
+    import numba
+
+    return numba.get_num_threads()
+
+
+def test_run_jobs_workers_run_numba_on_one_thread():
+    from minititans.experiments.pool import run_jobs
+
+    assert run_jobs(_numba_threads, [0, 1], desc="t", progress=False, workers=2) == [1, 1]

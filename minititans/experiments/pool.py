@@ -35,6 +35,13 @@ def single_thread_blas():
 
 def _init_worker():
     single_thread_blas()  # for the life of the worker process
+    # and one numba thread: evaluation scans a batch with a prange kernel, which would
+    # otherwise start a thread per core in every worker (the numbers do not change)
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return
+    numba.set_num_threads(1)
 
 
 def default_workers(n_jobs: int) -> int:
