@@ -215,9 +215,11 @@ def plot_needle(result: dict, axes=None):
     handles, labels = axes[0].get_legend_handles_labels()
     fig.suptitle(f"Needle beyond a {w}-token window, trained at up to "
                  f"{result['train_length']} tokens\nmean over seeds, band: min-max", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8,
-               frameon=False)
+    # one legend row for up to five models, two rows beyond (eight names do not fit in one
+    # row of a one-task figure)
+    ncol = len(labels) if len(labels) <= 5 else (len(labels) + 1) // 2
+    fig.tight_layout(rect=(0, 0.08 if ncol == len(labels) else 0.13, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     return fig
 
 
