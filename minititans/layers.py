@@ -155,7 +155,7 @@ def depthwise_conv(p, x, state=None):
     x_ = check_array("x", x, last_dim=C)
     if x_.ndim < 2:
         raise ValueError(f"x must have shape (..., T, {C}), got shape {x_.shape}")
-    lead, T = x_.shape[:-2], x_.shape[-2]
+    lead = x_.shape[:-2]
     if state is None:
         state = np.zeros(lead + (K - 1, C), x_.dtype)
     elif check_array("state", state).shape != lead + (K - 1, C):

@@ -278,7 +278,7 @@ def test_eqs13_18_batched_scan_gradients_equal_each_sequences_own(rng, chunk_siz
     got = grad(batched)(args)
     assert batched(args) == pytest.approx(per_sequence(args, "numba"), rel=1e-13)
     for backend, tol in (("numba", 1e-12), ("reference", 1e-8)):
-        want = grad(lambda a: per_sequence(a, backend))(args)
+        want = grad(lambda a, backend=backend: per_sequence(a, backend))(args)
         for g, w in zip(got[:4] + tuple(got[4]) + tuple(got[5]),
                         want[:4] + tuple(want[4]) + tuple(want[5])):
             np.testing.assert_allclose(g, w, rtol=tol, atol=tol * np.abs(w).max())

@@ -206,8 +206,6 @@ def test_needle_cli_flags_become_the_settings(monkeypatch):
     _main(["needle", "--full", "--quiet"])
     assert seen["s"].eval_multiples == (1, 4, 16, 64, 256, 1024) and len(seen["s"].seeds) == 5
     # the length-generalisation ablation's flags: training lengths and model fields
-    from dataclasses import replace
-
     _main(["needle", "--tasks", "pk", "--models", "lmm", "--train-lengths", "32",
            "--config", "alpha_init=0.01,anchored_memory=true", "--quiet"])
     expected = replace(nd.DEFAULT, tasks=("pk",), models=("lmm",), train_multiples=(32,),

@@ -180,15 +180,20 @@ def _scan_primitive(keys, values, queries, alpha, eta, theta, *memory, config, t
             *unpack_weights(S, spec.shapes, spec.offsets))
 
 
+def _first_order_only(g):
+    """The kernels' VJPs take plain cotangents: a boxed one means a higher derivative."""
+    if any(isbox(x) for x in g):
+        raise NotImplementedError(
+            "the VJP of memory_scan(backend='numba') is first order only; use "
+            "backend='reference' for higher derivatives")
+
+
 def _scan_vjp(argnums, ans, args, kwargs):
     cf, tape = kwargs["config"], kwargs["tape"]
     L = len(cf.spec.shapes)
 
     def vjp(g):
-        if any(isbox(x) for x in g):
-            raise NotImplementedError(
-                "the VJP of memory_scan(backend='numba') is first order only; use "
-                "backend='reference' for higher derivatives")
+        _first_order_only(g)
         grads = _backward(cf, tape, g[0], g[1:1 + L], g[1 + L:])
         return tuple(np.asarray(grads[i], dtype=np.asarray(args[i]).dtype) for i in argnums)
 
@@ -228,10 +233,7 @@ def _batch_vjp(argnums, ans, args, kwargs):
     L = len(cf.spec.shapes)
 
     def vjp(g):
-        if any(isbox(x) for x in g):
-            raise NotImplementedError(
-                "the VJP of memory_scan(backend='numba') is first order only; use "
-                "backend='reference' for higher derivatives")
+        _first_order_only(g)
         per_seq = [_backward(cf, tape, g[0][s], [x[s] for x in g[1:1 + L]],
                              [x[s] for x in g[1 + L:]]) for s, tape in enumerate(tapes)]
         return tuple(np.stack([grads[i] for grads in per_seq]).astype(
@@ -267,6 +269,18 @@ def default_checkpoint_every(T: int, chunk_size: int) -> int:
     return chunk_size * max(1, round(math.sqrt(T) / chunk_size))
 
 
+def _make_config(spec, T, chunk_size, checkpoint_every, on_nonfinite, anchor) -> _Config:
+    """The non-array part of a differentiable call, ``checkpoint_every`` checked."""
+    b = int(chunk_size)
+    seg = default_checkpoint_every(T, b) if checkpoint_every is None else int(checkpoint_every)
+    if seg < 1 or seg % b:
+        raise ValueError(f"checkpoint_every must be a positive multiple of chunk_size={b}, "
+                         f"got {seg}")
+    return _Config(spec=spec, dtype=np.dtype(type(spec.p)), chunk_size=b,
+                   checkpoint_every=seg, on_nonfinite=on_nonfinite,
+                   anchored=anchor is not None)
+
+
 def numba_scan_differentiable(weights, momentum, spec, keys, values, queries, alpha, eta,
                               theta, *, chunk_size=1, on_nonfinite="raise",
                               checkpoint_every=None, anchor=None):
@@ -288,14 +302,7 @@ def numba_scan_differentiable(weights, momentum, spec, keys, values, queries, al
     L = len(weights)
     T = np.shape(getval(keys))[0]
     gates = [g if np.ndim(getval(g)) == 1 else g * anp.ones(T) for g in (alpha, eta, theta)]
-    b = int(chunk_size)
-    seg = default_checkpoint_every(T, b) if checkpoint_every is None else int(checkpoint_every)
-    if seg < 1 or seg % b:
-        raise ValueError(f"checkpoint_every must be a positive multiple of chunk_size={b}, "
-                         f"got {seg}")
-    config = _Config(spec=spec, dtype=np.dtype(type(spec.p)), chunk_size=b,
-                     checkpoint_every=seg, on_nonfinite=on_nonfinite,
-                     anchored=anchor is not None)
+    config = _make_config(spec, T, chunk_size, checkpoint_every, on_nonfinite, anchor)
     res = _scan_primitive(keys, values, queries, *gates, *weights, *momentum, *(anchor or ()),
                           config=config, tape=_Tape())
     return res[0], [res[1 + i] for i in range(L)], [res[1 + L + i] for i in range(L)]
@@ -319,14 +326,7 @@ def numba_scan_differentiable_batched(weights, momentum, spec, keys, values, que
     """
     L = len(weights)
     B, T = np.shape(getval(keys))[:2]
-    b = int(chunk_size)
-    seg = default_checkpoint_every(T, b) if checkpoint_every is None else int(checkpoint_every)
-    if seg < 1 or seg % b:
-        raise ValueError(f"checkpoint_every must be a positive multiple of chunk_size={b}, "
-                         f"got {seg}")
-    config = _Config(spec=spec, dtype=np.dtype(type(spec.p)), chunk_size=b,
-                     checkpoint_every=seg, on_nonfinite=on_nonfinite,
-                     anchored=anchor is not None)
+    config = _make_config(spec, T, chunk_size, checkpoint_every, on_nonfinite, anchor)
     res = _batch_primitive(keys, values, queries, alpha, eta, theta, *weights, *momentum,
                            *(anchor or ()), config=config, tapes=[_Tape() for _ in range(B)])
     return res[0], [res[1 + i] for i in range(L)], [res[1 + L + i] for i in range(L)]

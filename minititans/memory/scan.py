@@ -292,8 +292,8 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
     Sequence $s$ is exactly ``memory_scan(..., backend="numba")`` on ``keys[s]``, ... from
     its own initial state; the time loop inside each stays serial. When an argument is an
     autograd box the batch is differentiable (first order): the sequences then run one
-    after the other in one autograd node, and differentiated gates must be ``(B, T)``. The number of threads is
-    numba's (``numba.set_num_threads``); keep BLAS single-threaded
+    after the other in one autograd node, and differentiated gates must be ``(B, T)``. The
+    number of threads is numba's (``numba.set_num_threads``); keep BLAS single-threaded
     (``OPENBLAS_NUM_THREADS=1``) when ``chunk_size > 1`` so the threads do not oversubscribe
     the cores.
 
