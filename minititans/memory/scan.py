@@ -364,9 +364,8 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
         weights, momentum = list(state.params), list(state.momentum)
         anchor = None if state.anchor is None else list(state.anchor)
         K, V, Q = (_to_dtype(x, dtype) for x in (keys, values, queries))
-        gates = [g if isbox(g) else np.asarray(g_plain) for g, g_plain in
-                 zip((alpha, eta, theta), gates)]
-        gates = [_to_dtype(g, dtype) if isbox(g) else g for g in gates]
+        gates = [_to_dtype(g, dtype) if isbox(g) else plain
+                 for g, plain in zip((alpha, eta, theta), gates)]
     out, M, S = numba_scan_batched(
         weights, momentum, K if boxed else K.astype(dtype, copy=False), V, Q, *gates,
         activation=spec.activation, residual_norm=spec.residual_norm, chunk_size=chunk_size,
