@@ -106,23 +106,27 @@ def memory_stream(p, x, cfg, state):
     start M_{t'}, t' = t - t mod b (Eqs. 16–18), the chunks counted from this call's start."""
     q, k, v = memory_qkv(p, x)
     alpha, eta, theta = gates(p["gates"], x, cfg)
-    b, clip = cfg.chunk_size, cfg.max_grad_norm or None
     ys = []
     for t in range(len(x)):
-        if b == 1:
-            state = memory_step(state, k[t], v[t], alpha=alpha[t], eta=eta[t],
-                                theta=theta[t], max_grad_norm=clip)
-        else:
-            if t % b == 0:
-                start = state.params
-            g = [np.asarray(w) for w in surprise(start, k[t][None], v[t][None])]
-            if clip is not None:
-                g = [w * min(1.0, clip / np.sqrt(sum(np.sum(u**2) for u in g))) for w in g]
-            S = [eta[t] * s - theta[t] * gi for s, gi in zip(state.momentum, g)]
-            M = [(1.0 - alpha[t]) * w + s for w, s in zip(state.params, S)]
-            state = MemoryState(state.params.like(M), state.params.like(S))
+        if t % cfg.chunk_size == 0:
+            start = state.params
+        state = memory_write(state, start, k[t], v[t], alpha[t], eta[t], theta[t], cfg)
         ys.append(memory_forward(state.params, q[t]))
     return np.array(ys), state
+
+
+def memory_write(state, start, k, v, alpha, eta, theta, cfg):
+    """One token's write (Eqs. 13–14): its surprise at ``start``, the weights of its chunk's
+    start (with ``chunk_size`` 1, the current weights: plain ``memory_step``)."""
+    clip = cfg.max_grad_norm or None
+    if cfg.chunk_size == 1:
+        return memory_step(state, k, v, alpha=alpha, eta=eta, theta=theta, max_grad_norm=clip)
+    g = [np.asarray(w) for w in surprise(start, k[None], v[None])]
+    if clip is not None:
+        g = [w * min(1.0, clip / np.sqrt(sum(np.sum(u**2) for u in g))) for w in g]
+    S = [eta * s - theta * gi for s, gi in zip(state.momentum, g)]
+    M = [(1.0 - alpha) * w + s for w, s in zip(state.params, S)]
+    return MemoryState(state.params.like(M), state.params.like(S))
 
 
 def combine(p, y, m):
@@ -204,17 +208,15 @@ def mac_block(p, h, cfg, order="paper"):
             src = x[seg] if order == "store_input" else y  # Eq. 24 writes y_t
             written.append(src)
             stream = np.concatenate(written)
-            # run the memory over the whole written stream so the convs see its history;
-            # only this segment's tokens are new writes
-            before = MemoryState.initial(mem["M0"])
-            if len(stream) > n:
-                _, before = memory_stream(mem, stream[:-n], cfg, before)
+            # the projections and gates along the whole written stream, so the convs see
+            # its history; only this segment's tokens are new writes
             q, k, v = (z[-n:] for z in memory_qkv(mem, stream))
             a, e, th = (g[-n:] for g in gates(mem["gates"], stream, cfg))
-            ms, st = [], before
-            for t in range(n):
-                st = memory_step(st, k[t], v[t], alpha=a[t], eta=e[t], theta=th[t],
-                                 max_grad_norm=cfg.max_grad_norm or None)
+            ms, st = [], state  # the memory as the previous segment left it
+            for t in range(n):  # the chunks of Eqs. 16-18 start again with each segment
+                if t % cfg.chunk_size == 0:
+                    start = st.params
+                st = memory_write(st, start, k[t], v[t], a[t], e[t], th[t], cfg)
                 ms.append(memory_forward(st.params, q[t]))  # M*_t(y_t), Eq. 25
             state = st
             m = np.array(ms)

@@ -163,11 +163,13 @@ def test_config_checks_and_json_round_trip():
         apply(init(np.random.default_rng(0), cfg), np.array([0, 99]), cfg)
 
 
-@pytest.mark.parametrize("model", ["lmm", "mag", "mal"])  # MAC restarts chunks per segment
+@pytest.mark.parametrize("model", ["lmm", "mac", "mag", "mal"])
 def test_eqs16_18_chunked_models_match_a_hand_assembled_chunked_forward(model):
     """The models run the chunk size of their config: a chunked oracle (plain loops, surprise
-    at the chunk-start weights) agrees, and the token-loop oracle does not."""
-    cfg = tiny(model, chunk_size=4, alpha_init=0.2, theta_init=0.08)
+    at the chunk-start weights) agrees, and the token-loop oracle does not. MAC's chunks
+    start again with each segment (5 tokens: chunks of 4 and 1)."""
+    cfg = tiny(model, chunk_size=4, alpha_init=0.2, theta_init=0.08,
+               **({"segment_len": 5} if model == "mac" else {}))
     got, want = forward_pair(cfg, T=13)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
     params = init(np.random.default_rng(0), cfg)
