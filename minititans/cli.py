@@ -394,7 +394,6 @@ def _model_config_from_flags(parser, args, task, backend):
 
 def _resume_plan(parser, args, backend):
     """Model, train config and task of ``--resume``, checking every flag against it."""
-    from .models import Model
     from .training import checkpoint_task, load_checkpoint
 
     try:
@@ -440,14 +439,14 @@ def _resume_plan(parser, args, backend):
         print(f"warning: --backend {args.backend} resumes with the {backend} backend; the "
               f"checkpoint was written with {model.config.backend} (results agree to "
               "rounding, not bit for bit)", file=sys.stderr)
-        model = Model(model.config.with_(backend=backend))
+        model = type(model)(model.config.with_(backend=backend))  # same backbone
     return state, model, cfg, task_name or args.task, length or args.length
 
 
 def _plan_train(parser, args):
     """Check every flag of ``train`` and build what it needs, before any work."""
     from .experiments.pool import resolve_backend
-    from .models import Model
+    from .models import model_for
     from .tasks import BabilongTask, NeedleTask, make_task
     from .training import TrainConfig
 
@@ -464,8 +463,8 @@ def _plan_train(parser, args):
     task = make_task(task_name, length)
     if isinstance(task, (NeedleTask, BabilongTask)):
         task = replace(task, placement="anywhere")
-    if args.resume is None:
-        model = Model(_model_config_from_flags(parser, args, task, backend))
+    if args.resume is None:  # compression needs MAD's bottleneck, or copying would do
+        model = model_for(_model_config_from_flags(parser, args, task, backend), task)
         steps = args.steps or TRAIN_DEFAULTS["steps"]
         try:
             cfg = TrainConfig(steps=steps, batch_size=args.batch_size or
@@ -504,7 +503,8 @@ def run_train(args) -> int:
     from .tasks import make_task
     from .training import evaluate, train
 
-    print(f"training {model.name} on {task_name} (length {length}): {model.config}")
+    kind = " (MAD's autoencoder backbone)" if model.backbone == "autoencoder" else ""
+    print(f"training {model.name}{kind} on {task_name} (length {length}): {model.config}")
     start = time.perf_counter()
     try:
         params, _, history = train(model, task, cfg, resume=state,

@@ -33,7 +33,10 @@ from tqdm.auto import tqdm
 
 from ._checks import check_int
 from .io import check_float_array, load_arrays, meta_value, save_arrays
-from .models import Model, ModelConfig, ravel
+from .models import AutoEncoder, Model, ModelConfig, ravel
+
+# what a checkpoint's ``backbone`` names: the class that rebuilds its model
+BACKBONES = {"lm": Model, "autoencoder": AutoEncoder}
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,9 @@ def save_checkpoint(path, state: TrainState, model: Model, cfg: TrainConfig, *,
     The arrays are the flat parameters and Adam moments; the configs, and the task the run
     trains on (``task_name``, one of :data:`minititans.tasks.TASKS`, and its ``length``)
     when given, travel as JSON metadata, so loading never unpickles anything and
-    ``minititans train --resume`` continues on the same task.
+    ``minititans train --resume`` continues on the same task; so does the model's
+    ``backbone`` (``"lm"``, or ``"autoencoder"`` for an
+    :class:`~minititans.models.AutoEncoder`), which :func:`load_checkpoint` rebuilds.
     """
     if not isinstance(state, TrainState):
         raise TypeError(f"state must be a TrainState, got {type(state).__name__}")
@@ -238,7 +243,7 @@ def save_checkpoint(path, state: TrainState, model: Model, cfg: TrainConfig, *,
     check_int("state.step", state.step, minimum=0)
     arrays = dict(params=state.params, m=state.m, v=state.v, step=np.int64(state.step))
     meta = {"model_config": json.loads(model.config.to_json()), "train_config": asdict(cfg),
-            "task": task_name, "length": length}
+            "task": task_name, "length": length, "backbone": model.backbone}
     return save_arrays(path, arrays, kind="checkpoint", meta=meta)
 
 
@@ -254,8 +259,12 @@ def _read_checkpoint(path):
         raise ValueError(f"{path} holds unexpected arrays {extra}")
     for key in ("model_config", "train_config"):
         meta_value(path, meta, key, lambda c: isinstance(c, dict), "a JSON object")
+    backbone = meta.get("backbone", "lm")  # absent in older checkpoints: a plain model
+    if backbone not in BACKBONES:
+        raise ValueError(f"{path} has metadata 'backbone' = {backbone!r}, expected one of "
+                         f"{', '.join(map(repr, BACKBONES))}")
     try:
-        model = Model(ModelConfig.from_json(json.dumps(meta["model_config"])))
+        model = BACKBONES[backbone](ModelConfig.from_json(json.dumps(meta["model_config"])))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path} has metadata 'model_config' that is not a valid "
                          f"ModelConfig: {e}") from e

@@ -14,15 +14,20 @@ import pytest
 from minititans.cli import main
 from minititans.experiments.mad import (
     PUBLISHED,
-    AutoEncoder,
     MadSettings,
     _mad_job,
     format_mad_table,
     mad_experiment,
-    position_code,
     rankings,
 )
-from minititans.models import DISPLAY_NAMES, ModelConfig
+from minititans.models import (
+    DISPLAY_NAMES,
+    AutoEncoder,
+    Model,
+    ModelConfig,
+    model_for,
+    position_code,
+)
 from minititans.tasks import (
     FACTORIES,
     CompressionTask,
@@ -256,6 +261,24 @@ def test_autoencoder_sees_the_sequence_only_through_the_last_position():
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
     c = AutoEncoder(cfg.with_(window=4)).apply(params, np.array([[4, 3, 3, 5]]))
     assert np.abs(a - c).max() > 1e-3  # a wider window lets the earlier tokens in
+
+
+def test_autoencoder_is_what_compression_gets_and_reads_whole_sequences_only():
+    cfg = ModelConfig(model="lmm", vocab_size=6, d_model=8, num_heads=2, memory_depth=1)
+    ae = model_for(cfg, CompressionTask(vocab_size=6, length=5))
+    assert type(ae) is AutoEncoder and ae.backbone == "autoencoder"
+    assert type(model_for(cfg, InContextRecallTask())) is Model
+    params = ae.init(np.random.default_rng(0))
+    one = ae.apply(params, np.array([1, 2, 0, 5]))
+    np.testing.assert_array_equal(one, ae.apply(params, np.array([[1, 2, 0, 5]]))[0])
+    with pytest.raises(ValueError, match="tokens must be in"):
+        ae.apply(params, np.array([[1, 9]]))
+    with pytest.raises(TypeError, match="decoder"):
+        ae.apply(Model(cfg).init(np.random.default_rng(0)), np.array([[1, 2]]))
+    for call in (lambda: ae.initial_state(1), lambda: ae.stream(params, np.array([1]), None),
+                 lambda: ae.generate(params, np.array([1]), 2, np.random.default_rng(0))):
+        with pytest.raises(TypeError, match="whole sequence"):
+            call()
 
 
 # --- the experiment -------------------------------------------------------------------------

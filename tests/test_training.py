@@ -142,6 +142,47 @@ def test_train_command_writes_a_checkpoint_and_resumes_it(tmp_path, capsys):
     assert results["train"]["model"] == "SWA" and len(results["train"]["rows"]) == 1
 
 
+def test_train_command_on_compression_trains_mads_autoencoder_and_resumes_it(tmp_path, capsys):
+    """``train --task compression`` wraps the model in the bottleneck (a next-token model
+    would copy its input, since ``targets[t] = inputs[t]``); the checkpoint keeps it."""
+    from minititans.models import AutoEncoder
+
+    ck = tmp_path / "ck.npz"
+    common = ["--task", "compression", "--length", "8", "--eval-samples", "4", "--quiet",
+              "--backend", "reference"]
+    assert _cli(["train", "--model", "swa", "--steps", "2", "--checkpoint", str(ck),
+                 "--config", "d_model=8,num_heads=1", *common]) == 0
+    assert "autoencoder backbone" in capsys.readouterr().out
+    state, model, _, params = load_checkpoint(ck)
+    assert type(model) is AutoEncoder and "decoder" in params
+    assert _cli(["train", "--resume", str(ck), "--steps", "3", "--checkpoint", str(ck),
+                 *common]) == 0
+    state3, model3, _, _ = load_checkpoint(ck)
+    assert state3.step == 3 and type(model3) is AutoEncoder
+
+
+def test_checkpoint_records_the_backbone_and_refuses_an_unknown_one(tmp_path):
+    from minititans.io import load_arrays, save_arrays
+    from minititans.models import AutoEncoder
+
+    model = AutoEncoder(small("lmm").config)
+    cfg = TrainConfig(steps=1, batch_size=2, warmup=0)
+    params, state, _ = train(model, NeedleTask("pk", 10), cfg, progress=False)
+    path = save_checkpoint(tmp_path / "ae.npz", state, model, cfg)
+    state2, model2, _, params2 = load_checkpoint(path)
+    assert model2 == model and type(model2) is AutoEncoder
+    np.testing.assert_array_equal(ravel(params)[0], ravel(params2)[0])
+    arrays, meta = load_arrays(path, kind="checkpoint")
+    assert meta["backbone"] == "autoencoder"
+    save_arrays(tmp_path / "bad.npz", arrays, kind="checkpoint", meta={**meta, "backbone": "vae"})
+    with pytest.raises(ValueError, match="backbone"):
+        load_checkpoint(tmp_path / "bad.npz")
+    del meta["backbone"]  # a checkpoint from before backbones were recorded: a plain model
+    save_arrays(tmp_path / "old.npz", arrays, kind="checkpoint", meta=meta)
+    with pytest.raises(ValueError, match="parameters"):  # the decoder's do not fit it
+        load_checkpoint(tmp_path / "old.npz")
+
+
 def test_table5_ablation_experiment_reports_mean_and_spread():
     from minititans.experiments.ablation import AblationSettings, ablation_experiment
 

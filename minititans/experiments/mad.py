@@ -32,11 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..activations import gelu
-from ..layers import init_linear, init_rms_norm, linear, rms_norm
-from ..models import DISPLAY_NAMES, Model, ModelConfig, init, tree_leaves
-from ..models.blocks import head
-from ..models.forward import hidden_states
+from ..models import DISPLAY_NAMES, Model, ModelConfig, model_for, tree_leaves
 from ..tasks import MAD_TASKS
 from ..training import TrainConfig, evaluate, train
 from .pool import default_workers, resolve_backend, run_jobs
@@ -144,54 +140,10 @@ def make_task(name: str, s: MadSettings, *, evaluation: bool = False):
     return MAD_TASKS[name](**kwargs)
 
 
-# --- the bottleneck for compression ---------------------------------------------------------
-
-
-def position_code(T: int, d: int):
-    """Fixed sinusoidal codes ``(T, d)``: what MAD's decoder adds to tell positions apart."""
-    pos = np.arange(T)[:, None]
-    freq = np.exp(-math.log(10_000.0) * np.arange(0, d, 2) / d)[None]  # (1, d/2)
-    code = np.zeros((T, d))
-    code[:, 0::2] = np.sin(pos * freq)
-    code[:, 1::2] = np.cos(pos * freq)[:, :d // 2]
-    return code
-
-
-@dataclass(frozen=True)
-class AutoEncoder(Model):
-    r"""MAD's AutoEncoder backbone around any model of the library (for compression).
-
-    The model's blocks encode the sequence; only the last position's vector $h_T$ goes on.
-    A non-expanding MLP decodes $h_T + p_t$ ($p_t$ a fixed sinusoidal code) for every
-    position $t$, and the model's head turns it into logits for token $t$:
-    $\mathrm{logits}_t = \mathrm{head}(\mathrm{MLP}(h_T + p_t))$.
-    """
-
-    def init(self, rng) -> dict:
-        d = self.config.d_model
-        params = init(rng, self.config)
-        params["decoder"] = {"n1": init_rms_norm(rng, d), "l1": init_linear(rng, d, d, True),
-                             "n2": init_rms_norm(rng, d), "l2": init_linear(rng, d, d, True)}
-        return params
-
-    def apply(self, params, tokens):
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
-            raise ValueError(f"tokens must be ints of shape (B, T), got {tokens.shape}")
-        cfg = self.config
-        h = hidden_states(params, tokens, cfg)  # (B, T, d)
-        T = tokens.shape[1]
-        z = h[:, -1:, :] + position_code(T, cfg.d_model)[None]  # (B, T, d): h_T + p_t
-        p = params["decoder"]
-        z = gelu(linear(p["l1"], rms_norm(p["n1"], z)))
-        z = gelu(linear(p["l2"], rms_norm(p["n2"], z)))
-        return head(params["head"], z)  # (B, T, V)
-
-
 def build_model(name: str, task, s: MadSettings, backend: str) -> Model:
     cfg = ModelConfig(model=name, vocab_size=task.vocab_size, d_model=s.d_model[name],
                       backend=backend, **s.model)
-    return AutoEncoder(cfg) if getattr(task, "autoencoder", False) else Model(cfg)
+    return model_for(cfg, task)
 
 
 def count_params(model: Model) -> int:

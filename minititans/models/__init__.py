@@ -19,44 +19,14 @@ and samples from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from .autoencoder import AutoEncoder, model_for, position_code
 from .config import MODEL_NAMES, TITANS, ModelConfig
 from .forward import DISPLAY_NAMES, LAYERS, STREAM_LAYERS, apply, check_params_fit, init
+from .model import Model
 from .stream import check_state, generate, initial_state, sample, stream
 from .tree import ravel, tree_leaves, tree_map
 
-
-@dataclass(frozen=True)
-class Model:
-    """A model: ``init``, ``apply`` on a whole sequence, ``stream`` in pieces, ``generate``."""
-
-    config: ModelConfig
-
-    def init(self, rng) -> dict:
-        return init(rng, self.config)
-
-    def apply(self, params, tokens):
-        return apply(params, tokens, self.config)
-
-    def initial_state(self, batch_size: int) -> dict:
-        """The stream state of ``batch_size`` sequences before any token (see :func:`stream`)."""
-        return initial_state(self.config, batch_size)
-
-    def stream(self, params, tokens, state):
-        """``(logits, state)`` of the next piece; consecutive pieces equal one ``apply``."""
-        return stream(params, tokens, state, self.config)
-
-    def generate(self, params, prompt, num_tokens: int, rng, temperature=1.0, top_k=None):
-        """``num_tokens`` sampled tokens after ``prompt``; ``top_k=1`` is greedy."""
-        return generate(params, prompt, num_tokens, rng, self.config, temperature=temperature,
-                        top_k=top_k)
-
-    @property
-    def name(self) -> str:
-        return DISPLAY_NAMES[self.config.model]
-
-
-__all__ = ["DISPLAY_NAMES", "LAYERS", "MODEL_NAMES", "STREAM_LAYERS", "TITANS", "Model",
-           "ModelConfig", "apply", "check_params_fit", "check_state", "generate", "init",
-           "initial_state", "ravel", "sample", "stream", "tree_leaves", "tree_map"]
+__all__ = ["DISPLAY_NAMES", "LAYERS", "MODEL_NAMES", "STREAM_LAYERS", "TITANS", "AutoEncoder",
+           "Model", "ModelConfig", "apply", "check_params_fit", "check_state", "generate",
+           "init", "initial_state", "model_for", "position_code", "ravel", "sample", "stream",
+           "tree_leaves", "tree_map"]

@@ -289,8 +289,9 @@ class CompressionTask:
     vocab_size - 1``; ``targets[t] = inputs[t]``, scored for the random tokens. The task
     only makes sense through a bottleneck: the sequence model encodes, and a decoder sees
     the last position's vector plus a position code (MAD's AutoEncoder backbone,
-    :class:`minititans.experiments.mad.AutoEncoder`). A next-token model would copy its
-    own input and score 100%, so ``autoencoder = True`` tells experiments to wrap it.
+    :class:`minititans.models.AutoEncoder`). A next-token model would copy its own input
+    and score 100%, so ``autoencoder = True`` tells :func:`minititans.models.model_for` to
+    wrap it (``minititans mad`` and ``minititans train`` build their models with it).
     """
 
     metric = "token"
