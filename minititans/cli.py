@@ -197,7 +197,8 @@ def run_needle(args) -> int:
 
     start = time.perf_counter()
     run_needle_experiment(needle_settings(args), args.out, progress=not args.quiet,
-                          workers=args.workers)
+                          workers=args.workers, keep_runs=True,
+                          fresh=args.fresh)
     print(f"needle: {time.perf_counter() - start:.1f} s in all")
     return 0
 
@@ -551,7 +552,10 @@ def _add_needle(sub):
                     "the 16-token window; evaluate at 1x to 256x the window (--full: to "
                     "1024x) on sequences from seeds never used in training; print mean "
                     "(min-max) over seeds, shaped like Titans Table 2.")
-    _common(p, "write needle.png and results.json (key 'needle') into DIR")
+    _common(p, "write needle.png and results.json (key 'needle') into DIR, and each "
+               "finished run into DIR/needle_runs/; a rerun with the same DIR, settings and "
+               "code reads the runs saved there instead of training them again (an "
+               "interrupted run continues)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=None, metavar="TASK",
                    help=f"tasks, from {', '.join(TASKS)} (default: all)")
     p.add_argument("--models", nargs="+", choices=CHOICES, default=None, metavar="MODEL",
@@ -576,6 +580,9 @@ def _add_needle(sub):
     p.add_argument("--steps", type=int, default=None, help="training steps per model")
     p.add_argument("--workers", type=int, default=None,
                    help="parallel training processes (default: number of cores)")
+    p.add_argument("--fresh", action="store_true",
+                   help="train every run again, even those saved in DIR/needle_runs/ (and "
+                        "save the new ones there)")
     p.set_defaults(func=run_needle)
 
 

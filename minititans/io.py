@@ -283,6 +283,12 @@ def load_memory_state(path) -> MemoryState:
     return MemoryState(spec.like(W), spec.like(S), anchor)
 
 
+def save_json(path, payload) -> Path:
+    """Write ``payload`` as JSON to ``path``, atomically (the file is whole or absent)."""
+    text = json.dumps(payload, indent=1)
+    return _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
 def update_results_json(out, key: str, payload: dict) -> Path:
     """Add ``payload`` under ``key`` in ``out/results.json``, keeping the other keys.
 

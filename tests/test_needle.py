@@ -277,3 +277,72 @@ def test_run_jobs_workers_run_numba_on_one_thread():
     from minititans.experiments.pool import run_jobs
 
     assert run_jobs(_numba_threads, [0, 1], desc="t", progress=False, workers=2) == [1, 1]
+
+
+def test_needle_saves_each_run_at_once_and_a_rerun_continues_where_it_stopped(tmp_path,
+                                                                              monkeypatch,
+                                                                              capsys):
+    settings = replace(TINY, tasks=("pk", "n"))
+    whole = nd.needle_experiment(settings, progress=False, workers=1)[0]
+    real, calls = nd._run_one, []
+
+    def interrupted(job):  # Ctrl-C during the third run
+        calls.append(job[:3])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(nd, "_run_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        nd.run_needle_experiment(settings, tmp_path, progress=False, workers=1, keep_runs=True)
+    runs = tmp_path / nd.RUNS_DIR
+    assert sorted(p.name for p in runs.iterdir()) == sorted(
+        f"{t}-{m}-seed{s}.json" for t, m, s in calls[:2])
+    # the rerun trains only the runs that are not saved, and its table is the whole one's
+    calls.clear()
+    monkeypatch.setattr(nd, "_run_one", lambda job: calls.append(job[:3]) or real(job))
+    result = nd.run_needle_experiment(settings, tmp_path, progress=False, workers=1,
+                                      keep_runs=True)
+    assert result == whole and len(calls) == 8 - 2
+    assert "2 of 8 runs read from" in capsys.readouterr().out
+    assert len(list(runs.iterdir())) == 8
+    # everything saved: nothing is trained again
+    calls.clear()
+    assert nd.run_needle_experiment(settings, tmp_path, progress=False, workers=1,
+                                    keep_runs=True) == whole
+    assert calls == []
+    # a damaged file is said and run again; so is every run after the code changes, or
+    # with another setting, and every run with fresh
+    (runs / "n-swa-seed1.json").write_text("{ truncated")
+    nd.run_needle_experiment(settings, tmp_path, progress=False, workers=1, keep_runs=True)
+    assert calls == [("n", "swa", 1)] and "is not a saved run" in capsys.readouterr().err
+    for changed, kwargs in ((settings, {"fresh": True}),
+                            (replace(settings, eval_samples=2), {})):
+        calls.clear()
+        nd.run_needle_experiment(changed, tmp_path, progress=False, workers=1,
+                                 keep_runs=True, **kwargs)
+        assert len(calls) == 8
+    calls.clear()
+    monkeypatch.setattr(nd, "source_digest", lambda: "other code")
+    nd.run_needle_experiment(changed, tmp_path, progress=False, workers=1, keep_runs=True)
+    assert len(calls) == 8 and "other settings or code" in capsys.readouterr().err
+
+
+def test_run_jobs_reports_each_result_as_it_finishes():
+    from minititans.experiments.pool import run_jobs
+
+    for workers in (1, 2):
+        seen = []
+        out = run_jobs(_record_start, [1, 2, 3], desc="t", progress=False, workers=workers,
+                       on_result=lambda i, r: seen.append((i, r)))
+        assert out == [10, 20, 30] and sorted(seen) == [(0, 10), (1, 20), (2, 30)]
+
+
+def test_needle_cli_keeps_runs_under_out_and_fresh_trains_them_again(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(nd, "run_needle_experiment",
+                        lambda s, out, **k: seen.append((out, k["keep_runs"], k["fresh"])))
+    _main(["needle", "--tasks", "pk", "--out", str(tmp_path), "--quiet"])
+    _main(["needle", "--tasks", "pk", "--out", str(tmp_path), "--fresh", "--quiet"])
+    assert [(str(o), keep, fresh) for o, keep, fresh in seen] == [
+        (str(tmp_path), True, False), (str(tmp_path), True, True)]

@@ -21,13 +21,18 @@ The commands are ``minititans needle`` and part 2 of ``minititans demo`` (a cut:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
 import time
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from .._checks import check_choice, check_int
+from ..io import save_json
 from ..models import DISPLAY_NAMES, Model, ModelConfig
 from ..tasks import BabilongTask, Batch, MixedLengths, NeedleTask
 from ..training import TrainConfig, answer_accuracy, train
@@ -254,12 +259,66 @@ def _run_one(args) -> dict:
             "final_loss": loss, "diverged": diverged}
 
 
+RUNS_DIR = "needle_runs"  # under --out: one finished run per file, reused by a rerun
+
+
+@lru_cache(maxsize=1)
+def source_digest() -> str:
+    """A hash of every ``.py`` file of the package: a saved run is reused only by the
+    same code."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def run_key(job) -> str:
+    """What one run's result depends on: its task, model and seed, every other setting,
+    the backend and the code (:func:`source_digest`), hashed."""
+    task, name, seed, s, backend = job
+    one = replace(s, tasks=(task,), models=(name,), seeds=(seed,))
+    text = json.dumps({"settings": repr(one), "backend": backend, "code": source_digest()})
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_path(runs_dir: Path, job) -> Path:
+    task, name, seed = job[:3]
+    return Path(runs_dir) / f"{task}-{name}-seed{seed}.json"
+
+
+def load_run(runs_dir: Path, job) -> dict | None:
+    """The saved result of ``job`` in ``runs_dir``, or None: absent, made with other settings
+    or code (said on stderr), or unreadable (said on stderr, and run again)."""
+    path = run_path(runs_dir, job)
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        key, result = saved["key"], saved["result"]
+        if not isinstance(result, dict) or not isinstance(result.get("rows"), list):
+            raise ValueError("no rows")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"needle: {path} is not a saved run ({e}); running it again", file=sys.stderr)
+        return None
+    if key != run_key(job):
+        print(f"needle: {path} was made with other settings or code; running it again",
+              file=sys.stderr)
+        return None
+    return result
+
+
 def needle_experiment(settings: NeedleSettings = DEFAULT, *, progress: bool = True,
-                      workers: int | None = None) -> tuple[dict, dict]:
+                      workers: int | None = None, runs_dir: Path | None = None,
+                      reuse: bool = True) -> tuple[dict, dict]:
     """Train and evaluate every (task, model, seed) of ``settings``.
 
     Jobs run in parallel processes (``workers``, default: as many as cores); each is
-    deterministic, so the numbers do not depend on ``workers``.
+    deterministic, so the numbers do not depend on ``workers``. With ``runs_dir`` each
+    finished run is saved there at once (``TASK-MODEL-seedSEED.json``, written atomically),
+    and (unless ``reuse`` is false) a run already saved with the same settings and code
+    (:func:`run_key`) is read instead of run again: an interrupted experiment continues
+    where it stopped.
 
     Returns:
         ``(result, timing)``: the ``"needle"`` results dict ``{"window", "train_length",
@@ -273,8 +332,24 @@ def needle_experiment(settings: NeedleSettings = DEFAULT, *, progress: bool = Tr
     jobs = [(t, m, seed, settings, backend) for t in settings.tasks for m in settings.models
             for seed in settings.seeds]
     start = time.perf_counter()
-    results = run_jobs(_run_one, jobs, desc="needle", progress=progress, workers=workers,
-                       cost=lambda job: RELATIVE_COST.get(job[1], 1.0))
+    saved = [load_run(runs_dir, job) if runs_dir is not None and reuse else None
+             for job in jobs]
+    todo = [i for i, r in enumerate(saved) if r is None]
+    if runs_dir is not None and len(todo) < len(jobs):
+        print(f"needle: {len(jobs) - len(todo)} of {len(jobs)} runs read from {runs_dir} "
+              f"(same settings and code); running the other {len(todo)}")
+
+    def save(k, result):  # job todo[k] is done: keep it before the others finish
+        if runs_dir is not None:
+            job = jobs[todo[k]]
+            save_json(run_path(runs_dir, job), {"key": run_key(job), "result": result})
+
+    done = run_jobs(_run_one, [jobs[i] for i in todo], desc="needle", progress=progress,
+                    workers=workers, cost=lambda job: RELATIVE_COST.get(job[1], 1.0),
+                    on_result=save)
+    results = list(saved)
+    for i, r in zip(todo, done):
+        results[i] = r
     result = {"window": settings.window, "train_length": settings.train_length,
               "rows": [r for res in results for r in res["rows"]]}
     per_model, wall = {}, {}
@@ -283,6 +358,7 @@ def needle_experiment(settings: NeedleSettings = DEFAULT, *, progress: bool = Tr
         wall[NAMES[m]] = wall.get(NAMES[m], 0.0) + res["seconds"]
     timing = {"seconds": round(time.perf_counter() - start, 1), "backend": backend,
               "workers": workers or default_workers(len(jobs)),
+              "reused": len(jobs) - len(todo),
               "cpu_seconds": {k: round(v, 1) for k, v in per_model.items()},
               "job_seconds": {k: round(v, 1) for k, v in wall.items()},
               "diverged": [{"task": t, "model": NAMES[m], "seed": seed, "where": res["diverged"]}
@@ -331,10 +407,14 @@ def format_needle_table(result: dict) -> str:
 
 
 def run_needle_experiment(settings: NeedleSettings, out_dir: Path | None = None, *,
-                          progress: bool = True, workers: int | None = None) -> dict:
+                          progress: bool = True, workers: int | None = None,
+                          keep_runs: bool = False, fresh: bool = False) -> dict:
     """Run ``settings``, print the tables and timing; with ``out_dir`` write the plot and JSON.
 
     Writes ``needle.png`` and the results under ``"needle"`` in ``out_dir/results.json``.
+    With ``keep_runs`` (and ``out_dir``) every finished run is also saved in
+    ``out_dir/needle_runs/`` and the runs saved there by the same settings and code are
+    reused (:func:`needle_experiment`'s ``runs_dir``); ``fresh`` runs them all again.
     """
     for task in settings.tasks:
         skipped = [m * settings.window for m in settings.eval_multiples
@@ -342,13 +422,17 @@ def run_needle_experiment(settings: NeedleSettings, out_dir: Path | None = None,
         if skipped:
             print(f"{task}: not evaluated at {', '.join(map(str, skipped))} tokens (too short "
                   f"for its needle)")
-    result, timing = needle_experiment(settings, progress=progress, workers=workers)
+    runs_dir = Path(out_dir) / RUNS_DIR if keep_runs and out_dir is not None else None
+    result, timing = needle_experiment(settings, progress=progress, workers=workers,
+                                       runs_dir=runs_dir, reuse=not fresh)
     print(format_needle_table(result))
     per_model = ", ".join(f"{k} {v:.0f} s ({timing['job_seconds'][k]:.0f} s)"
                           for k, v in timing["cpu_seconds"].items())
+    reused = (f" ({timing['reused']} runs read from {runs_dir}: their times are those of "
+              "their own run)" if timing["reused"] else "")
     print(f"needle: {timing['seconds']:.1f} s on {timing['workers']} worker(s), backend "
           f"{timing['backend']}; processor time per model, all tasks and seeds (the jobs' "
-          f"wall time in brackets): {per_model}")
+          f"wall time in brackets){reused}: {per_model}")
     for d in timing["diverged"]:
         print(f"diverged (counted as 0% there): {d}")
     if out_dir is not None:

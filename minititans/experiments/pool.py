@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from tqdm.auto import tqdm
 
@@ -50,31 +50,48 @@ def default_workers(n_jobs: int) -> int:
 
 
 def run_jobs(fn, jobs: list, *, desc: str, progress: bool = True,
-             workers: int | None = None, cost=None) -> list:
+             workers: int | None = None, cost=None, on_result=None) -> list:
     """``[fn(job) for job in jobs]``, in ``workers`` processes (default: one per core).
 
     ``fn`` must be a module-level function (it is pickled by name). Results come back in
     the order of ``jobs``; a progress bar counts finished jobs. BLAS runs on one thread in
     every job (:func:`single_thread_blas`). ``cost`` (job -> a number,
     optional): the jobs start in decreasing cost, so that a long job does not start last
-    while the other workers idle (the results do not depend on the order).
+    while the other workers idle (the results do not depend on the order). ``on_result``
+    (optional) is called in this process as ``on_result(i, result)`` as soon as job ``i``
+    is done, so a caller can save each result before the others finish.
     """
     workers = workers or default_workers(len(jobs))
     order = list(range(len(jobs)))
     if cost is not None:
         order.sort(key=lambda i: -cost(jobs[i]))
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=_CONTEXT,
-                                 initializer=_init_worker) as pool:
-            done = list(tqdm(pool.map(fn, [jobs[i] for i in order]), total=len(jobs),
-                             desc=desc, disable=not progress, leave=False))
-    else:
-        with single_thread_blas():
-            done = [fn(jobs[i]) for i in tqdm(order, desc=desc, disable=not progress,
-                                              leave=False)]
     results = [None] * len(jobs)
-    for i, r in zip(order, done):
-        results[i] = r
+
+    def finished(i, result):
+        results[i] = result
+        if on_result is not None:
+            on_result(i, result)
+
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress, leave=False)
+    with bar:
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=_CONTEXT,
+                                     initializer=_init_worker) as pool:
+                # submitted in cost order, started first come first served
+                futures = {pool.submit(fn, jobs[i]): i for i in order}
+                try:
+                    for future in as_completed(futures):
+                        finished(futures[future], future.result())
+                        bar.update()
+                except BaseException:  # a failed job or Ctrl-C: start no further job
+                    for future in futures:
+                        future.cancel()
+                    raise
+        else:
+            with single_thread_blas():
+                for i in order:
+                    finished(i, fn(jobs[i]))
+                    bar.update()
     return results
 
 
