@@ -52,6 +52,12 @@ def linear_grad(W, k, v):
     return 2.0 * np.outer(k, k @ W - v)
 
 
+def layer_step(theta_t, i):
+    """Token t's step for layer i: theta_t itself, or its entry i when theta has a column
+    per layer (Appendix B.3)."""
+    return theta_t[i] if np.ndim(theta_t) else theta_t
+
+
 def naive_token_loop(weights, K, V, Q, alpha, eta, theta, *, activation="gelu",
                      residual_norm=False, read="after", momentum=None, anchor=None):
     """Eqs. 13–14 token by token: S_t = η S - θ ∇ℓ(M_{t-1}); M_t = (1-α) M_{t-1} + S_t.
@@ -67,7 +73,7 @@ def naive_token_loop(weights, K, V, Q, alpha, eta, theta, *, activation="gelu",
         if read == "before":
             ys.append(naive_mlp(M, Q[t], activation, residual_norm))
         g = naive_grad(M, K[t], V[t], activation, residual_norm)
-        S = [eta[t] * s - theta[t] * gi for s, gi in zip(S, g)]
+        S = [eta[t] * s - layer_step(theta[t], i) * gi for i, (s, gi) in enumerate(zip(S, g))]
         M = [a + (1.0 - alpha[t]) * (w - a) + s for w, s, a in zip(M, S, A)]
         if read == "after":
             ys.append(naive_mlp(M, Q[t], activation, residual_norm))
@@ -89,7 +95,8 @@ def naive_chunked(weights, K, V, Q, alpha, eta, theta, b, *, activation="gelu",
             if read == "before":
                 ys.append(naive_mlp(M, Q[t], activation, residual_norm))
             g = naive_grad(M_chunk_start, K[t], V[t], activation, residual_norm)
-            S = [eta[t] * s - theta[t] * gi for s, gi in zip(S, g)]
+            S = [eta[t] * s - layer_step(theta[t], i) * gi
+                 for i, (s, gi) in enumerate(zip(S, g))]
             M = [a + (1.0 - alpha[t]) * (w - a) + s for w, s, a in zip(M, S, A)]
             if read == "after":
                 ys.append(naive_mlp(M, Q[t], activation, residual_norm))

@@ -332,10 +332,10 @@ def test_run_jobs_reports_each_result_as_it_finishes():
     from minititans.experiments.pool import run_jobs
 
     for workers in (1, 2):
-        seen = []
+        seen = {}
         out = run_jobs(_record_start, [1, 2, 3], desc="t", progress=False, workers=workers,
-                       on_result=lambda i, r: seen.append((i, r)))
-        assert out == [10, 20, 30] and sorted(seen) == [(0, 10), (1, 20), (2, 30)]
+                       on_result=seen.__setitem__)
+        assert out == [10, 20, 30] and seen == {0: 10, 1: 20, 2: 30}
 
 
 def test_needle_cli_keeps_runs_under_out_and_fresh_trains_them_again(monkeypatch, tmp_path):

@@ -109,7 +109,7 @@ def chunk_coefficients(seq, cl, t0, n, read_after, co):
         for l_ in range(r):
             E[r, l_] = e * E[r - 1, l_]
             G[r, l_] = decay * G[r - 1, l_] + E[r, l_]
-        E[r, r] = seq.theta[t0 + r] * cl[r]
+        E[r, r] = seq.theta[t0 + r, 0] * cl[r]  # one θ per token (checked)
         G[r, r] = E[r, r]
         for l_ in range(r + 1, n):
             E[r, l_] = t_(0.0)
@@ -424,9 +424,9 @@ def chunk_vjp(M0, S0, Mbar, Sbar, spec, seq, tape, t0, gout, grads, co):
     corr, coef_u = np.empty(n, M0.dtype), np.empty(n, M0.dtype)
     for r in range(n):
         c = tape.uscale[t0 + r]
-        grads.theta[t0 + r] = -c * dot_u[r]
+        grads.theta[t0 + r, 0] = -c * dot_u[r]
         corr[r] = dot_u[r] / tape.unorm2[t0 + r] if c < t_(1.0) else t_(0.0)
-        coef_u[r] = -seq.theta[t0 + r] * c
+        coef_u[r] = -seq.theta[t0 + r, 0] * c
     scale_products(A, B, spec, key, corr, coef_u)
     # the anchor's: (1 - A_n) M̄_in + Σ_j (1 - a_j) R_j, a_j the M_0 coefficient of read j
     if anchored:

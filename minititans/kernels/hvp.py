@@ -213,3 +213,26 @@ def scale_products(A, B, spec, key, corr, coef):
                 a_i[m] = coef[r] * (a_i[m] - hh * d[m])
             for m in range(f):
                 b_i[m] = coef[r] * (b_i[m] - dd * h[m])
+
+
+@kernel
+def scale_products_per_layer(A, B, spec, key, kappa, c, theta):
+    r""":func:`scale_products` for one row of ``key`` when each layer has its own step
+    $\theta_i$ (``theta`` ``(L,)``, Appendix B.3): the products of
+    $\bar u_i = c\,(\kappa u_i - \theta_i \bar S_i)$, with
+    $\kappa = \sum_j \theta_j\langle\bar S_j, u_j\rangle / \lVert u\rVert^2$ when the clip is
+    active (else 0): $A_i \leftarrow c\,(\kappa\lVert h_{i-1}\rVert^2\delta_i - \theta_i A_i)$,
+    $B_i \leftarrow c\,(\kappa\lVert\delta_i\rVert^2 h_{i-1} - \theta_i B_i)$."""
+    shapes = spec.shapes
+    for i in range(shapes.shape[0]):
+        f, o = shapes[i, 0], shapes[i, 1]
+        h = key.X[0] if i == 0 else tape_view(key.H, spec.hoff[i - 1], 1, f)[0]
+        d = tape_view(key.D, spec.zoff[i], 1, o)[0]
+        a_i = tape_view(A, spec.zoff[i], 1, o)[0]
+        b_i = tape_view(B, spec.boff[i], 1, f)[0]
+        hh = kappa * np.dot(h, h)
+        dd = kappa * np.dot(d, d)
+        for m in range(o):
+            a_i[m] = c * (hh * d[m] - theta[i] * a_i[m])
+        for m in range(f):
+            b_i[m] = c * (dd * h[m] - theta[i] * b_i[m])

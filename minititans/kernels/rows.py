@@ -213,7 +213,8 @@ def exceeds(a, bound):
 @kernel
 def apply_update(Mi, Si, Mo, So, spec, seq, key, r, t, c):
     r"""Eqs. 13–14 for token ``t``, row ``r`` of the tapes ``key`` (clip scale ``c``):
-    $S = \eta_t S - \theta_t c\,h_{i-1}^\top\delta_i$, $\mathcal{M} = (1-\alpha_t)\mathcal{M} + S$,
+    $S = \eta_t S - \theta_t c\,h_{i-1}^\top\delta_i$ ($\theta_{t,i}$ per layer when ``seq.theta``
+    has a column per layer), $\mathcal{M} = (1-\alpha_t)\mathcal{M} + S$,
     then $+\,\alpha_t\bar{\mathcal{M}}$ when ``seq`` has an anchor (Eq. 13 around it).
 
     Reads ``Mi``, ``Si`` and writes ``Mo``, ``So`` (other arrays, so the loop vectorises),
@@ -222,9 +223,10 @@ def apply_update(Mi, Si, Mo, So, spec, seq, key, r, t, c):
     shapes, offsets = spec.shapes, spec.offsets
     n = key.X.shape[0]
     t_ = Mi.dtype.type
-    g_scale = -(seq.theta[t] * c)
+    per_layer = seq.theta.shape[1] > 1  # θ (T, L): a step size per memory layer
     keep, e = t_(1.0) - seq.alpha[t], seq.eta[t]
     for i in range(shapes.shape[0]):
+        g_scale = -(seq.theta[t, i if per_layer else 0] * c)
         Wi, Wo = layer(Mi, shapes, offsets, i), layer(Mo, shapes, offsets, i)
         Ui, Uo = layer(Si, shapes, offsets, i), layer(So, shapes, offsets, i)
         h = key.X[r] if i == 0 else tape_view(key.H, n * spec.hoff[i - 1], n, shapes[i, 0])[r]

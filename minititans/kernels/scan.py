@@ -11,6 +11,7 @@ arrays: :mod:`minititans.memory.scan` checks the arguments and wraps the results
 
 from __future__ import annotations
 
+import autograd.numpy as anp
 import numba
 import numpy as np
 from autograd.tracer import getval, isbox
@@ -40,6 +41,23 @@ def _spec(shapes, offsets, dtype, activation, residual_norm, read, loss, p, delt
                      LOSS_CODES[loss], p, delta, clip, read == "after")
 
 
+def theta_columns(theta, T: int, batch: tuple = (), chunk_size: int = 1):
+    r"""``theta`` as the kernels take it: one column (a step per token) or one per memory
+    layer (Appendix B.3), shape ``batch + (T, 1 or L)``; a float, ``batch + (T,)`` or
+    ``batch + (T, L)`` on entry (an autograd box stays one). The chunked kernels take one
+    step per token only."""
+    nd = np.ndim(getval(theta))
+    if nd == 0:
+        return theta * anp.ones(batch + (T, 1))
+    if nd == len(batch) + 1:
+        return anp.expand_dims(theta, -1)
+    if np.shape(getval(theta))[-1] > 1 and chunk_size > 1:
+        raise ValueError("theta per memory layer (shape (T, L)) needs chunk_size=1 on the "
+                         f"numba backend, got chunk_size={chunk_size}; use "
+                         "backend='reference' to chunk it")
+    return theta
+
+
 def numba_scan(weights, momentum, keys, values, queries, alpha, eta, theta, *, activation,
                residual_norm, chunk_size=1, read="after", loss="l2", p=3.0, delta=1.0,
                max_grad_norm=None, on_nonfinite="raise", checkpoint_every=None, anchor=None):
@@ -58,6 +76,7 @@ def numba_scan(weights, momentum, keys, values, queries, alpha, eta, theta, *, a
     """
     leaves = (*weights, *momentum, *(anchor or ()), keys, values, queries, alpha, eta, theta)
     boxed = any(isbox(x) for x in leaves)
+    theta = theta_columns(theta, np.shape(getval(keys))[0], chunk_size=int(chunk_size))
     plain = [np.asarray(getval(x)) for x in (*weights, keys, values, queries)]
     dtype = np.result_type(*plain)
     shapes, offsets = pack_weights(plain[:len(weights)], dtype)[1:]
@@ -131,6 +150,8 @@ def numba_scan_batched(weights, momentum, keys, values, queries, alpha, eta, the
         ``(out (B, T, d_out), new weights, new momentum)``, each ``W_i`` ``(B, ...)``.
     """
     leaves = (*weights, *momentum, *(anchor or ()), keys, values, queries, alpha, eta, theta)
+    B, T = np.shape(getval(keys))[:2]
+    theta = theta_columns(theta, T, (B,), chunk_size=int(chunk_size))
     if any(isbox(x) for x in leaves):
         plain = [np.asarray(getval(x)) for x in (*weights, keys, values, queries)]
         dtype = np.result_type(*plain)
@@ -144,7 +165,6 @@ def numba_scan_batched(weights, momentum, keys, values, queries, alpha, eta, the
     dtype = np.result_type(K, values, queries, *weights)
     M, shapes, offsets = pack_weights(weights, dtype, batched=True)
     S, _, _ = pack_weights(momentum, dtype, batched=True)
-    B, T = K.shape[:2]
     seq = Seq(*(as_kernel_array(x, dtype) for x in (keys, values, queries, alpha, eta, theta)),
               _pack_anchor(anchor, dtype, (B,)))
     out = np.empty((B, T, shapes[-1, 1]), dtype=dtype)

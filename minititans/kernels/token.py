@@ -54,7 +54,7 @@ import math
 import numpy as np
 
 from ._jit import kernel
-from .hvp import hvp_rows, hvp_work_size, scale_products
+from .hvp import hvp_rows, hvp_work_size, scale_products, scale_products_per_layer
 from .layout import add_scaled, copy, key_rows, layer, tape_view
 from .rows import (
     apply_update,
@@ -169,6 +169,7 @@ def token_loop(M, S, spec, seq, tape, seg, stop, out):
         if anchored:
             UA[i] = max_abs(layer(seq.anchor, spec.shapes, spec.offsets, i).ravel())
     half_bound = 0.5 * float(spec.bound)
+    per_layer = seq.theta.shape[1] > 1  # θ (T, L): a step size per memory layer
     # the first key (and query) through M_0; later rows are read inside the update pass
     _read_row(M, spec, K[0:1], tape.KZ[0], tape.KH[0], tape.KD1[0], tape.kln[0:1],
               tape.KP[0:1], True)
@@ -199,9 +200,10 @@ def token_loop(M, S, spec, seq, tape, seg, stop, out):
             W = layer(M, spec.shapes, spec.offsets, i)
             h0, h1 = hoff[i - 1], hoff[i]
             ra, rb = (xa[0], xb[0]) if i == 0 else (ha[h0:h1], hb[h0:h1])
+            th = seq.theta[t, i if per_layer else 0]  # θ_t, or layer i's (Appendix B.3)
             update_and_read(W, layer(S, spec.shapes, spec.offsets, i), key.D[lo:hi],
                             K[t] if i == 0 else key.H[h0:h1], seq.eta[t],
-                            t_(1.0) - seq.alpha[t], -seq.theta[t] * c, ra, rb, za[lo:hi],
+                            t_(1.0) - seq.alpha[t], -th * c, ra, rb, za[lo:hi],
                             zb[lo:hi])
             if anchored:
                 forget_towards(W, layer(seq.anchor, spec.shapes, spec.offsets, i),
@@ -209,7 +211,7 @@ def token_loop(M, S, spec, seq, tape, seg, stop, out):
             if first_bad < 0:
                 kin = K[t] if i == 0 else key.H[h0:h1]
                 dl = key.D[lo:hi]  # |k_a δ_j| <= ‖k‖ ‖δ‖ (NaN stays NaN: the scan runs)
-                US[i] = seq.eta[t] * US[i] + abs(seq.theta[t] * c) * math.sqrt(
+                US[i] = seq.eta[t] * US[i] + abs(th * c) * math.sqrt(
                     np.dot(kin, kin) * np.dot(dl, dl))
                 UW[i] = (1.0 - seq.alpha[t]) * UW[i] + US[i] + seq.alpha[t] * UA[i]
                 if not (UW[i] <= half_bound):  # scan the layer: the exact maxima
@@ -257,6 +259,7 @@ def token_vjp(spec, seq, tape, seg, gout, Mbar, Sbar, grads, Mbuf, Sbuf):
     work = np.empty(hvp_work_size(shapes, 1), Mbar.dtype)
     corr, coef = np.empty(1, Mbar.dtype), np.empty(1, Mbar.dtype)
     anchored = seq.anchor.shape[0] > 0  # grads.anchor accumulates (zero on entry)
+    per_layer = seq.theta.shape[1] > 1  # θ (T, L): grads.theta too
     eta_next = t_(1.0)  # η_{t+1}: S̄_t = η_{t+1} S̄_{t+1} + M̄_t
     keep = t_(1.0)  # 1 - α_{t+1}: M̄ waits for the next pass to be multiplied by it
     for k in range((T - 1) // seg, -1, -1):
@@ -286,17 +289,28 @@ def token_vjp(spec, seq, tape, seg, gout, Mbar, Sbar, grads, Mbuf, Sbuf):
                 grads.alpha[t] += np.dot(Mbar[:P], seq.anchor[:P])
                 add_scaled(Mbar[:P], seq.alpha[t], grads.anchor)
             grads.eta[t] = dot_s  # Eq. 14
-            dot_u = t_(0.0)  # ⟨S̄_t, u_t⟩
-            for i in range(L):
-                d = key.D[zoff[i]:zoff[i + 1]]
-                np.dot(layer(Sbar, shapes, offsets, i), d, B[boff[i]:boff[i + 1]])
-                dot_u += np.dot(A[zoff[i]:zoff[i + 1]], d)
             c = tape.uscale[t]
-            grads.theta[t] = -c * dot_u
-            # ū_t = -θ_t c_t S̄_t, minus its component along u_t when the clip is active
-            corr[0] = dot_u / tape.unorm2[t] if c < t_(1.0) else t_(0.0)
-            coef[0] = -seq.theta[t] * c
-            scale_products(A, B, spec, key, corr, coef)
+            if not per_layer:
+                dot_u = t_(0.0)  # ⟨S̄_t, u_t⟩
+                for i in range(L):
+                    d = key.D[zoff[i]:zoff[i + 1]]
+                    np.dot(layer(Sbar, shapes, offsets, i), d, B[boff[i]:boff[i + 1]])
+                    dot_u += np.dot(A[zoff[i]:zoff[i + 1]], d)
+                grads.theta[t, 0] = -c * dot_u
+                # ū_t = -θ_t c_t S̄_t, minus its component along u_t when the clip is active
+                corr[0] = dot_u / tape.unorm2[t] if c < t_(1.0) else t_(0.0)
+                coef[0] = -seq.theta[t, 0] * c
+                scale_products(A, B, spec, key, corr, coef)
+            else:  # θ per layer: θ̄_{t,i} = -c ⟨S̄_i, u_i⟩, ū_i = c (κ u_i - θ_{t,i} S̄_i)
+                weighted = t_(0.0)  # Σ_i θ_{t,i} ⟨S̄_i, u_i⟩
+                for i in range(L):
+                    d = key.D[zoff[i]:zoff[i + 1]]
+                    np.dot(layer(Sbar, shapes, offsets, i), d, B[boff[i]:boff[i + 1]])
+                    dot_i = np.dot(A[zoff[i]:zoff[i + 1]], d)
+                    grads.theta[t, i] = -c * dot_i
+                    weighted += seq.theta[t, i] * dot_i
+                kappa = weighted / tape.unorm2[t] if c < t_(1.0) else t_(0.0)
+                scale_products_per_layer(A, B, spec, key, kappa, c, seq.theta[t])
             # the weight cotangent of the HVP stays pending: PL[1] = ḣ, PR[1] = δ,
             # PL[2] = h, PR[2] = z̄
             hvp_rows(Mbuf[j], spec, key, A, B, PL[1], PR[2], grads.K[t:t + 1],

@@ -301,7 +301,7 @@ def numba_scan_differentiable(weights, momentum, spec, keys, values, queries, al
     """
     L = len(weights)
     T = np.shape(getval(keys))[0]
-    gates = [g if np.ndim(getval(g)) == 1 else g * anp.ones(T) for g in (alpha, eta, theta)]
+    gates = [g if np.ndim(getval(g)) >= 1 else g * anp.ones(T) for g in (alpha, eta, theta)]
     config = _make_config(spec, T, chunk_size, checkpoint_every, on_nonfinite, anchor)
     res = _scan_primitive(keys, values, queries, *gates, *weights, *momentum, *(anchor or ()),
                           config=config, tape=_Tape())

@@ -37,6 +37,7 @@ from .._checks import (
     diverged_reason,
     first_diverged_token,
     report_divergence,
+    value_of,
     weight_bound,
     weights_diverged,
 )
@@ -69,7 +70,10 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
         state: the initial MemoryState $(\mathcal{M}_0, S_0)$.
         keys: ``(T, d_in)``; values: ``(T, d_out)``; queries: ``(T, d_in)``.
         alpha, eta, theta: per-token gates, each a float or an array ``(T,)``;
-            $\alpha, \eta \in [0, 1]$, $\theta \ge 0$.
+            $\alpha, \eta \in [0, 1]$, $\theta \ge 0$. ``theta`` may also be ``(T, L)``,
+            a step size per token and per memory layer (the per-layer data-dependent
+            $\theta$ of the NeurIPS version's Appendix B.3); on the numba backend that needs
+            ``chunk_size=1``.
         chunk_size: tokens whose gradients share the chunk-start weights (Eqs. 16–18).
         read: "after" ($y_t = \mathcal{M}_t(q_t)$) or "before" ($\mathcal{M}_{t-1}(q_t)$).
         backend: "reference" (NumPy + autograd, this module) or "numba" (fused kernels).
@@ -122,7 +126,11 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
     dtype = result_dtype(state, K, V, Q)
     gates = [cast_gate(check_gate("alpha", alpha, T, low=0.0, high=1.0), dtype),
              cast_gate(check_gate("eta", eta, T, low=0.0, high=1.0), dtype),
-             cast_gate(check_gate("theta", theta, T, low=0.0), dtype)]
+             cast_gate(check_theta(theta, T, len(spec)), dtype)]
+    if np.ndim(value_of(gates[2])) == 2 and backend == "numba" and b > 1:
+        raise ValueError(f"theta per memory layer (shape ({T}, {len(spec)})) needs "
+                         f"chunk_size=1 on the numba backend, got chunk_size={b}; use "
+                         "backend='reference' to chunk it")
     # the dtype rule: everything is computed in the result dtype, on both backends
     state = state_in_dtype(state, dtype)
     keys, values, queries = (_to_dtype(x, dtype) for x in (keys, values, queries))
@@ -154,6 +162,27 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
     # the state remembers a chunk left open, so that continuing from it can say so
     open_chunk = (T % b, b) if T % b else None
     return out, replace(new, open_chunk=open_chunk)
+
+
+def check_theta(theta, T: int, L: int):
+    """``theta`` checked: a float or ``(T,)`` (one step per token, as :func:`check_gate`
+    returns it), or ``(T, L)``, one step per token and memory layer (Appendix B.3)."""
+    raw = value_of(theta)
+    if isinstance(raw, (list, tuple)):
+        raw = theta = np.asarray(raw, dtype=float)
+    if np.ndim(raw) != 2:
+        return check_gate("theta", theta, T, low=0.0)
+    arr = np.asarray(raw)
+    if arr.dtype.kind not in "fiu" or arr.dtype == np.float16:
+        raise TypeError(f"theta must be a float or a float array, got dtype {arr.dtype}")
+    if arr.shape != (T, L):
+        raise ValueError(f"theta must be a float, have shape ({T},), or have shape ({T}, {L}) "
+                         f"(a step per memory layer), got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("theta contains NaN or inf")
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"theta must be >= 0.0, got a minimum of {arr.min():.6g}")
+    return theta if arr.dtype.kind == "f" else arr.astype(float)
 
 
 def _check_outputs(out, new, on_nonfinite):
@@ -206,10 +235,11 @@ def _chunked(state, K, V, Q, alpha, eta, theta, b, *, loss, p, delta, max_grad_n
         # u_i = ∇ℓ(M_{t'}; x_i) for every token of the chunk, all at the same weights
         u = per_token_surprise(M, K[c], V[c], loss, p=p, delta=delta)  # each (n, *W.shape)
         u = _clip_per_token(u, max_grad_norm)
-        th = theta[c]
+        th = theta[c]  # (n,), or (n, L): a column per layer
+        th = [th[:, i] for i in range(len(S))] if anp.ndim(th) == 2 else [th] * len(S)
         # Eq. 18: S_i = η_i S_{i-1} - θ_i u_i, a linear recurrence in S
-        S_all = [linear_recurrence(eta[c], -anp.reshape(th, (-1, 1, 1)) * g, s)
-                 for g, s in zip(u, S)]
+        S_all = [linear_recurrence(eta[c], -anp.reshape(th_i, (-1, 1, 1)) * g, s)
+                 for g, s, th_i in zip(u, S, th)]
         # Eq. 13: M_i = (1 - α_i) M_{i-1} + S_i, the same recurrence with a = 1 - α
         # (with an anchor M̄, for M_i - M̄: M_i = M̄ + (1 - α_i)(M_{i-1} - M̄) + S_i)
         if A is None:
@@ -301,7 +331,8 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
         state: MemoryState whose weights and momentum (and anchor, if any) have a leading
             batch axis, ``W_i`` ``(B, fan_in, fan_out)``.
         keys ``(B, T, d_in)``, values ``(B, T, d_out)``, queries ``(B, T, d_in)``.
-        alpha, eta, theta: ``(B, T)`` arrays (or floats).
+        alpha, eta, theta: ``(B, T)`` arrays (or floats); ``theta`` may be ``(B, T, L)``,
+            a step per memory layer (with ``chunk_size=1``).
         chunk_size, read, loss, p, delta, max_grad_norm, on_nonfinite: as ``memory_scan``.
 
     Returns:
@@ -343,15 +374,19 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
         if not np.all(np.isfinite(x)):
             raise ValueError(f"{name} contains NaN or inf")
     gates = []
+    L = len(weights)
     for name, g, high in (("alpha", alpha, 1.0), ("eta", eta, 1.0), ("theta", theta, None)):
-        if isbox(g) and np.shape(getval(g)) != (B, T):
-            raise ValueError(f"{name} must have shape ({B}, {T}) when differentiated, got "
+        # theta may have a column per memory layer (Appendix B.3)
+        shape = (B, T, L) if name == "theta" and np.ndim(getval(g)) == 3 else (B, T)
+        if isbox(g) and np.shape(getval(g)) != shape:
+            raise ValueError(f"{name} must have shape {shape} when differentiated, got "
                              f"shape {np.shape(getval(g))}")
         try:
-            g = np.broadcast_to(np.asarray(getval(g), dtype=dtype), (B, T))
+            g = np.broadcast_to(np.asarray(getval(g), dtype=dtype), shape)
         except ValueError:
-            raise ValueError(f"{name} must be a float or have shape ({B}, {T}), got shape "
-                             f"{np.shape(g)}") from None
+            more = f" or ({B}, {T}, {L})" if name == "theta" else ""
+            raise ValueError(f"{name} must be a float or have shape ({B}, {T}){more}, got "
+                             f"shape {np.shape(getval(g))}") from None
         if not np.all(np.isfinite(g)):
             raise ValueError(f"{name} contains NaN or inf")
         if g.size and (g.min() < 0 or (high is not None and g.max() > high)):

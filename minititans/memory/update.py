@@ -168,8 +168,10 @@ def apply_update(M, S, u, alpha, eta, theta, anchor=None):
     With an ``anchor`` $\bar{\mathcal{M}}$, Eq. 13 acts on $\mathcal{M} - \bar{\mathcal{M}}$.
     """
     spec = spec_of(M)
+    # θ_t, or a step per layer θ_{t,i} (theta of shape (L,), Appendix B.3)
+    steps = [theta[i] for i in range(len(S))] if anp.ndim(theta) == 1 else [theta] * len(S)
     # Eq. 14: S_t = η_t S_{t-1} - θ_t u_t   (u_t = ∇ℓ(M_{t-1}; x_t), the momentary surprise)
-    S_new = spec.like(eta * s - theta * g for s, g in zip(S, u))
+    S_new = spec.like(eta * s - th * g for s, g, th in zip(S, u, steps))
     if anchor is None:
         # Eq. 13: M_t = (1 - α_t) M_{t-1} + S_t
         M_new = spec.like((1.0 - alpha) * w + s for w, s in zip(M, S_new))
