@@ -119,12 +119,15 @@ def memory_write(state, start, k, v, alpha, eta, theta, cfg):
     """One token's write (Eqs. 13–14): its surprise at ``start``, the weights of its chunk's
     start (with ``chunk_size`` 1, the current weights: plain ``memory_step``)."""
     clip = cfg.max_grad_norm or None
-    if cfg.chunk_size == 1:
+    if cfg.chunk_size == 1 and np.ndim(theta) == 0:
         return memory_step(state, k, v, alpha=alpha, eta=eta, theta=theta, max_grad_norm=clip)
+    # by hand: the surprise at the chunk's start, and theta one number or one per layer
+    assert state.anchor is None, "the hand-written write has no anchor"
     g = [np.asarray(w) for w in surprise(start, k[None], v[None])]
     if clip is not None:
         g = [w * min(1.0, clip / np.sqrt(sum(np.sum(u**2) for u in g))) for w in g]
-    S = [eta * s - theta * gi for s, gi in zip(state.momentum, g)]
+    steps = list(theta) if np.ndim(theta) else [theta] * len(g)
+    S = [eta * s - th * gi for s, gi, th in zip(state.momentum, g, steps)]
     M = [(1.0 - alpha) * w + s for w, s in zip(state.params, S)]
     return MemoryState(state.params.like(M), state.params.like(S))
 

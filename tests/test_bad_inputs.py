@@ -79,8 +79,11 @@ SCAN_CASES = [
      "queries contains NaN"),
     ("float16 gate", dict(alpha=np.zeros(5, np.float16)), TypeError,
      "alpha must be a float or a float array, got dtype float16"),
-    ("gate of shape (T, 1)", dict(theta=np.zeros((5, 1))), ValueError,
-     r"theta must be a float or have shape \(5,\)"),
+    ("gate of shape (T, 1)", dict(alpha=np.zeros((5, 1))), ValueError,
+     r"alpha must be a float or have shape \(5,\)"),
+    # theta may have a column per memory layer (Appendix B.3), but not another number
+    ("theta of shape (T, 3)", dict(theta=np.zeros((5, 3))), ValueError,
+     r"theta must be a float, have shape \(5,\), or have shape \(5, 2\)"),
     ("gate as a string", dict(eta="0.9"), TypeError, "eta must be a float"),
     ("complex gate", dict(alpha=0.1 + 0j), TypeError, "alpha must be a float"),
     ("inf gate", dict(theta=np.array([0.1, 0.1, np.inf, 0.1, 0.1])), ValueError,

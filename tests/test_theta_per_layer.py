@@ -3,6 +3,8 @@ Appendix B.3, ``theta`` of shape ``(T, L)`` in Eq. 14 (S_t = eta_t S_{t-1} - the
 for layer i). Checked against plain loops, against the per-token theta it generalises, and
 the numba gradients against autograd through the reference."""
 
+import copy
+
 import autograd.numpy as anp
 import numpy as np
 import pytest
@@ -158,3 +160,95 @@ def test_theta_per_layer_bad_input_is_a_clear_error(rng):
         scan(bad)
     with pytest.raises(ValueError, match="chunk_size=1 on the numba backend"):
         scan(theta, backend="numba", chunk_size=3)
+
+
+# --- in the models: ModelConfig(theta_per_layer=True) ---------------------------------------
+
+from naive_models import naive_forward  # noqa: E402
+
+from minititans.models import Model, ModelConfig, ravel  # noqa: E402
+
+TINY = dict(vocab_size=12, d_model=8, num_heads=2, ffn_expansion=2, conv_kernel=3,
+            num_persistent=2, window=3, segment_len=4, memory_depth=2, memory_expansion=2,
+            chunk_size=1, theta_init=0.05, theta_max=0.2, theta_per_layer=True)
+
+
+def _gate_dicts(tree):
+    if isinstance(tree, dict):
+        if "b_theta" in tree:
+            yield tree
+        for v in tree.values():
+            yield from _gate_dicts(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _gate_dicts(v)
+
+
+def _model(model, **changes):
+    """A model with theta per layer whose layers' steps start apart (-2 and +1 logits)."""
+    m = Model(ModelConfig(model=model, **{**TINY, **changes}))
+    params = m.init(np.random.default_rng(0))
+    for g in _gate_dicts(params):
+        assert np.shape(g["w_theta"]) == (8, m.config.memory_depth)
+        g["b_theta"] = g["b_theta"] + np.linspace(-2.0, 1.0, m.config.memory_depth)
+        g["w_theta"] = g["w_theta"] * 30  # and depend on the token
+    return m, params
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+@pytest.mark.parametrize("model", ["lmm", "mac", "mag", "mal"])
+def test_appendix_b3_models_with_theta_per_layer_match_the_hand_assembled_forward(
+        model, chunk_size):
+    m, params = _model(model, chunk_size=chunk_size, memory_depth=3)
+    tokens = np.random.default_rng(1).integers(0, 12, 11)
+    got = m.apply(params, tokens)
+    np.testing.assert_allclose(got, naive_forward(params, tokens, m.config), rtol=1e-9,
+                               atol=1e-10)
+    # one step per token (the first column for every layer) gives other logits
+    one = copy.deepcopy(params)
+    for g in _gate_dicts(one):
+        g["w_theta"], g["b_theta"] = g["w_theta"][:, 0], float(g["b_theta"][0])
+    assert np.abs(Model(m.config.with_(theta_per_layer=False)).apply(one, tokens)
+                  - got).max() > 1e-6
+
+
+@pytest.mark.parametrize("model", ["lmm", "mac"])
+def test_theta_per_layer_models_stream_in_pieces_as_one_apply(model):
+    m, params = _model(model, chunk_size=3)
+    tokens = np.random.default_rng(2).integers(0, 12, (2, 13))
+    state, outs = m.initial_state(2), []
+    for lo, hi in ((0, 5), (5, 6), (6, 13)):
+        y, state = m.stream(params, tokens[:, lo:hi], state)
+        outs.append(y)
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), m.apply(params, tokens),
+                               rtol=1e-10, atol=1e-12)
+
+
+@needs_numba
+@pytest.mark.parametrize("model", ["lmm", "mac", "mag", "mal"])
+def test_theta_per_layer_models_numba_gradients_equal_the_reference(model):
+    from minititans.training import cross_entropy
+
+    grads = {}
+    tokens = np.random.default_rng(5).integers(0, 12, (2, 9))
+    mask = np.ones(tokens.shape, bool)
+    for backend in ("reference", "numba"):
+        m, params = _model(model, backend=backend, max_grad_norm=0.5)
+        flat, unravel = ravel(params)
+
+        def loss(f, m=m, unravel=unravel):
+            return cross_entropy(m.apply(unravel(f), tokens), tokens, mask)
+
+        grads[backend] = loss(flat), grad(loss)(flat)
+    np.testing.assert_allclose(grads["numba"][0], grads["reference"][0], rtol=1e-10)
+    np.testing.assert_allclose(grads["numba"][1], grads["reference"][1], rtol=1e-7,
+                               atol=1e-10)
+
+
+def test_theta_per_layer_config_is_checked():
+    with pytest.raises(ValueError, match="theta_per_layer needs a deep memory"):
+        ModelConfig(memory_depth=1, theta_per_layer=True)
+    with pytest.raises(ValueError, match="chunk_size=1 on the numba backend"):
+        ModelConfig(theta_per_layer=True, backend="numba", chunk_size=16)
+    cfg = ModelConfig(theta_per_layer=True, chunk_size=1)
+    assert ModelConfig.from_json(cfg.to_json()) == cfg

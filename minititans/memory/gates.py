@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import autograd.numpy as anp
+import numpy as np
 
 from .._checks import check_array, check_int, check_rng
 from ..activations import sigmoid
@@ -35,11 +36,14 @@ def _logit(p: float) -> float:
 
 def init_gates(rng, d_model: int, *, alpha_init: float = ALPHA_INIT, eta_init: float = ETA_INIT,
                theta_init: float = THETA_INIT, theta_max: float = THETA_MAX,
-               scale: float = 0.01) -> dict:
+               scale: float = 0.01, theta_columns: int = 1) -> dict:
     """Parameters of the three gate projections: weights ``(d_model,)`` and scalar biases.
 
     The weights start small (``scale``) so the initial gates are close to the ``*_init``
     values whatever the input; ``theta_max`` is not a parameter but fixes the range of θ.
+    ``theta_columns`` > 1 gives θ one projection per memory layer (Appendix B.3 of the
+    NeurIPS version): ``w_theta`` ``(d_model, theta_columns)``, ``b_theta``
+    ``(theta_columns,)``, every column starting at ``theta_init``.
 
     Returns:
         ``{"w_alpha": (d_model,), "b_alpha": float, "w_eta": (d_model,), "b_eta": float,
@@ -47,6 +51,7 @@ def init_gates(rng, d_model: int, *, alpha_init: float = ALPHA_INIT, eta_init: f
     """
     check_rng(rng)
     d_model = check_int("d_model", d_model, minimum=1)
+    n = check_int("theta_columns", theta_columns, minimum=1)
     for name, val in (("alpha_init", alpha_init), ("eta_init", eta_init)):
         if not 0.0 < val < 1.0:
             raise ValueError(f"{name} must be in (0, 1), got {val!r}")
@@ -55,18 +60,20 @@ def init_gates(rng, d_model: int, *, alpha_init: float = ALPHA_INIT, eta_init: f
     return {
         "w_alpha": scale * rng.standard_normal(d_model), "b_alpha": _logit(alpha_init),
         "w_eta": scale * rng.standard_normal(d_model), "b_eta": _logit(eta_init),
-        "w_theta": scale * rng.standard_normal(d_model),
-        "b_theta": _logit(theta_init / theta_max),
+        "w_theta": scale * rng.standard_normal(d_model if n == 1 else (d_model, n)),
+        "b_theta": (_logit(theta_init / theta_max) if n == 1
+                    else np.full(n, _logit(theta_init / theta_max))),
     }
 
 
 def compute_gates(gate_params: dict, x, *, theta_max: float = THETA_MAX):
-    r"""$(\alpha_t, \eta_t, \theta_t)$ for every token of ``x`` ``(T, d_model)``; each ``(T,)``."""
+    r"""$(\alpha_t, \eta_t, \theta_t)$ for every token of ``x`` ``(T, d_model)``; each ``(T,)``,
+    θ ``(T, L)`` when its projection has a column per memory layer (``theta_columns``)."""
     check_array("x", x, ndim=2, last_dim=anp.shape(gate_params["w_alpha"])[0])
     if not theta_max > 0:
         raise ValueError(f"theta_max must be > 0, got {theta_max!r}")
     g = gate_params
     alpha = sigmoid(x @ g["w_alpha"] + g["b_alpha"])  # (T,) in (0, 1)
     eta = sigmoid(x @ g["w_eta"] + g["b_eta"])  # (T,) in (0, 1)
-    theta = theta_max * sigmoid(x @ g["w_theta"] + g["b_theta"])  # (T,) in (0, θ_max)
+    theta = theta_max * sigmoid(x @ g["w_theta"] + g["b_theta"])  # (T,) or (T, L)
     return alpha, eta, theta

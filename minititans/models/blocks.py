@@ -107,22 +107,29 @@ def init_memory_core(rng, cfg):
     return {
         "qkv": init_qkv(rng, cfg),
         "gates": init_gates(rng, d, alpha_init=cfg.alpha_init, theta_init=cfg.theta_init,
-                            theta_max=cfg.theta_max),
+                            theta_max=cfg.theta_max, theta_columns=theta_columns(cfg)),
         # M_0 is an outer-loop parameter; its last matrix starts at zero so M_0(k) = 0
         "M0": init_memory(rng, d, d, depth=cfg.memory_depth, expansion=cfg.memory_expansion,
                           activation=cfg.memory_activation, init="zero_out"),
     }
 
 
+def theta_columns(cfg) -> int:
+    """1 (a step per token), or ``memory_depth`` with ``theta_per_layer`` (Appendix B.3)."""
+    return cfg.memory_depth if cfg.theta_per_layer else 1
+
+
 def gates(p, x, cfg):
-    r"""$(\alpha_t, \eta_t, \theta_t)$, each ``(B, T)``, from the tokens ``x`` ``(B, T, d)``.
+    r"""$(\alpha_t, \eta_t, \theta_t)$, each ``(B, T)``, from the tokens ``x`` ``(B, T, d)``;
+    with ``cfg.theta_per_layer`` $\theta$ is ``(B, T, L)``, one step per memory layer.
 
     The ablations replace $\eta$ by 0 ("w/o momentum") or $\alpha$ by 0 ("w/o weight decay").
     """
     B, T, d = np.shape(x)
-    alpha, eta, theta = (anp.reshape(g, (B, T)) for g in
-                         compute_gates(p["gates"], anp.reshape(x, (B * T, d)),
-                                       theta_max=cfg.theta_max))
+    cols = () if theta_columns(cfg) == 1 else (theta_columns(cfg),)
+    alpha, eta, theta = (anp.reshape(g, (B, T) + shape) for g, shape in
+                         zip(compute_gates(p["gates"], anp.reshape(x, (B * T, d)),
+                                           theta_max=cfg.theta_max), ((), (), cols)))
     zero = np.zeros((B, T))
     return (alpha if cfg.forgetting else zero), (eta if cfg.momentum else zero), theta
 

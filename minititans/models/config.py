@@ -49,6 +49,8 @@ class ModelConfig:
     #                                the memory per token until the gate learns otherwise
     theta_init: float = 0.02       # theta at initialisation (gates.THETA_INIT)
     theta_max: float = 0.1         # the largest inner step the theta gate can give
+    theta_per_layer: bool = False  # [NeurIPS] Appendix B.3: a data-dependent theta for each
+    #                                memory layer (L_M >= 2) instead of one per token
     max_grad_norm: float = 0.0     # clip the memory's inner gradient, each token's surprise,
     #                                to this norm (memory_scan's max_grad_norm; 0: off); deep
     #                                memories with momentum can diverge without it
@@ -86,6 +88,12 @@ class ModelConfig:
         if not 0 < self.theta_init < self.theta_max:
             raise ValueError(f"need 0 < theta_init < theta_max, got {self.theta_init!r} and "
                              f"{self.theta_max!r}")
+        if self.theta_per_layer and self.memory_depth < 2:
+            raise ValueError(f"theta_per_layer needs a deep memory (memory_depth >= 2), got "
+                             f"memory_depth={self.memory_depth}")
+        if self.theta_per_layer and self.backend == "numba" and self.chunk_size > 1:
+            raise ValueError(f"theta_per_layer needs chunk_size=1 on the numba backend, got "
+                             f"chunk_size={self.chunk_size}")
 
     def with_(self, **changes) -> ModelConfig:
         """A copy with some fields changed (``config.with_(momentum=False)``)."""
