@@ -216,7 +216,7 @@ def mac_block(p, h, cfg, order="paper"):
             q, k, v = (z[-n:] for z in memory_qkv(mem, stream))
             a, e, th = (g[-n:] for g in gates(mem["gates"], stream, cfg))
             ms, st = [], state  # the memory as the previous segment left it
-            for t in range(n):  # the chunks of Eqs. 16-18 start again with each segment
+            for t in range(n):  # the chunks of Eqs. 16–18 start again with each segment
                 if t % cfg.chunk_size == 0:
                     start = st.params
                 st = memory_write(st, start, k[t], v[t], a[t], e[t], th[t], cfg)
