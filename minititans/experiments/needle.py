@@ -428,8 +428,9 @@ def run_needle_experiment(settings: NeedleSettings, out_dir: Path | None = None,
     print(format_needle_table(result))
     per_model = ", ".join(f"{k} {v:.0f} s ({timing['job_seconds'][k]:.0f} s)"
                           for k, v in timing["cpu_seconds"].items())
-    reused = (f" ({timing['reused']} runs read from {runs_dir}: their times are those of "
-              "their own run)" if timing["reused"] else "")
+    n = timing["reused"]
+    reused = (f" ({n} run{'s' * (n != 1)} read from {runs_dir}: the times are those of "
+              "the run that saved it)" if n else "")
     print(f"needle: {timing['seconds']:.1f} s on {timing['workers']} worker(s), backend "
           f"{timing['backend']}; processor time per model, all tasks and seeds (the jobs' "
           f"wall time in brackets){reused}: {per_model}")
