@@ -127,10 +127,6 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
     gates = [cast_gate(check_gate("alpha", alpha, T, low=0.0, high=1.0), dtype),
              cast_gate(check_gate("eta", eta, T, low=0.0, high=1.0), dtype),
              cast_gate(check_theta(theta, T, len(spec)), dtype)]
-    if np.ndim(value_of(gates[2])) == 2 and backend == "numba" and b > 1:
-        raise ValueError(f"theta per memory layer (shape ({T}, {len(spec)})) needs "
-                         f"chunk_size=1 on the numba backend, got chunk_size={b}; use "
-                         "backend='reference' to chunk it")
     # the dtype rule: everything is computed in the result dtype, on both backends
     state = state_in_dtype(state, dtype)
     keys, values, queries = (_to_dtype(x, dtype) for x in (keys, values, queries))
