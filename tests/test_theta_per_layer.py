@@ -37,21 +37,17 @@ def _problem(rng, T=9, d=3, depth=2, anchored=False):
 def test_appendix_b3_eq14_theta_per_layer_matches_plain_loops(rng, backend, chunk_size, read,
                                                              depth, anchored):
     state, K, V, Q, alpha, eta, theta = _problem(rng, depth=depth, anchored=anchored)
-    out, new = mt.memory_scan(state, K, V, Q, alpha=alpha, eta=eta, theta=theta,
-                              chunk_size=chunk_size, read=read, backend=backend)
-    naive = naive_token_loop if chunk_size == 1 else (
-        lambda *a, **k: naive_chunked(*a[:7], chunk_size, **k))
     anchor = None if state.anchor is None else list(state.anchor)
     if chunk_size == 1:
-        want, M, S = naive(list(state.params), K, V, Q, alpha, eta, theta, read=read,
-                           momentum=list(state.momentum), anchor=anchor)
-    else:
-        new = mt.memory_scan(mt.MemoryState(state.params, state.params.like(
-            [np.zeros_like(w) for w in state.params]), state.anchor), K, V, Q, alpha=alpha,
-            eta=eta, theta=theta, chunk_size=chunk_size, read=read, backend=backend)
-        out, new = new
-        want, M, S = naive(list(state.params), K, V, Q, alpha, eta, theta, read=read,
-                           anchor=anchor)
+        want, M, S = naive_token_loop(list(state.params), K, V, Q, alpha, eta, theta,
+                                      read=read, momentum=list(state.momentum), anchor=anchor)
+    else:  # the chunked loops start from zero momentum
+        state = mt.MemoryState(state.params, state.params.like(
+            [np.zeros_like(w) for w in state.params]), state.anchor)
+        want, M, S = naive_chunked(list(state.params), K, V, Q, alpha, eta, theta, chunk_size,
+                                   read=read, anchor=anchor)
+    out, new = mt.memory_scan(state, K, V, Q, alpha=alpha, eta=eta, theta=theta,
+                              chunk_size=chunk_size, read=read, backend=backend)
     np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-12)
     for got, ref in zip([*new.params, *new.momentum], [*M, *S]):
         np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12)
