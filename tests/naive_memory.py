@@ -58,6 +58,16 @@ def layer_step(theta_t, i):
     return theta_t[i] if np.ndim(theta_t) else theta_t
 
 
+def layer_rate(alpha_t, M, i):
+    """Token t's forgetting rate for layer i: alpha_t itself, or, channel-wise (a rate per
+    output channel of every layer, the layers' widths one after the other), layer i's
+    slice, one rate per column."""
+    if np.ndim(alpha_t) == 0:
+        return alpha_t
+    lo = sum(np.shape(w)[1] for w in M[:i])
+    return alpha_t[lo:lo + np.shape(M[i])[1]]
+
+
 def naive_token_loop(weights, K, V, Q, alpha, eta, theta, *, activation="gelu",
                      residual_norm=False, read="after", momentum=None, anchor=None):
     """Eqs. 13–14 token by token: S_t = η S - θ ∇ℓ(M_{t-1}); M_t = (1-α) M_{t-1} + S_t.
@@ -74,7 +84,8 @@ def naive_token_loop(weights, K, V, Q, alpha, eta, theta, *, activation="gelu",
             ys.append(naive_mlp(M, Q[t], activation, residual_norm))
         g = naive_grad(M, K[t], V[t], activation, residual_norm)
         S = [eta[t] * s - layer_step(theta[t], i) * gi for i, (s, gi) in enumerate(zip(S, g))]
-        M = [a + (1.0 - alpha[t]) * (w - a) + s for w, s, a in zip(M, S, A)]
+        M = [a + (1.0 - layer_rate(alpha[t], M, i)) * (w - a) + s
+             for i, (w, s, a) in enumerate(zip(M, S, A))]
         if read == "after":
             ys.append(naive_mlp(M, Q[t], activation, residual_norm))
     return np.array(ys), M, S
@@ -97,7 +108,8 @@ def naive_chunked(weights, K, V, Q, alpha, eta, theta, b, *, activation="gelu",
             g = naive_grad(M_chunk_start, K[t], V[t], activation, residual_norm)
             S = [eta[t] * s - layer_step(theta[t], i) * gi
                  for i, (s, gi) in enumerate(zip(S, g))]
-            M = [a + (1.0 - alpha[t]) * (w - a) + s for w, s, a in zip(M, S, A)]
+            M = [a + (1.0 - layer_rate(alpha[t], M, i)) * (w - a) + s
+                 for i, (w, s, a) in enumerate(zip(M, S, A))]
             if read == "after":
                 ys.append(naive_mlp(M, Q[t], activation, residual_norm))
     return np.array(ys), M, S

@@ -12,6 +12,7 @@ the memory then takes each token's surprise at the weights of its chunk's start 
 import math
 
 import numpy as np
+from naive_memory import layer_rate
 from scipy.special import erf
 
 from minititans.linear_attention import gated_delta_rule
@@ -119,16 +120,18 @@ def memory_write(state, start, k, v, alpha, eta, theta, cfg):
     """One token's write (Eqs. 13–14): its surprise at ``start``, the weights of its chunk's
     start (with ``chunk_size`` 1, the current weights: plain ``memory_step``)."""
     clip = cfg.max_grad_norm or None
-    if cfg.chunk_size == 1 and np.ndim(theta) == 0:
+    if cfg.chunk_size == 1 and np.ndim(theta) == 0 and np.ndim(alpha) == 0:
         return memory_step(state, k, v, alpha=alpha, eta=eta, theta=theta, max_grad_norm=clip)
-    # by hand: the surprise at the chunk's start, and theta one number or one per layer
+    # by hand: the surprise at the chunk's start, theta one number or one per layer, alpha
+    # one number or one per output channel
     assert state.anchor is None, "the hand-written write has no anchor"
     g = [np.asarray(w) for w in surprise(start, k[None], v[None])]
     if clip is not None:
         g = [w * min(1.0, clip / np.sqrt(sum(np.sum(u**2) for u in g))) for w in g]
     steps = list(theta) if np.ndim(theta) else [theta] * len(g)
     S = [eta * s - th * gi for s, gi, th in zip(state.momentum, g, steps)]
-    M = [(1.0 - alpha) * w + s for w, s in zip(state.params, S)]
+    M = [(1.0 - layer_rate(alpha, state.params, i)) * w + s
+         for i, (w, s) in enumerate(zip(state.params, S))]
     return MemoryState(state.params.like(M), state.params.like(S))
 
 

@@ -79,8 +79,12 @@ SCAN_CASES = [
      "queries contains NaN"),
     ("float16 gate", dict(alpha=np.zeros(5, np.float16)), TypeError,
      "alpha must be a float or a float array, got dtype float16"),
+    # alpha may have a column per output channel (channel-wise), but not another number
     ("gate of shape (T, 1)", dict(alpha=np.zeros((5, 1))), ValueError,
-     r"alpha must be a float or have shape \(5,\)"),
+     r"alpha must be a float, have shape \(5,\), or have shape \(5, 8\) \(a rate per output "
+     "channel"),
+    ("eta of shape (T, 1)", dict(eta=np.zeros((5, 1))), ValueError,
+     r"eta must be a float or have shape \(5,\)"),
     # theta may have a column per memory layer (Appendix B.3), but not another number
     ("theta of shape (T, 3)", dict(theta=np.zeros((5, 3))), ValueError,
      r"theta must be a float, have shape \(5,\), or have shape \(5, 2\)"),

@@ -97,28 +97,49 @@ def test_eq13_eq14_apply_update_and_first_bad_token(rng):
     S = 0.1 * rng.standard_normal(W.shape)
     Wo, So = np.zeros_like(W), np.zeros_like(W)
     # token 1 = row 1 of the tapes, θ_1 c_1 = 0.2, 1 - α_1 = 0.9, η_1 = 0.8
-    # (the kernels take theta as a column per token, or one per layer)
-    gates = np.array([0.0, 0.1, 0.0]), np.array([0.0, 0.8, 0.0]), np.array([[0.0], [0.4], [0.0]])
+    # (the kernels take theta as a column per token, or one per layer; alpha as a column per
+    # token, or one per output channel)
+    gates = (np.array([[0.0], [0.1], [0.0]]), np.array([0.0, 0.8, 0.0]),
+             np.array([[0.0], [0.4], [0.0]]))
     seq = layout.Seq(key.X, key.V, key.X, *gates, np.zeros(0))
-    rows.apply_update(W, S, Wo, So, spec, seq, key, 1, 1, 0.5)
+    nz = spec.zoff[-1]
+    keep, rate = np.empty(nz), np.empty(nz)
+    rows.apply_update(W, S, Wo, So, spec, seq, key, 1, 1, 0.5, keep, rate)
     u = [g[1] for g in _surprises(spec, key)]
     S_want = 0.8 * S - 0.2 * np.concatenate([g.ravel() for g in u])  # Eq. 14
     np.testing.assert_allclose(So, S_want, rtol=1e-13, atol=1e-15)
     np.testing.assert_allclose(Wo, 0.9 * W + S_want, rtol=1e-13, atol=1e-15)  # Eq. 13
     # a step per layer (Appendix B.3): θ_{1,i} c_1 = 0.2 and 0.05
     per_layer = seq._replace(theta=np.array([[0.0, 0.0], [0.4, 0.1], [0.0, 0.0]]))
-    rows.apply_update(W, S, Wo, So, spec, per_layer, key, 1, 1, 0.5)
+    rows.apply_update(W, S, Wo, So, spec, per_layer, key, 1, 1, 0.5, keep, rate)
     S_layers = 0.8 * S - np.concatenate([0.2 * u[0].ravel(), 0.05 * u[1].ravel()])
     np.testing.assert_allclose(So, S_layers, rtol=1e-13, atol=1e-15)
     np.testing.assert_allclose(Wo, 0.9 * W + S_layers, rtol=1e-13, atol=1e-15)
     # with an anchor M̄: Eq. 13 for M - M̄
     anchor = rng.standard_normal(W.shape)
-    rows.apply_update(W, S, Wo, So, spec, seq._replace(anchor=anchor), key, 1, 1, 0.5)
+    rows.apply_update(W, S, Wo, So, spec, seq._replace(anchor=anchor), key, 1, 1, 0.5, keep,
+                      rate)
     np.testing.assert_allclose(Wo, anchor + 0.9 * (W - anchor) + S_want, rtol=1e-13,
                                atol=1e-15)
+    # a rate per output channel (channel-wise): column j of layer i keeps 1 - α_{1,c}
+    alpha = np.zeros((3, nz))
+    alpha[1] = rng.uniform(0.0, 0.5, nz)
+    for anc in (np.zeros(0), anchor):
+        rows.apply_update(W, S, Wo, So, spec, seq._replace(alpha=alpha, anchor=anc), key, 1, 1,
+                          0.5, keep, rate)
+        np.testing.assert_array_equal(rate, alpha[1])
+        np.testing.assert_array_equal(keep, 1.0 - alpha[1])
+        M0, A0 = (layout.unpack_weights(x, spec.shapes, spec.offsets)
+                  for x in (W, anc if anc.size else np.zeros_like(W)))
+        want = [a + (1.0 - alpha[1, spec.zoff[i]:spec.zoff[i + 1]]) * (w - a) + s
+                for i, (w, s, a) in enumerate(zip(M0, layout.unpack_weights(
+                    S_want, spec.shapes, spec.offsets), A0))]
+        for got, w in zip(layout.unpack_weights(Wo, spec.shapes, spec.offsets), want):
+            np.testing.assert_allclose(got, w, rtol=1e-13, atol=1e-15)
     # a step of θ = 1e308 at token 2 (row 1 of the tapes) overflows the weights there
     theta = np.array([[0.1], [0.1], [1e308], [0.1]])
-    seq = layout.Seq(key.X, key.V, key.X, np.zeros(4), np.full(4, 0.5), theta, np.zeros(0))
+    seq = layout.Seq(key.X, key.V, key.X, np.zeros((4, 1)), np.full(4, 0.5), theta,
+                     np.zeros(0))
     assert rows.first_bad_token(W, S, spec, seq, key, np.ones(3), 1) == 2
     assert np.all(np.isfinite(W))  # the replay leaves its start state alone
     seq = seq._replace(theta=np.full((4, 1), 0.1))

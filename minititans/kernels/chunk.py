@@ -105,7 +105,7 @@ def chunk_coefficients(seq, cl, t0, n, read_after, co):
     C = t_(0.0)
     for r in range(n):
         e = seq.eta[t0 + r]
-        decay = t_(1.0) - seq.alpha[t0 + r]
+        decay = t_(1.0) - seq.alpha[t0 + r, 0]  # one α per token (checked)
         for l_ in range(r):
             E[r, l_] = e * E[r - 1, l_]
             G[r, l_] = decay * G[r - 1, l_] + E[r, l_]
@@ -265,7 +265,7 @@ def _backward_coefficients(alpha, eta, t0, n, read_after, aR, aM, cR, cM, cS):
     the state read by token j ($j$, or $j - 1$ with ``read_after`` False)."""
     t_ = aR.dtype.type
     for r in range(n - 1, -1, -1):
-        keep = t_(1.0) if r == n - 1 else t_(1.0) - alpha[t0 + r + 1]
+        keep = t_(1.0) if r == n - 1 else t_(1.0) - alpha[t0 + r + 1, 0]
         e = t_(1.0) if r == n - 1 else eta[t0 + r + 1]
         for j in range(n):
             prev_a = t_(0.0) if r == n - 1 else aR[r + 1, j]
@@ -392,7 +392,7 @@ def chunk_vjp(M0, S0, Mbar, Sbar, spec, seq, tape, t0, gout, grads, co):
             dm += aR[r, j] * (Ap * (RM[j] - RA[j]) + Cp * RS[j]
                               - (RUG[j, r - 1] if r > 0 else t_(0.0)))
             ds += cR[r, j] * (Pp * RS[j] - (RUE[j, r - 1] if r > 0 else t_(0.0)))
-        grads.alpha[t0 + r] = -dm  # ᾱ_r = -⟨M̄_r, M_{r-1} - M̄⟩
+        grads.alpha[t0 + r, 0] = -dm  # ᾱ_r = -⟨M̄_r, M_{r-1} - M̄⟩
         grads.eta[t0 + r] = ds  # η̄_r = ⟨S̄_r, S_{r-1}⟩
     # 4. products of ū_r = -θ_r c_r S̄_r with the key rows (the HVP's inputs)
     A = np.empty(zoff[L], M0.dtype)
@@ -441,7 +441,7 @@ def chunk_vjp(M0, S0, Mbar, Sbar, spec, seq, tape, t0, gout, grads, co):
             add_rows(np.dot(xw.T, tape_view(ZB, zoff[i], n, shapes[i, 1])),
                      layer(grads.anchor, shapes, offsets, i))
     # 5. cotangents of the chunk start: S̄_0 = η_0 S̄_0', M̄_0 = (1-α_0) M̄_0' + W̄_HVP
-    keep0, eta0 = t_(1.0) - seq.alpha[t0], seq.eta[t0]
+    keep0, eta0 = t_(1.0) - seq.alpha[t0, 0], seq.eta[t0]
     aR0 = np.empty(n, M0.dtype)
     for j in range(n):
         aR0[j] = keep0 * aR[0, j] + (t_(1.0) if (not spec.read_after and j == 0) else t_(0.0))

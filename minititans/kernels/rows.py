@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from ._jit import inline_kernel, kernel
-from .layout import add_scaled, copy_rows, layer, tape_view
+from .layout import copy_rows, layer, tape_view
 from .scalars import LN_EPS, hidden, loss_grad
 
 
@@ -211,36 +211,62 @@ def exceeds(a, bound):
 
 
 @kernel
-def apply_update(Mi, Si, Mo, So, spec, seq, key, r, t, c):
+def forget_rows(alpha, t, keep, rate):
+    r"""The forgetting gate of token ``t`` on every output channel of every layer (tape
+    layout, ``zoff``): ``rate`` $= \alpha_{t,c}$, ``keep`` $= 1 - \alpha_{t,c}$. ``alpha`` is
+    ``(T, 1)`` (one rate per token, the same on every channel) or ``(T, C)`` (channel-wise,
+    the NeurIPS version; ``C`` the layers' output widths summed). Returns the smallest and
+    largest rate."""
+    one = keep.dtype.type(1.0)
+    ch = 1 if alpha.shape[1] > 1 else 0
+    lo, hi = alpha[t, 0], alpha[t, 0]
+    for c in range(keep.shape[0]):
+        a = alpha[t, c * ch]
+        rate[c] = a
+        keep[c] = one - a
+        lo = min(lo, a)
+        hi = max(hi, a)
+    return lo, hi
+
+
+@kernel
+def apply_update(Mi, Si, Mo, So, spec, seq, key, r, t, c, keep, rate):
     r"""Eqs. 13–14 for token ``t``, row ``r`` of the tapes ``key`` (clip scale ``c``):
     $S = \eta_t S - \theta_t c\,h_{i-1}^\top\delta_i$ ($\theta_{t,i}$ per layer when ``seq.theta``
     has a column per layer), $\mathcal{M} = (1-\alpha_t)\mathcal{M} + S$,
     then $+\,\alpha_t\bar{\mathcal{M}}$ when ``seq`` has an anchor (Eq. 13 around it).
+    ``keep`` and ``rate`` are $1 - \alpha_t$ and $\alpha_t$ on each output channel
+    (:func:`forget_rows`, filled here).
 
     Reads ``Mi``, ``Si`` and writes ``Mo``, ``So`` (other arrays, so the loop vectorises),
     with the arithmetic of the token loop, so a replay repeats the forward exactly.
     """
     shapes, offsets = spec.shapes, spec.offsets
     n = key.X.shape[0]
-    t_ = Mi.dtype.type
     per_layer = seq.theta.shape[1] > 1  # θ (T, L): a step size per memory layer
-    keep, e = t_(1.0) - seq.alpha[t], seq.eta[t]
+    forget_rows(seq.alpha, t, keep, rate)
+    e = seq.eta[t]
+    anchored = seq.anchor.shape[0] > 0
     for i in range(shapes.shape[0]):
         g_scale = -(seq.theta[t, i if per_layer else 0] * c)
         Wi, Wo = layer(Mi, shapes, offsets, i), layer(Mo, shapes, offsets, i)
         Ui, Uo = layer(Si, shapes, offsets, i), layer(So, shapes, offsets, i)
         h = key.X[r] if i == 0 else tape_view(key.H, n * spec.hoff[i - 1], n, shapes[i, 0])[r]
         d = tape_view(key.D, n * spec.zoff[i], n, shapes[i, 1])[r]
+        kp = keep[spec.zoff[i]:spec.zoff[i + 1]]
         for a in range(shapes[i, 0]):
             g = g_scale * h[a]
             wi, wo, ui, uo = Wi[a], Wo[a], Ui[a], Uo[a]
             for j in range(shapes[i, 1]):
                 s = e * ui[j] + g * d[j]
                 uo[j] = s
-                wo[j] = keep * wi[j] + s
-    if seq.anchor.shape[0] > 0:
-        P = offsets[shapes.shape[0]]
-        add_scaled(seq.anchor[:P], seq.alpha[t], Mo[:P])
+                wo[j] = kp[j] * wi[j] + s
+        if anchored:  # + α_t M̄, channel by channel
+            Ai, rt = layer(seq.anchor, shapes, offsets, i), rate[spec.zoff[i]:spec.zoff[i + 1]]
+            for a in range(shapes[i, 0]):
+                wo, aa = Wo[a], Ai[a]
+                for j in range(shapes[i, 1]):
+                    wo[j] += rt[j] * aa[j]
 
 
 @kernel
@@ -253,9 +279,11 @@ def first_bad_token(M, S, spec, seq, key, uscale, t0):
     P = spec.offsets[spec.shapes.shape[0]]
     M, S = M.copy(), S.copy()
     M2, S2 = np.empty_like(M), np.empty_like(S)
+    nz = spec.zoff[spec.shapes.shape[0]]
+    keep, rate = np.empty(nz, M.dtype), np.empty(nz, M.dtype)
     for r in range(n):
         t = t0 + r
-        apply_update(M, S, M2, S2, spec, seq, key, r, t, uscale[r])
+        apply_update(M, S, M2, S2, spec, seq, key, r, t, uscale[r], keep, rate)
         M, M2 = M2, M
         S, S2 = S2, S
         if exceeds(M[:P], spec.bound):

@@ -41,21 +41,23 @@ def _spec(shapes, offsets, dtype, activation, residual_norm, read, loss, p, delt
                      LOSS_CODES[loss], p, delta, clip, read == "after")
 
 
-def theta_columns(theta, T: int, batch: tuple = (), chunk_size: int = 1):
-    r"""``theta`` as the kernels take it: one column (a step per token) or one per memory
-    layer (Appendix B.3), shape ``batch + (T, 1 or L)``; a float, ``batch + (T,)`` or
-    ``batch + (T, L)`` on entry (an autograd box stays one). The chunked kernels take one
-    step per token only."""
-    nd = np.ndim(getval(theta))
+def gate_columns(name: str, gate, T: int, batch: tuple = (), chunk_size: int = 1):
+    r"""A gate as the kernels take it, shape ``batch + (T, 1 or n)``: one column (a value per
+    token) or several — ``theta`` a step per memory layer (Appendix B.3), ``alpha`` a rate per
+    output channel (channel-wise, the NeurIPS version). A float, ``batch + (T,)`` or
+    ``batch + (T, n)`` on entry (an autograd box stays one). The chunked kernels take one
+    value per token only."""
+    nd = np.ndim(getval(gate))
     if nd == 0:
-        return theta * anp.ones(batch + (T, 1))
+        return gate * anp.ones(batch + (T, 1))
     if nd == len(batch) + 1:
-        return anp.expand_dims(theta, -1)
-    if np.shape(getval(theta))[-1] > 1 and chunk_size > 1:
-        raise ValueError("theta per memory layer (shape (T, L)) needs chunk_size=1 on the "
-                         f"numba backend, got chunk_size={chunk_size}; use "
-                         "backend='reference' to chunk it")
-    return theta
+        return anp.expand_dims(gate, -1)
+    if np.shape(getval(gate))[-1] > 1 and chunk_size > 1:
+        what = "per memory layer" if name == "theta" else "per output channel"
+        raise ValueError(f"{name} {what} (shape (T, {np.shape(getval(gate))[-1]})) needs "
+                         f"chunk_size=1 on the numba backend, got chunk_size={chunk_size}; "
+                         "use backend='reference' to chunk it")
+    return gate
 
 
 def numba_scan(weights, momentum, keys, values, queries, alpha, eta, theta, *, activation,
@@ -76,7 +78,9 @@ def numba_scan(weights, momentum, keys, values, queries, alpha, eta, theta, *, a
     """
     leaves = (*weights, *momentum, *(anchor or ()), keys, values, queries, alpha, eta, theta)
     boxed = any(isbox(x) for x in leaves)
-    theta = theta_columns(theta, np.shape(getval(keys))[0], chunk_size=int(chunk_size))
+    T = np.shape(getval(keys))[0]
+    alpha, theta = (gate_columns(name, g, T, chunk_size=int(chunk_size))
+                    for name, g in (("alpha", alpha), ("theta", theta)))
     plain = [np.asarray(getval(x)) for x in (*weights, keys, values, queries)]
     dtype = np.result_type(*plain)
     shapes, offsets = pack_weights(plain[:len(weights)], dtype)[1:]
@@ -151,7 +155,8 @@ def numba_scan_batched(weights, momentum, keys, values, queries, alpha, eta, the
     """
     leaves = (*weights, *momentum, *(anchor or ()), keys, values, queries, alpha, eta, theta)
     B, T = np.shape(getval(keys))[:2]
-    theta = theta_columns(theta, T, (B,), chunk_size=int(chunk_size))
+    alpha, theta = (gate_columns(name, g, T, (B,), chunk_size=int(chunk_size))
+                    for name, g in (("alpha", alpha), ("theta", theta)))
     if any(isbox(x) for x in leaves):
         plain = [np.asarray(getval(x)) for x in (*weights, keys, values, queries)]
         dtype = np.result_type(*plain)

@@ -60,6 +60,7 @@ from .rows import (
     apply_update,
     backprop_rows,
     clip_scales,
+    forget_rows,
     matmul_t,
     max_abs,
     memory_forward_rows,
@@ -76,7 +77,8 @@ def update_and_read(W, S, d, kin, e, decay, g_scale, xa, xb, za, zb):
     r"""Eqs. 14 and 13 on one weight matrix, fused with reading two rows through the result.
 
     $S \leftarrow \eta S + g\,k^\top d$, $W \leftarrow (1-\alpha) W + S$ with
-    $g = -\theta c$ (the surprise $u = k^\top d$ is never formed), then ``za = xa W``,
+    $g = -\theta c$ (the surprise $u = k^\top d$ is never formed) and ``decay`` $= 1-\alpha$
+    on each output channel (column), then ``za = xa W``,
     ``zb = xb W`` with the new $W$. The inner loop runs over the contiguous output axis with
     no reduction, so it vectorises in strict IEEE arithmetic.
     """
@@ -92,7 +94,7 @@ def update_and_read(W, S, d, kin, e, decay, g_scale, xa, xb, za, zb):
         for j in range(n):
             s = e * Sa[j] + g * d[j]  # Eq. 14
             Sa[j] = s
-            m = decay * Wa[j] + s  # Eq. 13
+            m = decay[j] * Wa[j] + s  # Eq. 13
             Wa[j] = m
             za[j] += qa * m
             zb[j] += kb * m
@@ -101,6 +103,7 @@ def update_and_read(W, S, d, kin, e, decay, g_scale, xa, xb, za, zb):
 @kernel
 def forget_towards(W, A, alpha, xa, xb, za, zb):
     r"""Eq. 13 around an anchor, after :func:`update_and_read`: $W \leftarrow W + \alpha\bar W$
+    (``alpha`` a rate per output channel)
     (so $W = \bar W + (1-\alpha)(W_{t-1} - \bar W) + S$), and the two rows read again through
     the result, ``za = xa W``, ``zb = xb W``, summed in the order of every other read (so a
     stream cut into calls gives the same bits as one call). Only anchored scans call it."""
@@ -110,7 +113,7 @@ def forget_towards(W, A, alpha, xa, xb, za, zb):
         qa, kb = xa[a], xb[a]
         Wa, Aa = W[a], A[a]
         for j in range(W.shape[1]):
-            m = Wa[j] + alpha * Aa[j]
+            m = Wa[j] + alpha[j] * Aa[j]
             Wa[j] = m
             za[j] += qa * m
             zb[j] += kb * m
@@ -151,7 +154,6 @@ def token_loop(M, S, spec, seq, tape, seg, stop, out):
     only when $U_W$ reaches half the bound are the layer's weights scanned, which gives the
     exact maxima back (and the exact first token past the bound).
     """
-    t_ = M.dtype.type
     K, Q = seq.K, seq.Q
     T = K.shape[0]
     L = spec.shapes.shape[0]
@@ -170,6 +172,8 @@ def token_loop(M, S, spec, seq, tape, seg, stop, out):
             UA[i] = max_abs(layer(seq.anchor, spec.shapes, spec.offsets, i).ravel())
     half_bound = 0.5 * float(spec.bound)
     per_layer = seq.theta.shape[1] > 1  # θ (T, L): a step size per memory layer
+    # 1 - α_t and α_t on each output channel (α (T, 1): the same on all; (T, C): channel-wise)
+    keep_c, rate_c = np.empty(nz, M.dtype), np.empty(nz, M.dtype)
     # the first key (and query) through M_0; later rows are read inside the update pass
     _read_row(M, spec, K[0:1], tape.KZ[0], tape.KH[0], tape.KD1[0], tape.kln[0:1],
               tape.KP[0:1], True)
@@ -195,6 +199,7 @@ def token_loop(M, S, spec, seq, tape, seg, stop, out):
         za, ha, hda = tape.QZ[qa], tape.QH[qa], tape.QD1[qa]
         zb, hb, hdb = tape.KZ[kn], tape.KH[kn], tape.KD1[kn]
         bad = False
+        a_lo, a_hi = forget_rows(seq.alpha, t, keep_c, rate_c)
         for i in range(L):
             lo, hi = zoff[i], zoff[i + 1]
             W = layer(M, spec.shapes, spec.offsets, i)
@@ -203,17 +208,16 @@ def token_loop(M, S, spec, seq, tape, seg, stop, out):
             th = seq.theta[t, i if per_layer else 0]  # θ_t, or layer i's (Appendix B.3)
             update_and_read(W, layer(S, spec.shapes, spec.offsets, i), key.D[lo:hi],
                             K[t] if i == 0 else key.H[h0:h1], seq.eta[t],
-                            t_(1.0) - seq.alpha[t], -th * c, ra, rb, za[lo:hi],
-                            zb[lo:hi])
+                            keep_c[lo:hi], -th * c, ra, rb, za[lo:hi], zb[lo:hi])
             if anchored:
                 forget_towards(W, layer(seq.anchor, spec.shapes, spec.offsets, i),
-                               seq.alpha[t], ra, rb, za[lo:hi], zb[lo:hi])
+                               rate_c[lo:hi], ra, rb, za[lo:hi], zb[lo:hi])
             if first_bad < 0:
                 kin = K[t] if i == 0 else key.H[h0:h1]
                 dl = key.D[lo:hi]  # |k_a δ_j| <= ‖k‖ ‖δ‖ (NaN stays NaN: the scan runs)
                 US[i] = seq.eta[t] * US[i] + abs(th * c) * math.sqrt(
                     np.dot(kin, kin) * np.dot(dl, dl))
-                UW[i] = (1.0 - seq.alpha[t]) * UW[i] + US[i] + seq.alpha[t] * UA[i]
+                UW[i] = (1.0 - a_lo) * UW[i] + US[i] + a_hi * UA[i]
                 if not (UW[i] <= half_bound):  # scan the layer: the exact maxima
                     UW[i] = max_abs(W.ravel())
                     US[i] = max_abs(layer(S, spec.shapes, spec.offsets, i).ravel())
@@ -260,8 +264,11 @@ def token_vjp(spec, seq, tape, seg, gout, Mbar, Sbar, grads, Mbuf, Sbuf):
     corr, coef = np.empty(1, Mbar.dtype), np.empty(1, Mbar.dtype)
     anchored = seq.anchor.shape[0] > 0  # grads.anchor accumulates (zero on entry)
     per_layer = seq.theta.shape[1] > 1  # θ (T, L): grads.theta too
+    channels = seq.alpha.shape[1] > 1  # α (T, C): a rate per output channel, grads.alpha too
     eta_next = t_(1.0)  # η_{t+1}: S̄_t = η_{t+1} S̄_{t+1} + M̄_t
-    keep = t_(1.0)  # 1 - α_{t+1}: M̄ waits for the next pass to be multiplied by it
+    # 1 - α_{t+1} on each output channel: M̄ waits for the next pass to be multiplied by it
+    keep = np.ones(nz, Mbar.dtype)
+    keep_r, rate = np.empty(nz, Mbar.dtype), np.empty(nz, Mbar.dtype)
     for k in range((T - 1) // seg, -1, -1):
         s0, s1 = k * seg, min(T, k * seg + seg)
         # 1. replay the segment: Mbuf[j] = M_{s0+j-1}; back-propagate each read meanwhile
@@ -273,7 +280,7 @@ def token_vjp(spec, seq, tape, seg, gout, Mbar, Sbar, grads, Mbuf, Sbuf):
             if not spec.read_after:
                 _read_back(read, spec, seq, tape, t, gout[t], ZQ[j], DHQ, grads.Q[t:t + 1])
             apply_update(Mbuf[j], Sbuf[j], Mbuf[j + 1], Sbuf[j + 1], spec, seq,
-                         key_rows(seq, tape, t, 1, t, t), 0, t, tape.uscale[t])
+                         key_rows(seq, tape, t, 1, t, t), 0, t, tape.uscale[t], keep_r, rate)
             if spec.read_after:
                 _read_back(read, spec, seq, tape, t, gout[t], ZQ[j], DHQ, grads.Q[t:t + 1])
         # 2. reverse
@@ -284,10 +291,14 @@ def token_vjp(spec, seq, tape, seg, gout, Mbar, Sbar, grads, Mbuf, Sbuf):
                 _set_pending(PL[0], PR[0], spec, Q[t], tape.QH[t], ZQ[j])
             dot_m, dot_s = _pass(Mbar, Sbar, Mbuf[j], Sbuf[j], spec, PL, PR, keep, eta_next,
                                  t_(1.0), key, A)
-            grads.alpha[t] = -dot_m  # Eq. 13
-            if anchored:  # M_t = (1 - α_t) M_{t-1} + α_t M̄ + S_t
-                grads.alpha[t] += np.dot(Mbar[:P], seq.anchor[:P])
-                add_scaled(Mbar[:P], seq.alpha[t], grads.anchor)
+            if channels:  # ᾱ_{t,c} from column c only
+                forget_rows(seq.alpha, t, keep_r, rate)
+                _alpha_channels_vjp(Mbar, Mbuf[j], spec, seq, t, rate, grads)
+            else:
+                grads.alpha[t, 0] = -dot_m  # Eq. 13
+                if anchored:  # M_t = (1 - α_t) M_{t-1} + α_t M̄ + S_t
+                    grads.alpha[t, 0] += np.dot(Mbar[:P], seq.anchor[:P])
+                    add_scaled(Mbar[:P], seq.alpha[t, 0], grads.anchor)
             grads.eta[t] = dot_s  # Eq. 14
             c = tape.uscale[t]
             if not per_layer:
@@ -322,7 +333,7 @@ def token_vjp(spec, seq, tape, seg, gout, Mbar, Sbar, grads, Mbuf, Sbuf):
             else:  # y_t = M_{t-1}(q_t): a cotangent of M_{t-1}
                 _set_pending(PL[0], PR[0], spec, Q[t], tape.QH[t], ZQ[j])
             eta_next = seq.eta[t]
-            keep = t_(1.0) - seq.alpha[t]
+            forget_rows(seq.alpha, t, keep, rate)
     # the initial state: M̄_0 = (1 - α_0) M̄ + pending, S̄_0 = η_0 S̄
     _pass(Mbar, Sbar, Mbar, Sbar, spec, PL, PR, keep, eta_next, t_(0.0),
           key_rows(seq, tape, 0, 1, 0, 0), A)
@@ -359,8 +370,9 @@ def _pass(Mbar, Sbar, Mp, Sp, spec, PL, PR, keep, eta_next, add_m, key, A):
 
     One pass per matrix turns the stored $\bar{\mathcal{M}}$ into
     $\bar{\mathcal{M}}_t = (1-\alpha_{t+1})\bar{\mathcal{M}} + \sum_k l_k^\top r_k$ (``keep``
-    $= 1-\alpha_{t+1}$) and $\bar S$ into $\bar S_t = \eta_{t+1}\bar S + \bar{\mathcal{M}}_t$
-    (``add_m`` = 1; 0 for the initial state, whose $\bar S_0 = \eta_0 \bar S$).
+    $= 1-\alpha_{t+1}$ on each output channel) and $\bar S$ into
+    $\bar S_t = \eta_{t+1}\bar S + \bar{\mathcal{M}}_t$ (``add_m`` = 1; 0 for the initial
+    state, whose $\bar S_0 = \eta_0 \bar S$).
     Its inner loop touches only these two and runs along the contiguous axis, so it
     vectorises. Then, with the matrices in cache, BLAS gives ``A`` (tape layout)
     $= h_{i-1}\bar S_{t,i}$ for the key rows, and the returned
@@ -375,11 +387,12 @@ def _pass(Mbar, Sbar, Mp, Sp, spec, PL, PR, keep, eta_next, add_m, key, A):
         Mb, Sb = layer(Mbar, shapes, offsets, i), layer(Sbar, shapes, offsets, i)
         r0, r1, r2 = PR[0, lo:hi], PR[1, lo:hi], PR[2, lo:hi]
         l0, l1, l2 = PL[0, blo:bhi], PL[1, blo:bhi], PL[2, blo:bhi]
+        kp = keep[lo:hi]
         for a in range(shapes[i, 0]):
             c0, c1, c2 = l0[a], l1[a], l2[a]
             mrow, srow = Mb[a], Sb[a]
             for j in range(shapes[i, 1]):
-                mb = keep * mrow[j] + c0 * r0[j] + c1 * r1[j] + c2 * r2[j]
+                mb = kp[j] * mrow[j] + c0 * r0[j] + c1 * r1[j] + c2 * r2[j]
                 mrow[j] = mb
                 srow[j] = eta_next * srow[j] + add_m * mb
         o0, o1 = offsets[i], offsets[i + 1]
@@ -387,3 +400,29 @@ def _pass(Mbar, Sbar, Mp, Sp, spec, PL, PR, keep, eta_next, add_m, key, A):
         dot_s += np.dot(Sbar[o0:o1], Sp[o0:o1])
         np.dot(key.X[0] if i == 0 else key.H[hoff[i - 1]:hoff[i]], Sb, A[lo:hi])
     return dot_m, dot_s
+
+
+@kernel
+def _alpha_channels_vjp(Mbar, Mp, spec, seq, t, rate, grads):
+    r"""Eq. 13 backwards with a rate per output channel $c$ (``rate`` $= \alpha_{t,c}$):
+    $\bar\alpha_{t,c} = -\sum_a \bar{\mathcal{M}}_t[a, c]\,\mathcal{M}_{t-1}[a, c]$ (``Mp``
+    $= \mathcal{M}_{t-1}$), plus $\sum_a \bar{\mathcal{M}}_t[a, c]\,\bar{\mathcal{M}}[a, c]$
+    and the anchor's cotangent $\alpha_{t,c}\bar{\mathcal{M}}_t[a, c]$ when there is an
+    anchor: the per-token gradient, one column at a time."""
+    shapes, offsets, zoff = spec.shapes, spec.offsets, spec.zoff
+    anchored = seq.anchor.shape[0] > 0
+    g = grads.alpha[t]
+    for i in range(shapes.shape[0]):
+        lo, n = zoff[i], shapes[i, 1]
+        Mb, Mq = layer(Mbar, shapes, offsets, i), layer(Mp, shapes, offsets, i)
+        for j in range(n):
+            g[lo + j] = 0.0
+        for a in range(shapes[i, 0]):
+            for j in range(n):
+                g[lo + j] -= Mb[a, j] * Mq[a, j]
+        if anchored:
+            An, Ga = layer(seq.anchor, shapes, offsets, i), layer(grads.anchor, shapes, offsets, i)
+            for a in range(shapes[i, 0]):
+                for j in range(n):
+                    g[lo + j] += Mb[a, j] * An[a, j]
+                    Ga[a, j] += rate[lo + j] * Mb[a, j]

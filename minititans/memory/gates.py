@@ -36,14 +36,16 @@ def _logit(p: float) -> float:
 
 def init_gates(rng, d_model: int, *, alpha_init: float = ALPHA_INIT, eta_init: float = ETA_INIT,
                theta_init: float = THETA_INIT, theta_max: float = THETA_MAX,
-               scale: float = 0.01, theta_columns: int = 1) -> dict:
+               scale: float = 0.01, theta_columns: int = 1, alpha_columns: int = 1) -> dict:
     """Parameters of the three gate projections: weights ``(d_model,)`` and scalar biases.
 
     The weights start small (``scale``) so the initial gates are close to the ``*_init``
     values whatever the input; ``theta_max`` is not a parameter but fixes the range of θ.
     ``theta_columns`` > 1 gives θ one projection per memory layer (Appendix B.3 of the
     NeurIPS version): ``w_theta`` ``(d_model, theta_columns)``, ``b_theta``
-    ``(theta_columns,)``, every column starting at ``theta_init``.
+    ``(theta_columns,)``, every column starting at ``theta_init``. ``alpha_columns`` > 1
+    likewise gives α one projection per output channel of the memory's layers (channel-wise
+    forgetting, the NeurIPS version), every column starting at ``alpha_init``.
 
     Returns:
         ``{"w_alpha": (d_model,), "b_alpha": float, "w_eta": (d_model,), "b_eta": float,
@@ -52,13 +54,15 @@ def init_gates(rng, d_model: int, *, alpha_init: float = ALPHA_INIT, eta_init: f
     check_rng(rng)
     d_model = check_int("d_model", d_model, minimum=1)
     n = check_int("theta_columns", theta_columns, minimum=1)
+    n_a = check_int("alpha_columns", alpha_columns, minimum=1)
     for name, val in (("alpha_init", alpha_init), ("eta_init", eta_init)):
         if not 0.0 < val < 1.0:
             raise ValueError(f"{name} must be in (0, 1), got {val!r}")
     if not 0.0 < theta_init < theta_max:
         raise ValueError(f"theta_init must be in (0, theta_max={theta_max}), got {theta_init!r}")
     return {
-        "w_alpha": scale * rng.standard_normal(d_model), "b_alpha": _logit(alpha_init),
+        "w_alpha": scale * rng.standard_normal(d_model if n_a == 1 else (d_model, n_a)),
+        "b_alpha": _logit(alpha_init) if n_a == 1 else np.full(n_a, _logit(alpha_init)),
         "w_eta": scale * rng.standard_normal(d_model), "b_eta": _logit(eta_init),
         "w_theta": scale * rng.standard_normal(d_model if n == 1 else (d_model, n)),
         "b_theta": (_logit(theta_init / theta_max) if n == 1
@@ -68,12 +72,13 @@ def init_gates(rng, d_model: int, *, alpha_init: float = ALPHA_INIT, eta_init: f
 
 def compute_gates(gate_params: dict, x, *, theta_max: float = THETA_MAX):
     r"""$(\alpha_t, \eta_t, \theta_t)$ for every token of ``x`` ``(T, d_model)``; each ``(T,)``,
-    θ ``(T, L)`` when its projection has a column per memory layer (``theta_columns``)."""
+    θ ``(T, L)`` when its projection has a column per memory layer (``theta_columns``), α
+    ``(T, C)`` when it has one per output channel (``alpha_columns``)."""
     check_array("x", x, ndim=2, last_dim=anp.shape(gate_params["w_alpha"])[0])
     if not theta_max > 0:
         raise ValueError(f"theta_max must be > 0, got {theta_max!r}")
     g = gate_params
-    alpha = sigmoid(x @ g["w_alpha"] + g["b_alpha"])  # (T,) in (0, 1)
+    alpha = sigmoid(x @ g["w_alpha"] + g["b_alpha"])  # (T,) or (T, C), in (0, 1)
     eta = sigmoid(x @ g["w_eta"] + g["b_eta"])  # (T,) in (0, 1)
     theta = theta_max * sigmoid(x @ g["w_theta"] + g["b_theta"])  # (T,) or (T, L)
     return alpha, eta, theta

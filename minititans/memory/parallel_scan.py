@@ -18,7 +18,10 @@ import autograd.numpy as anp
 
 
 def _expand(a, like):
-    """Reshape per-step scalars ``(n,)`` to broadcast against ``like`` ``(n, ...)``."""
+    """Reshape per-step scalars ``(n,)`` to broadcast against ``like`` ``(n, ...)``;
+    multipliers that already have its number of axes (``(n, 1, d)``: one per column) stay."""
+    if a.ndim == like.ndim:
+        return a
     return anp.reshape(a, (a.shape[0],) + (1,) * (like.ndim - 1))
 
 
@@ -26,7 +29,7 @@ def associative_scan(a, x):
     r"""Inclusive scan of $(a_i, x_i)$ under $(a, x) \circ (a', x') = (a a', a' x + x')$.
 
     Args:
-        a: ``(n,)`` per-step multipliers.
+        a: ``(n,)`` per-step multipliers, or ``(n, ...)`` broadcasting against ``x``.
         x: ``(n, ...)`` per-step inputs.
 
     Returns:
@@ -38,7 +41,7 @@ def associative_scan(a, x):
     shift = 1
     while shift < n:
         # the element `shift` places back; before the start, the identity pair (1, 0)
-        A_prev = anp.concatenate([anp.ones(shift, dtype=A.dtype), A[:-shift]])
+        A_prev = anp.concatenate([anp.ones((shift,) + A.shape[1:], dtype=A.dtype), A[:-shift]])
         X_prev = anp.concatenate([anp.zeros((shift,) + X.shape[1:], dtype=X.dtype), X[:-shift]])
         X = _expand(A, X) * X_prev + X  # (a', x') applied after (a, x): a' x + x'
         A = A * A_prev

@@ -48,6 +48,7 @@ from .parallel_scan import linear_recurrence
 from .update import (
     MemoryState,
     apply_update,
+    channel_rates,
     check_max_grad_norm,
     check_state,
     check_weights,
@@ -72,7 +73,11 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
         alpha, eta, theta: per-token gates, each a float or an array ``(T,)``;
             $\alpha, \eta \in [0, 1]$, $\theta \ge 0$. ``theta`` may also be ``(T, L)``,
             a step size per token and per memory layer (the per-layer data-dependent
-            $\theta$ of the NeurIPS version's Appendix B.3); on the numba backend that needs
+            $\theta$ of the NeurIPS version's Appendix B.3), and ``alpha`` ``(T, C)``, a
+            forgetting rate per token and per output channel of the memory's layers
+            (channel-wise, the NeurIPS version; ``C`` = :func:`output_channels`, ``d_out``
+            for a linear memory; column $j$ of layer $i$ keeps $1 - \alpha_{t,c}$ of itself,
+            $c$ = the layers before $i$'s widths + $j$); on the numba backend either needs
             ``chunk_size=1``.
         chunk_size: tokens whose gradients share the chunk-start weights (Eqs. 16–18).
         read: "after" ($y_t = \mathcal{M}_t(q_t)$) or "before" ($\mathcal{M}_{t-1}(q_t)$).
@@ -124,7 +129,7 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
             f"{K.shape[0]}, {V.shape[0]} and {Q.shape[0]} tokens"
         )
     dtype = result_dtype(state, K, V, Q)
-    gates = [cast_gate(check_gate("alpha", alpha, T, low=0.0, high=1.0), dtype),
+    gates = [cast_gate(check_alpha(alpha, T, output_channels(spec)), dtype),
              cast_gate(check_gate("eta", eta, T, low=0.0, high=1.0), dtype),
              cast_gate(check_theta(theta, T, len(spec)), dtype)]
     # the dtype rule: everything is computed in the result dtype, on both backends
@@ -160,25 +165,46 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
     return out, replace(new, open_chunk=open_chunk)
 
 
-def check_theta(theta, T: int, L: int):
-    """``theta`` checked: a float or ``(T,)`` (one step per token, as :func:`check_gate`
-    returns it), or ``(T, L)``, one step per token and memory layer (Appendix B.3)."""
-    raw = value_of(theta)
+def output_channels(params) -> int:
+    """The output channels of a memory, its layers' output widths summed: the length of a
+    channel-wise $\alpha_t$ (for a linear memory ``d_out``)."""
+    return sum(int(np.shape(getval(w))[-1]) for w in params)
+
+
+def check_columns(name: str, gate, T: int, n: int, what: str, *, low=0.0, high=None):
+    """A gate checked: a float or ``(T,)`` (one value per token, as :func:`check_gate`
+    returns it), or ``(T, n)``, ``what`` (``theta`` a step per memory layer, Appendix B.3;
+    ``alpha`` a rate per output channel, the NeurIPS version's channel-wise forgetting)."""
+    raw = value_of(gate)
     if isinstance(raw, (list, tuple)):
-        raw = theta = np.asarray(raw, dtype=float)
+        raw = gate = np.asarray(raw, dtype=float)
     if np.ndim(raw) != 2:
-        return check_gate("theta", theta, T, low=0.0)
+        return check_gate(name, gate, T, low=low, high=high)
     arr = np.asarray(raw)
     if arr.dtype.kind not in "fiu" or arr.dtype == np.float16:
-        raise TypeError(f"theta must be a float or a float array, got dtype {arr.dtype}")
-    if arr.shape != (T, L):
-        raise ValueError(f"theta must be a float, have shape ({T},), or have shape ({T}, {L}) "
-                         f"(a step per memory layer), got shape {arr.shape}")
+        raise TypeError(f"{name} must be a float or a float array, got dtype {arr.dtype}")
+    if arr.shape != (T, n):
+        raise ValueError(f"{name} must be a float, have shape ({T},), or have shape ({T}, {n}) "
+                         f"({what}), got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
-        raise ValueError("theta contains NaN or inf")
-    if arr.size and arr.min() < 0:
-        raise ValueError(f"theta must be >= 0.0, got a minimum of {arr.min():.6g}")
-    return theta if arr.dtype.kind == "f" else arr.astype(float)
+        raise ValueError(f"{name} contains NaN or inf")
+    if arr.size and arr.min() < low:
+        raise ValueError(f"{name} must be >= {low}, got a minimum of {arr.min():.6g}")
+    if high is not None and arr.size and arr.max() > high:
+        raise ValueError(f"{name} must be <= {high}, got a maximum of {arr.max():.6g}")
+    return gate if arr.dtype.kind == "f" else arr.astype(float)
+
+
+def check_theta(theta, T: int, L: int):
+    """``theta``: a float, ``(T,)``, or ``(T, L)``, a step per memory layer (Appendix B.3)."""
+    return check_columns("theta", theta, T, L, "a step per memory layer")
+
+
+def check_alpha(alpha, T: int, C: int):
+    """``alpha`` in [0, 1]: a float, ``(T,)``, or ``(T, C)``, a rate per output channel of
+    the memory's layers (:func:`output_channels`)."""
+    return check_columns("alpha", alpha, T, C, "a rate per output channel of the memory's "
+                         "layers", high=1.0)
 
 
 def _check_outputs(out, new, on_nonfinite):
@@ -238,11 +264,12 @@ def _chunked(state, K, V, Q, alpha, eta, theta, b, *, loss, p, delta, max_grad_n
                  for g, s, th_i in zip(u, S, th)]
         # Eq. 13: M_i = (1 - α_i) M_{i-1} + S_i, the same recurrence with a = 1 - α
         # (with an anchor M̄, for M_i - M̄: M_i = M̄ + (1 - α_i)(M_{i-1} - M̄) + S_i)
+        keep = channel_rates(1.0 - alpha[c], M, tokens=True)  # (n,) or (n, 1, d_out_i)
         if A is None:
-            M_all = [linear_recurrence(1.0 - alpha[c], s_all, w) for s_all, w in zip(S_all, M)]
+            M_all = [linear_recurrence(k, s_all, w) for k, s_all, w in zip(keep, S_all, M)]
         else:
-            M_all = [a + linear_recurrence(1.0 - alpha[c], s_all, w - a)
-                     for s_all, w, a in zip(S_all, M, A)]
+            M_all = [a + linear_recurrence(k, s_all, w - a)
+                     for k, s_all, w, a in zip(keep, S_all, M, A)]
         if finite:
             finite = _check_chunk(M_all, start, on_nonfinite)
         if read == "after":
@@ -328,7 +355,8 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
             batch axis, ``W_i`` ``(B, fan_in, fan_out)``.
         keys ``(B, T, d_in)``, values ``(B, T, d_out)``, queries ``(B, T, d_in)``.
         alpha, eta, theta: ``(B, T)`` arrays (or floats); ``theta`` may be ``(B, T, L)``,
-            a step per memory layer (with ``chunk_size=1``).
+            a step per memory layer, and ``alpha`` ``(B, T, C)``, a rate per output channel
+            (:func:`output_channels`; either with ``chunk_size=1``).
         chunk_size, read, loss, p, delta, max_grad_norm, on_nonfinite: as ``memory_scan``.
 
     Returns:
@@ -370,17 +398,18 @@ def numba_memory_scan_batched(state, keys, values, queries, alpha, eta, theta, *
         if not np.all(np.isfinite(x)):
             raise ValueError(f"{name} contains NaN or inf")
     gates = []
-    L = len(weights)
+    # theta may have a column per memory layer (Appendix B.3), alpha one per output channel
+    columns = {"alpha": output_channels(weights), "theta": len(weights)}
     for name, g, high in (("alpha", alpha, 1.0), ("eta", eta, 1.0), ("theta", theta, None)):
-        # theta may have a column per memory layer (Appendix B.3)
-        shape = (B, T, L) if name == "theta" and np.ndim(getval(g)) == 3 else (B, T)
+        n = columns.get(name)
+        shape = (B, T, n) if n and np.ndim(getval(g)) == 3 else (B, T)
         if isbox(g) and np.shape(getval(g)) != shape:
             raise ValueError(f"{name} must have shape {shape} when differentiated, got "
                              f"shape {np.shape(getval(g))}")
         try:
             g = np.broadcast_to(np.asarray(getval(g), dtype=dtype), shape)
         except ValueError:
-            more = f" or ({B}, {T}, {L})" if name == "theta" else ""
+            more = f" or ({B}, {T}, {n})" if n else ""
             raise ValueError(f"{name} must be a float or have shape ({B}, {T}){more}, got "
                              f"shape {np.shape(getval(g))}") from None
         if not np.all(np.isfinite(g)):

@@ -162,8 +162,25 @@ def check_weights(params, token: int, on_nonfinite: str) -> bool:
     return False
 
 
+def channel_rates(alpha, params, tokens: bool = False):
+    """``alpha`` per layer of ``params``: the same gate for each, or, channel-wise (a last
+    axis of ``C``, the layers' output widths summed), each layer's slice of it. ``tokens``:
+    ``alpha`` has a leading axis of tokens, ``(n,)`` or ``(n, C)``, and the slices are
+    ``(n, 1, d_out_i)``, to broadcast against per-token weights."""
+    if anp.ndim(alpha) == (1 if tokens else 0):
+        return [alpha] * len(params)
+    out, lo = [], 0
+    for w in params:
+        width = int(np.shape(getval(w))[-1])
+        part = alpha[..., lo:lo + width]
+        out.append(anp.reshape(part, (-1, 1, width)) if tokens else part)
+        lo += width
+    return out
+
+
 def apply_update(M, S, u, alpha, eta, theta, anchor=None):
     r"""Eqs. 13–14 on whole weight trees; returns the new $(\mathcal{M}_t, S_t)$.
+    ``alpha`` may have a rate per output channel (``(C,)``), ``theta`` a step per layer.
 
     With an ``anchor`` $\bar{\mathcal{M}}$, Eq. 13 acts on $\mathcal{M} - \bar{\mathcal{M}}$.
     """
@@ -172,12 +189,15 @@ def apply_update(M, S, u, alpha, eta, theta, anchor=None):
     steps = [theta[i] for i in range(len(S))] if anp.ndim(theta) == 1 else [theta] * len(S)
     # Eq. 14: S_t = η_t S_{t-1} - θ_t u_t   (u_t = ∇ℓ(M_{t-1}; x_t), the momentary surprise)
     S_new = spec.like(eta * s - th * g for s, g, th in zip(S, u, steps))
+    # α_t, or a rate per output channel (alpha of shape (C,), channel-wise): layer i's columns
+    rates = channel_rates(alpha, M)
     if anchor is None:
         # Eq. 13: M_t = (1 - α_t) M_{t-1} + S_t
-        M_new = spec.like((1.0 - alpha) * w + s for w, s in zip(M, S_new))
+        M_new = spec.like((1.0 - r) * w + s for w, s, r in zip(M, S_new, rates))
     else:
         # Eq. 13 around the anchor: M_t = M̄ + (1 - α_t)(M_{t-1} - M̄) + S_t
-        M_new = spec.like(a + (1.0 - alpha) * (w - a) + s for w, s, a in zip(M, S_new, anchor))
+        M_new = spec.like(a + (1.0 - r) * (w - a) + s
+                          for w, s, a, r in zip(M, S_new, anchor, rates))
     return M_new, S_new
 
 

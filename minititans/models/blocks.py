@@ -107,7 +107,8 @@ def init_memory_core(rng, cfg):
     return {
         "qkv": init_qkv(rng, cfg),
         "gates": init_gates(rng, d, alpha_init=cfg.alpha_init, theta_init=cfg.theta_init,
-                            theta_max=cfg.theta_max, theta_columns=theta_columns(cfg)),
+                            theta_max=cfg.theta_max, theta_columns=theta_columns(cfg),
+                            alpha_columns=alpha_columns(cfg)),
         # M_0 is an outer-loop parameter; its last matrix starts at zero so M_0(k) = 0
         "M0": init_memory(rng, d, d, depth=cfg.memory_depth, expansion=cfg.memory_expansion,
                           activation=cfg.memory_activation, init="zero_out"),
@@ -119,19 +120,30 @@ def theta_columns(cfg) -> int:
     return cfg.memory_depth if cfg.theta_per_layer else 1
 
 
+def alpha_columns(cfg) -> int:
+    """1 (a rate per token), or with ``alpha_per_channel`` the memory's output channels: its
+    layers' output widths summed, ``(L_M - 1) h + d``
+    (:func:`minititans.memory.scan.output_channels`)."""
+    if not cfg.alpha_per_channel:
+        return 1
+    return (cfg.memory_depth - 1) * cfg.memory_expansion * cfg.d_model + cfg.d_model
+
+
 def gates(p, x, cfg):
     r"""$(\alpha_t, \eta_t, \theta_t)$, each ``(B, T)``, from the tokens ``x`` ``(B, T, d)``;
-    with ``cfg.theta_per_layer`` $\theta$ is ``(B, T, L)``, one step per memory layer.
+    with ``cfg.theta_per_layer`` $\theta$ is ``(B, T, L)``, one step per memory layer, and with
+    ``cfg.alpha_per_channel`` $\alpha$ is ``(B, T, C)``, one rate per output channel.
 
     The ablations replace $\eta$ by 0 ("w/o momentum") or $\alpha$ by 0 ("w/o weight decay").
     """
     B, T, d = np.shape(x)
-    cols = () if theta_columns(cfg) == 1 else (theta_columns(cfg),)
+    cols = [() if n == 1 else (n,) for n in (alpha_columns(cfg), 1, theta_columns(cfg))]
     alpha, eta, theta = (anp.reshape(g, (B, T) + shape) for g, shape in
                          zip(compute_gates(p["gates"], anp.reshape(x, (B * T, d)),
-                                           theta_max=cfg.theta_max), ((), (), cols)))
+                                           theta_max=cfg.theta_max), cols))
     zero = np.zeros((B, T))
-    return (alpha if cfg.forgetting else zero), (eta if cfg.momentum else zero), theta
+    return ((alpha if cfg.forgetting else np.zeros(anp.shape(alpha))),
+            (eta if cfg.momentum else zero), theta)
 
 
 def initial_states(p, batch_size, anchored=False, batched=False):

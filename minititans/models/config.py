@@ -51,6 +51,8 @@ class ModelConfig:
     theta_max: float = 0.1         # the largest inner step the theta gate can give
     theta_per_layer: bool = False  # [NeurIPS] Appendix B.3: a data-dependent theta for each
     #                                memory layer (L_M >= 2) instead of one per token
+    alpha_per_channel: bool = False  # [NeurIPS] channel-wise forgetting: a data-dependent
+    #                                alpha for each output channel of the memory's layers
     max_grad_norm: float = 0.0     # clip the memory's inner gradient, each token's surprise,
     #                                to this norm (memory_scan's max_grad_norm; 0: off); deep
     #                                memories with momentum can diverge without it
@@ -91,9 +93,10 @@ class ModelConfig:
         if self.theta_per_layer and self.memory_depth < 2:
             raise ValueError(f"theta_per_layer needs a deep memory (memory_depth >= 2), got "
                              f"memory_depth={self.memory_depth}")
-        if self.theta_per_layer and self.backend == "numba" and self.chunk_size > 1:
-            raise ValueError(f"theta_per_layer needs chunk_size=1 on the numba backend, got "
-                             f"chunk_size={self.chunk_size}")
+        for name in ("theta_per_layer", "alpha_per_channel"):
+            if getattr(self, name) and self.backend == "numba" and self.chunk_size > 1:
+                raise ValueError(f"{name} needs chunk_size=1 on the numba backend, got "
+                                 f"chunk_size={self.chunk_size}")
 
     def with_(self, **changes) -> ModelConfig:
         """A copy with some fields changed (``config.with_(momentum=False)``)."""

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..layers import linear
 from ..memory import MemoryState, memory_scan
-from .blocks import attend, gates, proj, qkv, theta_columns
+from .blocks import alpha_columns, attend, gates, proj, qkv, theta_columns
 
 # --- the convolutions ----------------------------------------------------------------------
 
@@ -86,7 +86,7 @@ def memory_state(p, cfg, batch_size, n_buffered) -> dict:
     return {"conv": conv_state(cfg, B), "M": weights, "S": [w.copy() for w in weights],
             "k": np.zeros((B, n_buffered, d)), "v": np.zeros((B, n_buffered, d)),
             "q": np.zeros((B, n_buffered, d)),
-            "gates": np.zeros((B, n_buffered, 2 + theta_columns(cfg)))}
+            "gates": np.zeros((B, n_buffered, alpha_columns(cfg) + 1 + theta_columns(cfg)))}
 
 
 def memory_stream(p, x, cfg, state, *, fresh, flush=False, read="after"):
@@ -106,11 +106,13 @@ def memory_stream(p, x, cfg, state, *, fresh, flush=False, read="after"):
     n_buf = state["k"].shape[1]
     Q, K, V = (anp.concatenate([state[n], z], axis=1) for n, z in (("q", q), ("k", k),
                                                                  ("v", v)))
-    # alpha, eta, then theta's column(s): one, or one per memory layer
+    # alpha's column(s) (one, or one per output channel), eta, then theta's (one, or one per
+    # memory layer)
+    BT = np.shape(eta)
     G = anp.concatenate([state["gates"], anp.concatenate(
-        [alpha[..., None], eta[..., None], anp.reshape(theta, np.shape(alpha) + (-1,))],
+        [anp.reshape(alpha, BT + (-1,)), eta[..., None], anp.reshape(theta, BT + (-1,))],
         axis=-1)], axis=1)
-    per_layer = theta_columns(cfg) > 1
+    n_a, per_layer = alpha_columns(cfg), theta_columns(cfg) > 1
     total, b = n_buf + x.shape[1], cfg.chunk_size
     cut = total if flush else total - total % b  # tokens in whole chunks
     spec = p["M0"]
@@ -127,8 +129,9 @@ def memory_stream(p, x, cfg, state, *, fresh, flush=False, read="after"):
             if hi == lo:
                 continue
             y, new = memory_scan(st, K[i, lo:hi], V[i, lo:hi], Q[i, lo:hi],
-                                 alpha=G[i, lo:hi, 0], eta=G[i, lo:hi, 1],
-                                 theta=G[i, lo:hi, 2:] if per_layer else G[i, lo:hi, 2],
+                                 alpha=G[i, lo:hi, :n_a] if n_a > 1 else G[i, lo:hi, 0],
+                                 eta=G[i, lo:hi, n_a],
+                                 theta=G[i, lo:hi, n_a + 1:] if per_layer else G[i, lo:hi, n_a + 1],
                                  chunk_size=b, read=read,
                                  backend=cfg.backend, max_grad_norm=cfg.max_grad_norm or None)
             parts.append(y)

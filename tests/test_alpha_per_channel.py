@@ -1,0 +1,297 @@
+"""Channel-wise forgetting (the NeurIPS version): ``alpha`` of shape ``(T, C)`` in Eq. 13, a
+rate per output channel of every memory layer, ``C`` the layers' output widths summed. Column
+j of layer i keeps 1 - alpha_{t,c} of itself (c = the widths of the layers before i, plus j):
+M_t[:, j] = (1 - alpha_{t,c}) M_{t-1}[:, j] + S_t[:, j] (around the anchor when there is one).
+Checked against plain loops, against the per-token alpha it generalises, and the numba
+gradients against autograd through the reference."""
+
+import copy
+
+import autograd.numpy as anp
+import numpy as np
+import pytest
+from autograd import grad
+from naive_memory import naive_chunked, naive_token_loop, unit_rows
+from test_theta_per_layer import _objective
+
+import minititans as mt
+from minititans.memory.scan import numba_memory_scan, numba_memory_scan_batched, output_channels
+from minititans.training import numba_available
+
+needs_numba = pytest.mark.skipif(not numba_available(),
+                                 reason="the numba memory scan has no gradient here")
+
+
+def _problem(rng, T=9, d=3, depth=2, anchored=False, theta_per_layer=False):
+    params = mt.init_memory(rng, d, d, depth=depth, expansion=2)
+    S0 = params.like([0.1 * rng.standard_normal(w.shape) for w in params])
+    anchor = params.like([0.3 * rng.standard_normal(w.shape) for w in params]) \
+        if anchored else None
+    K, Q, V = unit_rows(rng, T, d), unit_rows(rng, T, d), rng.standard_normal((T, d))
+    C = output_channels(params)
+    assert C == sum(w.shape[1] for w in params)
+    alpha = rng.uniform(0.0, 0.4, (T, C))  # a different rate for every channel
+    eta = rng.uniform(0.5, 0.95, T)
+    theta = rng.uniform(0.0, 0.15, (T, depth) if theta_per_layer else T)
+    return mt.MemoryState(params, S0, anchor), K, V, Q, alpha, eta, theta
+
+
+@pytest.mark.parametrize("backend,chunk_size", [("reference", 1), ("numba", 1),
+                                                ("reference", 4)])
+@pytest.mark.parametrize("read", ["after", "before"])
+@pytest.mark.parametrize("depth,anchored", [(1, False), (2, False), (3, False), (2, True)])
+def test_channelwise_eq13_alpha_per_channel_matches_plain_loops(rng, backend, chunk_size, read,
+                                                                depth, anchored):
+    state, K, V, Q, alpha, eta, theta = _problem(rng, depth=depth, anchored=anchored)
+    anchor = None if state.anchor is None else list(state.anchor)
+    if chunk_size == 1:
+        want, M, S = naive_token_loop(list(state.params), K, V, Q, alpha, eta, theta,
+                                      read=read, momentum=list(state.momentum), anchor=anchor)
+    else:  # the chunked loops start from zero momentum
+        state = mt.MemoryState(state.params, state.params.like(
+            [np.zeros_like(w) for w in state.params]), state.anchor)
+        want, M, S = naive_chunked(list(state.params), K, V, Q, alpha, eta, theta, chunk_size,
+                                   read=read, anchor=anchor)
+    out, new = mt.memory_scan(state, K, V, Q, alpha=alpha, eta=eta, theta=theta,
+                              chunk_size=chunk_size, read=read, backend=backend)
+    np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-12)
+    for got, ref in zip([*new.params, *new.momentum], [*M, *S]):
+        np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12)
+    # the channels' rates differ, so one rate per token would not give this
+    per_token, _ = mt.memory_scan(state, K, V, Q, alpha=alpha[:, 0], eta=eta, theta=theta,
+                                  chunk_size=chunk_size, read=read, backend=backend)
+    assert np.abs(per_token - out).max() > 1e-4
+
+
+@pytest.mark.parametrize("anchored", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_channelwise_equal_columns_are_one_alpha_per_token(rng, backend, anchored):
+    state, K, V, Q, alpha, eta, theta = _problem(rng, depth=3, anchored=anchored)
+    one = alpha[:, 0]
+    C = alpha.shape[1]
+    both = [mt.memory_scan(state, K, V, Q, alpha=a, eta=eta, theta=theta, backend=backend,
+                           max_grad_norm=0.5) for a in (one, np.repeat(one[:, None], C, 1))]
+    np.testing.assert_array_equal(both[0][0], both[1][0])  # the same arithmetic, exactly
+    for a, b in zip([*both[0][1].params, *both[0][1].momentum],
+                    [*both[1][1].params, *both[1][1].momentum]):
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_numba
+@pytest.mark.parametrize("max_grad_norm", [None, 0.3], ids=["unclipped", "clipped"])
+@pytest.mark.parametrize("read", ["after", "before"])
+@pytest.mark.parametrize("depth,anchored,theta_per_layer", [(1, False, False), (2, False, False),
+                                                            (3, True, False), (2, True, True)])
+def test_channelwise_alpha_vjp_matches_autograd_through_reference(
+        rng, max_grad_norm, read, depth, anchored, theta_per_layer):
+    problem = _problem(rng, depth=depth, anchored=anchored, theta_per_layer=theta_per_layer)
+    state, rest = problem[0], problem[1:]
+    args = [*rest, state.params, state.momentum]
+    options = dict(read=read, max_grad_norm=max_grad_norm)
+    f_ref = _objective(np.random.default_rng(3), problem, lambda s, K, V, Q, a, e, th:
+                       mt.memory_scan(s, K, V, Q, alpha=a, eta=e, theta=th,
+                                      backend="reference", **options))
+    f_nb = _objective(np.random.default_rng(3), problem, lambda s, K, V, Q, a, e, th:
+                      numba_memory_scan(s, K, V, Q, a, e, th, **options))
+    np.testing.assert_allclose(f_nb(*args), f_ref(*args), rtol=1e-12)
+    got = grad(f_nb, list(range(len(args))))(*args)
+    want = grad(f_ref, list(range(len(args))))(*args)
+    assert np.shape(got[3]) == np.shape(rest[3])  # ᾱ has a column per channel
+    for name, g, w in zip(("K", "V", "Q", "alpha", "eta", "theta", "W", "S"), got, want):
+        for gi, wi in zip(g if isinstance(g, tuple) else [g], w if isinstance(w, tuple) else [w]):
+            assert np.shape(gi) == np.shape(wi), name
+            np.testing.assert_allclose(gi, wi, rtol=1e-8, atol=1e-8 * np.abs(wi).max(),
+                                       err_msg=name)
+
+
+@needs_numba
+def test_channelwise_anchor_gradient_matches_autograd_through_reference(rng):
+    """The anchor's cotangent, sum_t alpha_{t,c} M̄_t[:, c], column by column."""
+    state, K, V, Q, alpha, eta, theta = _problem(rng, depth=2, anchored=True)
+    c = rng.standard_normal(K.shape)
+
+    def f(anchor, backend):
+        s = mt.MemoryState(state.params, state.momentum, anchor)
+        out, new = mt.memory_scan(s, K, V, Q, alpha=alpha, eta=eta, theta=theta,
+                                  backend=backend)
+        return anp.sum(c * out) + anp.sum(new.params[1])
+
+    for g, w in zip(grad(f)(state.anchor, "numba"), grad(f)(state.anchor, "reference")):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12)
+
+
+@needs_numba
+def test_channelwise_batched_scan_is_each_sequences_own(rng):
+    B, T, d, depth = 3, 7, 3, 2
+    problems = [_problem(rng, T, d, depth) for _ in range(B)]
+    stack = [np.stack(x) for x in zip(*[p[1:] for p in problems])]
+    params = problems[0][0].params.like(
+        [np.stack([p[0].params[i] for p in problems]) for i in range(depth)])
+    momentum = params.like([np.stack([p[0].momentum[i] for p in problems])
+                            for i in range(depth)])
+    alpha = stack[3]
+    assert alpha.shape == (B, T, output_channels(problems[0][0].params))
+
+    def batched(alpha):
+        out, _ = numba_memory_scan_batched(mt.MemoryState(params, momentum), *stack[:3], alpha,
+                                           *stack[4:])
+        return out
+
+    def one_by_one(alpha):
+        return anp.stack([numba_memory_scan(p[0], *p[1:4], alpha[s], *p[5:7])[0]
+                          for s, p in enumerate(problems)])
+
+    np.testing.assert_allclose(batched(alpha), one_by_one(alpha), rtol=1e-13, atol=1e-14)
+    c = rng.standard_normal((B, T, d))
+    g_batch = grad(lambda a: anp.sum(c * batched(a)))(alpha)
+    g_each = grad(lambda a: anp.sum(c * one_by_one(a)))(alpha)
+    np.testing.assert_allclose(g_batch, g_each, rtol=1e-12, atol=1e-14)
+
+
+def test_channelwise_alpha_bad_input_is_a_clear_error(rng):
+    state, K, V, Q, alpha, eta, theta = _problem(rng, depth=2)
+    C = alpha.shape[1]
+    scan = lambda a, **k: mt.memory_scan(state, K, V, Q, alpha=a, eta=eta,  # noqa: E731
+                                         theta=theta, **k)
+    with pytest.raises(ValueError, match=rf"alpha must be a float, have shape \(9,\), or have "
+                                         rf"shape \(9, {C}\) \(a rate per output channel"):
+        scan(np.full((9, 3), 0.1))  # the last layer's channels only
+    with pytest.raises(ValueError, match="alpha must be <= 1.0"):
+        scan(alpha + 1.0)
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        scan(-alpha)
+    bad = alpha.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="alpha contains NaN"):
+        scan(bad)
+    with pytest.raises(ValueError, match="alpha per output channel .* needs chunk_size=1 on "
+                                         "the numba backend"):
+        scan(alpha, backend="numba", chunk_size=3)
+    B = 2
+    batch = mt.MemoryState(state.params.like([np.stack([w] * B) for w in state.params]),
+                           state.params.like([np.zeros((B,) + w.shape) for w in state.params]))
+    rows = [np.stack([x] * B) for x in (K, V, Q)]
+    with pytest.raises(ValueError, match=rf"alpha must be a float or have shape \(2, 9\) or "
+                                         rf"\(2, 9, {C}\)"):
+        numba_memory_scan_batched(batch, *rows, np.zeros((B, 9, 4)), 0.5, 0.1)
+
+
+# --- in the models: ModelConfig(alpha_per_channel=True) -------------------------------------
+
+from naive_models import naive_forward  # noqa: E402
+from test_theta_per_layer import _gate_dicts  # noqa: E402
+
+from minititans.models import Model, ModelConfig, ravel  # noqa: E402
+from minititans.models.blocks import alpha_columns  # noqa: E402
+
+TINY = dict(vocab_size=12, d_model=8, num_heads=2, ffn_expansion=2, conv_kernel=3,
+            num_persistent=2, window=3, segment_len=4, memory_depth=2, memory_expansion=2,
+            chunk_size=1, alpha_init=0.05, alpha_per_channel=True)
+
+
+def _model(model, **changes):
+    """A model with a rate per channel whose channels start apart (logits -3 to 0) and
+    depend on the token."""
+    m = Model(ModelConfig(model=model, **{**TINY, **changes}))
+    params = m.init(np.random.default_rng(0))
+    C = alpha_columns(m.config)
+    assert C == output_channels(next(iter(_memories(params))))
+    for g in _gate_dicts(params):
+        assert np.shape(g["w_alpha"]) == (8, C) and np.shape(g["b_alpha"]) == (C,)
+        g["b_alpha"] = g["b_alpha"] + np.linspace(-3.0, 0.0, C)
+        g["w_alpha"] = g["w_alpha"] * 30
+    return m, params
+
+
+def _memories(tree):
+    if isinstance(tree, dict):
+        if "M0" in tree:
+            yield tree["M0"]
+        for v in tree.values():
+            yield from _memories(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _memories(v)
+
+
+@pytest.mark.parametrize("chunk_size,depth", [(1, 1), (1, 3), (4, 2)])
+@pytest.mark.parametrize("model", ["lmm", "mac", "mag", "mal"])
+def test_channelwise_models_match_the_hand_assembled_forward(model, chunk_size, depth):
+    m, params = _model(model, chunk_size=chunk_size, memory_depth=depth)
+    tokens = np.random.default_rng(1).integers(0, 12, 11)
+    got = m.apply(params, tokens)
+    np.testing.assert_allclose(got, naive_forward(params, tokens, m.config), rtol=1e-9,
+                               atol=1e-10)
+    # one rate per token (the first channel's for every channel) gives other logits
+    one = copy.deepcopy(params)
+    for g in _gate_dicts(one):
+        g["w_alpha"], g["b_alpha"] = g["w_alpha"][:, 0], float(g["b_alpha"][0])
+    assert np.abs(Model(m.config.with_(alpha_per_channel=False)).apply(one, tokens)
+                  - got).max() > 1e-6
+
+
+@pytest.mark.parametrize("model", ["lmm", "mac"])
+def test_channelwise_models_stream_in_pieces_as_one_apply(model):
+    m, params = _model(model, chunk_size=3, theta_per_layer=True)
+    tokens = np.random.default_rng(2).integers(0, 12, (2, 13))
+    state, outs = m.initial_state(2), []
+    for lo, hi in ((0, 5), (5, 6), (6, 13)):
+        y, state = m.stream(params, tokens[:, lo:hi], state)
+        outs.append(y)
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), m.apply(params, tokens),
+                               rtol=1e-10, atol=1e-12)
+
+
+@needs_numba
+@pytest.mark.parametrize("model", ["lmm", "mac", "mag", "mal"])
+def test_channelwise_models_numba_gradients_equal_the_reference(model):
+    from minititans.training import cross_entropy
+
+    grads = {}
+    tokens = np.random.default_rng(5).integers(0, 12, (2, 9))
+    mask = np.ones(tokens.shape, bool)
+    for backend in ("reference", "numba"):
+        m, params = _model(model, backend=backend, max_grad_norm=0.5, anchored_memory=True)
+        flat, unravel = ravel(params)
+
+        def loss(f, m=m, unravel=unravel):
+            return cross_entropy(m.apply(unravel(f), tokens), tokens, mask)
+
+        grads[backend] = loss(flat), grad(loss)(flat)
+    np.testing.assert_allclose(grads["numba"][0], grads["reference"][0], rtol=1e-10)
+    np.testing.assert_allclose(grads["numba"][1], grads["reference"][1], rtol=1e-7,
+                               atol=1e-10)
+
+
+def test_channelwise_without_forgetting_forgets_nothing():
+    """``forgetting=False`` (the "w/o weight decay" ablation) zeroes every channel's rate."""
+    m, params = _model("lmm", forgetting=False)
+    tokens = np.random.default_rng(3).integers(0, 12, (2, 7))
+    off = Model(m.config.with_(alpha_per_channel=False))
+    one = copy.deepcopy(params)
+    for g in _gate_dicts(one):
+        g["w_alpha"], g["b_alpha"] = g["w_alpha"][:, 0], float(g["b_alpha"][0])
+    np.testing.assert_allclose(m.apply(params, tokens), off.apply(one, tokens), rtol=1e-12,
+                               atol=1e-13)
+    state, outs = m.initial_state(2), []
+    for lo, hi in ((0, 3), (3, 7)):
+        y, state = m.stream(params, tokens[:, lo:hi], state)
+        outs.append(y)
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), m.apply(params, tokens),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_alpha_per_channel_config_is_checked():
+    with pytest.raises(ValueError, match="alpha_per_channel needs chunk_size=1 on the numba "
+                                         "backend"):
+        ModelConfig(alpha_per_channel=True, backend="numba", chunk_size=16)
+    cfg = ModelConfig(alpha_per_channel=True, chunk_size=1)
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    for depth in (1, 2, 3):  # the gate's columns are the memory's output channels
+        cfg = ModelConfig(d_model=8, memory_depth=depth, alpha_per_channel=True)
+        M0 = next(iter(_memories(Model(cfg).init(np.random.default_rng(0)))))
+        assert alpha_columns(cfg) == output_channels(M0)
+    assert alpha_columns(ModelConfig(d_model=16, memory_depth=1, alpha_per_channel=True)) == 16
+    assert alpha_columns(ModelConfig(d_model=16, memory_depth=3, memory_expansion=2,
+                                     alpha_per_channel=True)) == 2 * 32 + 16
+    assert alpha_columns(ModelConfig(d_model=16, memory_depth=3)) == 1
