@@ -44,8 +44,10 @@ Spec = namedtuple("Spec", [
     "read_after",  # y_t = M_t(q_t) (True) or M_{t-1}(q_t)
     "bound",  # the weights have diverged past this magnitude (_checks.weight_bound)
 ])
-# (T, d) rows, (T,) gates and the anchor M̄ that Eq. 13 forgets towards: flat weights (P,),
-# or (0,) for Eq. 13 as printed (forgetting towards 0; the kernels then do no anchor work)
+# (T, d) rows, the gates (eta (T,); alpha (T, 1) or (T, C), a rate per output channel;
+# theta (T, 1) or (T, L), a step per layer) and the anchor M̄ that Eq. 13 forgets towards:
+# flat weights (P,), or (0,) for Eq. 13 as printed (forgetting towards 0; the kernels then
+# do no anchor work)
 Seq = namedtuple("Seq", "K V Q alpha eta theta anchor")
 Tape = namedtuple("Tape", [
     "ckM", "ckS",  # the state (M, S) every `seg` tokens, one row each

@@ -68,7 +68,9 @@ def numba_scan(weights, momentum, keys, values, queries, alpha, eta, theta, *, a
     Arguments are those of :func:`minititans.memory_scan`, already checked there, with the
     state as ``weights``, ``momentum`` and ``anchor`` ``[W_1, ..., W_L]`` (``anchor`` None:
     Eq. 13 as printed; else forgetting towards it) and the memory's ``activation`` and
-    ``residual_norm``; the gates are arrays ``(T,)``, ``T >= 1``. Inputs
+    ``residual_norm``; the gates are arrays ``(T,)`` (``alpha`` may be ``(T, C)``, a rate per
+    output channel, and ``theta`` ``(T, L)``, a step per layer: :func:`gate_columns`),
+    ``T >= 1``. Inputs
     may be float32 or float64, non-contiguous or read-only; they are copied to contiguous
     arrays of the common dtype. If any is an autograd box the call goes to
     :func:`.vjp.numba_scan_differentiable` (``checkpoint_every`` is its option).

@@ -136,7 +136,7 @@ def token_loop(M, S, spec, seq, tape, seg, stop, out):
         M, S: flat weights $\mathcal{M}_0$ and momentum $S_0$ (64-byte aligned), updated in
             place to $\mathcal{M}_T$, $S_T$.
         spec: :class:`.layout.Spec`; seq: :class:`.layout.Seq` (``K``, ``V``, ``Q`` ``(T, d)``,
-            gates ``(T,)``).
+            ``eta`` ``(T,)``, ``alpha`` ``(T, 1 or C)``, ``theta`` ``(T, 1 or L)``).
         tape: :class:`.layout.Tape` from :func:`.layout.new_tape` (``b = 1``): a full one is
             filled for the VJP (every ``seg`` tokens a checkpoint), a workspace one is only
             used.
