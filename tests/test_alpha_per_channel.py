@@ -295,3 +295,22 @@ def test_alpha_per_channel_config_is_checked():
     assert alpha_columns(ModelConfig(d_model=16, memory_depth=3, memory_expansion=2,
                                      alpha_per_channel=True)) == 2 * 32 + 16
     assert alpha_columns(ModelConfig(d_model=16, memory_depth=3)) == 1
+
+
+def test_channelwise_memory_step_is_one_token_of_the_scan(rng):
+    """``memory_step`` takes one token's row: alpha ``(C,)``, theta ``(L,)``."""
+    state, K, V, Q, alpha, eta, _ = _problem(rng, T=1, depth=2, anchored=True)
+    theta = np.array([0.05, 0.12])
+    one = mt.memory_step(state, K[0], V[0], alpha=alpha[0], eta=eta[0], theta=theta)
+    _, scan = mt.memory_scan(state, K, V, Q, alpha=alpha, eta=eta, theta=theta[None])
+    for a, b in zip([*one.params, *one.momentum], [*scan.params, *scan.momentum]):
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-15)
+    C = alpha.shape[1]
+    with pytest.raises(ValueError, match=rf"alpha must be a float or have shape \({C},\) \(a "
+                                         "rate per output channel"):
+        mt.memory_step(state, K[0], V[0], alpha=alpha[0, :3], eta=0.9, theta=0.1)
+    with pytest.raises(ValueError, match=r"theta must be a float or have shape \(2,\) \(a step "
+                                         "per memory layer"):
+        mt.memory_step(state, K[0], V[0], alpha=0.1, eta=0.9, theta=np.full(3, 0.1))
+    with pytest.raises(ValueError, match="alpha must be <= 1.0"):
+        mt.memory_step(state, K[0], V[0], alpha=alpha[0] + 1.0, eta=0.9, theta=0.1)

@@ -37,7 +37,6 @@ from .._checks import (
     diverged_reason,
     first_diverged_token,
     report_divergence,
-    value_of,
     weight_bound,
     weights_diverged,
 )
@@ -49,10 +48,13 @@ from .update import (
     MemoryState,
     apply_update,
     channel_rates,
+    check_alpha,
     check_max_grad_norm,
     check_state,
+    check_theta,
     check_weights,
     clip_by_norm,
+    output_channels,
     result_dtype,
     state_in_dtype,
 )
@@ -163,48 +165,6 @@ def memory_scan(state: MemoryState, keys, values, queries, *, alpha, eta, theta,
     # the state remembers a chunk left open, so that continuing from it can say so
     open_chunk = (T % b, b) if T % b else None
     return out, replace(new, open_chunk=open_chunk)
-
-
-def output_channels(params) -> int:
-    """The output channels of a memory, its layers' output widths summed: the length of a
-    channel-wise $\alpha_t$ (for a linear memory ``d_out``)."""
-    return sum(int(np.shape(getval(w))[-1]) for w in params)
-
-
-def check_columns(name: str, gate, T: int, n: int, what: str, *, low=0.0, high=None):
-    """A gate checked: a float or ``(T,)`` (one value per token, as :func:`check_gate`
-    returns it), or ``(T, n)``, ``what`` (``theta`` a step per memory layer, Appendix B.3;
-    ``alpha`` a rate per output channel, the NeurIPS version's channel-wise forgetting)."""
-    raw = value_of(gate)
-    if isinstance(raw, (list, tuple)):
-        raw = gate = np.asarray(raw, dtype=float)
-    if np.ndim(raw) != 2:
-        return check_gate(name, gate, T, low=low, high=high)
-    arr = np.asarray(raw)
-    if arr.dtype.kind not in "fiu" or arr.dtype == np.float16:
-        raise TypeError(f"{name} must be a float or a float array, got dtype {arr.dtype}")
-    if arr.shape != (T, n):
-        raise ValueError(f"{name} must be a float, have shape ({T},), or have shape ({T}, {n}) "
-                         f"({what}), got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or inf")
-    if arr.size and arr.min() < low:
-        raise ValueError(f"{name} must be >= {low}, got a minimum of {arr.min():.6g}")
-    if high is not None and arr.size and arr.max() > high:
-        raise ValueError(f"{name} must be <= {high}, got a maximum of {arr.max():.6g}")
-    return gate if arr.dtype.kind == "f" else arr.astype(float)
-
-
-def check_theta(theta, T: int, L: int):
-    """``theta``: a float, ``(T,)``, or ``(T, L)``, a step per memory layer (Appendix B.3)."""
-    return check_columns("theta", theta, T, L, "a step per memory layer")
-
-
-def check_alpha(alpha, T: int, C: int):
-    """``alpha`` in [0, 1]: a float, ``(T,)``, or ``(T, C)``, a rate per output channel of
-    the memory's layers (:func:`output_channels`)."""
-    return check_columns("alpha", alpha, T, C, "a rate per output channel of the memory's "
-                         "layers", high=1.0)
 
 
 def _check_outputs(out, new, on_nonfinite):

@@ -37,6 +37,7 @@ from .._checks import (
     check_gate,
     diverged_reason,
     report_divergence,
+    value_of,
     weight_bound,
     weights_diverged,
 )
@@ -201,6 +202,62 @@ def apply_update(M, S, u, alpha, eta, theta, anchor=None):
     return M_new, S_new
 
 
+def output_channels(params) -> int:
+    """The output channels of a memory, its layers' output widths summed: the length of a
+    channel-wise $\alpha_t$ (for a linear memory ``d_out``)."""
+    return sum(int(np.shape(getval(w))[-1]) for w in params)
+
+
+def check_columns(name: str, gate, T: int, n: int, what: str, *, low=0.0, high=None):
+    """A gate checked: a float or ``(T,)`` (one value per token, as :func:`check_gate`
+    returns it), or ``(T, n)``, ``what`` (``theta`` a step per memory layer, Appendix B.3;
+    ``alpha`` a rate per output channel, the NeurIPS version's channel-wise forgetting)."""
+    raw = value_of(gate)
+    if isinstance(raw, (list, tuple)):
+        raw = gate = np.asarray(raw, dtype=float)
+    if np.ndim(raw) != 2:
+        return check_gate(name, gate, T, low=low, high=high)
+    arr = np.asarray(raw)
+    if arr.dtype.kind not in "fiu" or arr.dtype == np.float16:
+        raise TypeError(f"{name} must be a float or a float array, got dtype {arr.dtype}")
+    if arr.shape != (T, n):
+        raise ValueError(f"{name} must be a float, have shape ({T},), or have shape ({T}, {n}) "
+                         f"({what}), got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or inf")
+    if arr.size and arr.min() < low:
+        raise ValueError(f"{name} must be >= {low}, got a minimum of {arr.min():.6g}")
+    if high is not None and arr.size and arr.max() > high:
+        raise ValueError(f"{name} must be <= {high}, got a maximum of {arr.max():.6g}")
+    return gate if arr.dtype.kind == "f" else arr.astype(float)
+
+
+def check_theta(theta, T: int, L: int):
+    """``theta``: a float, ``(T,)``, or ``(T, L)``, a step per memory layer (Appendix B.3)."""
+    return check_columns("theta", theta, T, L, "a step per memory layer")
+
+
+def check_alpha(alpha, T: int, C: int):
+    """``alpha`` in [0, 1]: a float, ``(T,)``, or ``(T, C)``, a rate per output channel of
+    the memory's layers (:func:`output_channels`)."""
+    return check_columns("alpha", alpha, T, C, "a rate per output channel of the memory's "
+                         "layers", high=1.0)
+
+
+def _one_row(name: str, gate, n: int, what: str):
+    """A gate of one token with ``n`` values (``(n,)``, n > 1) as the row ``(1, n)`` that
+    :func:`check_columns` takes; a float (or ``(1,)``) as it is."""
+    raw = value_of(gate)
+    if isinstance(raw, (list, tuple)):
+        gate = raw = np.asarray(raw, dtype=float)
+    if np.ndim(raw) == 1 and np.size(raw) > 1:
+        if np.size(raw) != n:
+            raise ValueError(f"{name} must be a float or have shape ({n},) ({what}), got "
+                             f"shape {np.shape(raw)}")
+        return anp.reshape(gate, (1, n))
+    return gate
+
+
 def memory_step(state: MemoryState, k, v, *, alpha, eta, theta, loss: str = "l2",
                 p: float = 3.0, delta: float = 1.0, max_grad_norm=None,
                 on_nonfinite: str = "raise") -> MemoryState:
@@ -213,6 +270,9 @@ def memory_step(state: MemoryState, k, v, *, alpha, eta, theta, loss: str = "l2"
         state: $(\mathcal{M}_{t-1}, S_{t-1})$.
         k: ``(d_in,)`` key; v: ``(d_out,)`` value.
         alpha: forgetting gate in [0, 1]; eta: momentum decay in [0, 1]; theta: step >= 0.
+            ``alpha`` may also be ``(C,)``, a rate per output channel of the layers
+            (:func:`output_channels`), and ``theta`` ``(L,)``, a step per layer, as one
+            token's row of :func:`memory_scan`'s gates.
         loss, p, delta: the inner loss (see :func:`associative_loss`).
         max_grad_norm: clip the surprise to this global norm (None: no clipping).
         on_nonfinite: "raise" (default) or "warn" when the weights stop being finite.
@@ -231,10 +291,14 @@ def memory_step(state: MemoryState, k, v, *, alpha, eta, theta, loss: str = "l2"
     dtype = result_dtype(state, k_, v_)
     state = state_in_dtype(state, dtype)
     k, v = (x if getval(x).dtype == dtype else x.astype(dtype) for x in (k, v))
+    # alpha may be (C,), a rate per output channel, and theta (L,), a step per layer: checked
+    # as the one row of memory_scan's (T, C) and (T, L)
     a, e, th = (g.astype(dtype)[0] if isinstance(g, np.ndarray) else g[0] for g in (
-        check_gate("alpha", alpha, 1, low=0.0, high=1.0),
+        check_alpha(_one_row("alpha", alpha, output_channels(spec), "a rate per output "
+                             "channel of the memory's layers"), 1, output_channels(spec)),
         check_gate("eta", eta, 1, low=0.0, high=1.0),
-        check_gate("theta", theta, 1, low=0.0)))
+        check_theta(_one_row("theta", theta, len(spec), "a step per memory layer"), 1,
+                    len(spec))))
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite weights raise below
         u = clip_by_norm(surprise(state.params, k[None], v[None], loss, p=p, delta=delta),
                          max_grad_norm)
