@@ -11,29 +11,28 @@ import autograd.numpy as anp
 import numpy as np
 import pytest
 from autograd import grad
-from naive_memory import naive_chunked, naive_token_loop, unit_rows
-from test_theta_per_layer import _objective
+from gate_columns import (
+    batched_is_one_by_one,
+    dicts_with,
+    gate_dicts,
+    matches_the_hand_assembled_forward,
+    needs_numba,
+    numba_model_gradients_equal_reference,
+    problem,
+    scan_matches_plain_loops,
+    stacked,
+    streams_as_one_apply,
+    vjp_matches_reference,
+)
 
 import minititans as mt
 from minititans.memory.scan import numba_memory_scan, numba_memory_scan_batched, output_channels
-from minititans.training import numba_available
-
-needs_numba = pytest.mark.skipif(not numba_available(),
-                                 reason="the numba memory scan has no gradient here")
 
 
 def _problem(rng, T=9, d=3, depth=2, anchored=False, theta_per_layer=False):
-    params = mt.init_memory(rng, d, d, depth=depth, expansion=2)
-    S0 = params.like([0.1 * rng.standard_normal(w.shape) for w in params])
-    anchor = params.like([0.3 * rng.standard_normal(w.shape) for w in params]) \
-        if anchored else None
-    K, Q, V = unit_rows(rng, T, d), unit_rows(rng, T, d), rng.standard_normal((T, d))
-    C = output_channels(params)
-    assert C == sum(w.shape[1] for w in params)
-    alpha = rng.uniform(0.0, 0.4, (T, C))  # a different rate for every channel
-    eta = rng.uniform(0.5, 0.95, T)
-    theta = rng.uniform(0.0, 0.15, (T, depth) if theta_per_layer else T)
-    return mt.MemoryState(params, S0, anchor), K, V, Q, alpha, eta, theta
+    """A scan whose forgetting rate differs for every output channel."""
+    return problem(rng, T, d, depth, anchored, alpha_per_channel=True,
+                   theta_per_layer=theta_per_layer)
 
 
 @pytest.mark.parametrize("backend,chunk_size", [("reference", 1), ("numba", 1),
@@ -43,20 +42,8 @@ def _problem(rng, T=9, d=3, depth=2, anchored=False, theta_per_layer=False):
 def test_channelwise_eq13_alpha_per_channel_matches_plain_loops(rng, backend, chunk_size, read,
                                                                 depth, anchored):
     state, K, V, Q, alpha, eta, theta = _problem(rng, depth=depth, anchored=anchored)
-    anchor = None if state.anchor is None else list(state.anchor)
-    if chunk_size == 1:
-        want, M, S = naive_token_loop(list(state.params), K, V, Q, alpha, eta, theta,
-                                      read=read, momentum=list(state.momentum), anchor=anchor)
-    else:  # the chunked loops start from zero momentum
-        state = mt.MemoryState(state.params, state.params.like(
-            [np.zeros_like(w) for w in state.params]), state.anchor)
-        want, M, S = naive_chunked(list(state.params), K, V, Q, alpha, eta, theta, chunk_size,
-                                   read=read, anchor=anchor)
-    out, new = mt.memory_scan(state, K, V, Q, alpha=alpha, eta=eta, theta=theta,
-                              chunk_size=chunk_size, read=read, backend=backend)
-    np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-12)
-    for got, ref in zip([*new.params, *new.momentum], [*M, *S]):
-        np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12)
+    state, out = scan_matches_plain_loops(state, K, V, Q, alpha, eta, theta, backend=backend,
+                                          chunk_size=chunk_size, read=read)
     # the channels' rates differ, so one rate per token would not give this
     per_token, _ = mt.memory_scan(state, K, V, Q, alpha=alpha[:, 0], eta=eta, theta=theta,
                                   chunk_size=chunk_size, read=read, backend=backend)
@@ -85,23 +72,7 @@ def test_channelwise_equal_columns_are_one_alpha_per_token(rng, backend, anchore
 def test_channelwise_alpha_vjp_matches_autograd_through_reference(
         rng, max_grad_norm, read, depth, anchored, theta_per_layer):
     problem = _problem(rng, depth=depth, anchored=anchored, theta_per_layer=theta_per_layer)
-    state, rest = problem[0], problem[1:]
-    args = [*rest, state.params, state.momentum]
-    options = dict(read=read, max_grad_norm=max_grad_norm)
-    f_ref = _objective(np.random.default_rng(3), problem, lambda s, K, V, Q, a, e, th:
-                       mt.memory_scan(s, K, V, Q, alpha=a, eta=e, theta=th,
-                                      backend="reference", **options))
-    f_nb = _objective(np.random.default_rng(3), problem, lambda s, K, V, Q, a, e, th:
-                      numba_memory_scan(s, K, V, Q, a, e, th, **options))
-    np.testing.assert_allclose(f_nb(*args), f_ref(*args), rtol=1e-12)
-    got = grad(f_nb, list(range(len(args))))(*args)
-    want = grad(f_ref, list(range(len(args))))(*args)
-    assert np.shape(got[3]) == np.shape(rest[3])  # ᾱ has a column per channel
-    for name, g, w in zip(("K", "V", "Q", "alpha", "eta", "theta", "W", "S"), got, want):
-        for gi, wi in zip(g if isinstance(g, tuple) else [g], w if isinstance(w, tuple) else [w]):
-            assert np.shape(gi) == np.shape(wi), name
-            np.testing.assert_allclose(gi, wi, rtol=1e-8, atol=1e-8 * np.abs(wi).max(),
-                                       err_msg=name)
+    vjp_matches_reference(problem, read=read, max_grad_norm=max_grad_norm)
 
 
 @needs_numba
@@ -124,28 +95,18 @@ def test_channelwise_anchor_gradient_matches_autograd_through_reference(rng):
 def test_channelwise_batched_scan_is_each_sequences_own(rng):
     B, T, d, depth = 3, 7, 3, 2
     problems = [_problem(rng, T, d, depth) for _ in range(B)]
-    stack = [np.stack(x) for x in zip(*[p[1:] for p in problems])]
-    params = problems[0][0].params.like(
-        [np.stack([p[0].params[i] for p in problems]) for i in range(depth)])
-    momentum = params.like([np.stack([p[0].momentum[i] for p in problems])
-                            for i in range(depth)])
-    alpha = stack[3]
+    batch, rows = stacked(problems)
+    alpha = rows[3]
     assert alpha.shape == (B, T, output_channels(problems[0][0].params))
 
     def batched(alpha):
-        out, _ = numba_memory_scan_batched(mt.MemoryState(params, momentum), *stack[:3], alpha,
-                                           *stack[4:])
-        return out
+        return numba_memory_scan_batched(batch, *rows[:3], alpha, *rows[4:])[0]
 
     def one_by_one(alpha):
         return anp.stack([numba_memory_scan(p[0], *p[1:4], alpha[s], *p[5:7])[0]
                           for s, p in enumerate(problems)])
 
-    np.testing.assert_allclose(batched(alpha), one_by_one(alpha), rtol=1e-13, atol=1e-14)
-    c = rng.standard_normal((B, T, d))
-    g_batch = grad(lambda a: anp.sum(c * batched(a)))(alpha)
-    g_each = grad(lambda a: anp.sum(c * one_by_one(a)))(alpha)
-    np.testing.assert_allclose(g_batch, g_each, rtol=1e-12, atol=1e-14)
+    batched_is_one_by_one(rng, batched, one_by_one, alpha)
 
 
 def test_channelwise_alpha_bad_input_is_a_clear_error(rng):
@@ -178,10 +139,8 @@ def test_channelwise_alpha_bad_input_is_a_clear_error(rng):
 
 # --- in the models: ModelConfig(alpha_per_channel=True) -------------------------------------
 
-from naive_models import naive_forward  # noqa: E402
-from test_theta_per_layer import _gate_dicts  # noqa: E402
 
-from minititans.models import Model, ModelConfig, ravel  # noqa: E402
+from minititans.models import Model, ModelConfig  # noqa: E402
 from minititans.models.blocks import alpha_columns  # noqa: E402
 
 TINY = dict(vocab_size=12, d_model=8, num_heads=2, ffn_expansion=2, conv_kernel=3,
@@ -196,7 +155,7 @@ def _model(model, **changes):
     params = m.init(np.random.default_rng(0))
     C = alpha_columns(m.config)
     assert C == output_channels(next(iter(_memories(params))))
-    for g in _gate_dicts(params):
+    for g in gate_dicts(params):
         assert np.shape(g["w_alpha"]) == (8, C) and np.shape(g["b_alpha"]) == (C,)
         g["b_alpha"] = g["b_alpha"] + np.linspace(-3.0, 0.0, C)
         g["w_alpha"] = g["w_alpha"] * 30
@@ -204,63 +163,26 @@ def _model(model, **changes):
 
 
 def _memories(tree):
-    if isinstance(tree, dict):
-        if "M0" in tree:
-            yield tree["M0"]
-        for v in tree.values():
-            yield from _memories(v)
-    elif isinstance(tree, list):
-        for v in tree:
-            yield from _memories(v)
+    return (p["M0"] for p in dicts_with(tree, "M0"))
 
 
 @pytest.mark.parametrize("chunk_size,depth", [(1, 1), (1, 3), (4, 2)])
 @pytest.mark.parametrize("model", ["lmm", "mac", "mag", "mal"])
 def test_channelwise_models_match_the_hand_assembled_forward(model, chunk_size, depth):
     m, params = _model(model, chunk_size=chunk_size, memory_depth=depth)
-    tokens = np.random.default_rng(1).integers(0, 12, 11)
-    got = m.apply(params, tokens)
-    np.testing.assert_allclose(got, naive_forward(params, tokens, m.config), rtol=1e-9,
-                               atol=1e-10)
-    # one rate per token (the first channel's for every channel) gives other logits
-    one = copy.deepcopy(params)
-    for g in _gate_dicts(one):
-        g["w_alpha"], g["b_alpha"] = g["w_alpha"][:, 0], float(g["b_alpha"][0])
-    assert np.abs(Model(m.config.with_(alpha_per_channel=False)).apply(one, tokens)
-                  - got).max() > 1e-6
+    matches_the_hand_assembled_forward(m, params, "alpha", "alpha_per_channel")
 
 
 @pytest.mark.parametrize("model", ["lmm", "mac"])
 def test_channelwise_models_stream_in_pieces_as_one_apply(model):
-    m, params = _model(model, chunk_size=3, theta_per_layer=True)
-    tokens = np.random.default_rng(2).integers(0, 12, (2, 13))
-    state, outs = m.initial_state(2), []
-    for lo, hi in ((0, 5), (5, 6), (6, 13)):
-        y, state = m.stream(params, tokens[:, lo:hi], state)
-        outs.append(y)
-    np.testing.assert_allclose(np.concatenate(outs, axis=1), m.apply(params, tokens),
-                               rtol=1e-10, atol=1e-12)
+    streams_as_one_apply(*_model(model, chunk_size=3, theta_per_layer=True))
 
 
 @needs_numba
 @pytest.mark.parametrize("model", ["lmm", "mac", "mag", "mal"])
 def test_channelwise_models_numba_gradients_equal_the_reference(model):
-    from minititans.training import cross_entropy
-
-    grads = {}
-    tokens = np.random.default_rng(5).integers(0, 12, (2, 9))
-    mask = np.ones(tokens.shape, bool)
-    for backend in ("reference", "numba"):
-        m, params = _model(model, backend=backend, max_grad_norm=0.5, anchored_memory=True)
-        flat, unravel = ravel(params)
-
-        def loss(f, m=m, unravel=unravel):
-            return cross_entropy(m.apply(unravel(f), tokens), tokens, mask)
-
-        grads[backend] = loss(flat), grad(loss)(flat)
-    np.testing.assert_allclose(grads["numba"][0], grads["reference"][0], rtol=1e-10)
-    np.testing.assert_allclose(grads["numba"][1], grads["reference"][1], rtol=1e-7,
-                               atol=1e-10)
+    numba_model_gradients_equal_reference(lambda backend: _model(
+        model, backend=backend, max_grad_norm=0.5, anchored_memory=True))
 
 
 def test_channelwise_without_forgetting_forgets_nothing():
@@ -269,7 +191,7 @@ def test_channelwise_without_forgetting_forgets_nothing():
     tokens = np.random.default_rng(3).integers(0, 12, (2, 7))
     off = Model(m.config.with_(alpha_per_channel=False))
     one = copy.deepcopy(params)
-    for g in _gate_dicts(one):
+    for g in gate_dicts(one):
         g["w_alpha"], g["b_alpha"] = g["w_alpha"][:, 0], float(g["b_alpha"][0])
     np.testing.assert_allclose(m.apply(params, tokens), off.apply(one, tokens), rtol=1e-12,
                                atol=1e-13)
