@@ -180,3 +180,17 @@ def stacked(problems):
     momentum = params.like([np.stack([p[0].momentum[i] for p in problems])
                             for i in range(depth)])
     return mt.MemoryState(params, momentum), rows
+
+
+def bad_columns_are_refused(scan, gate, name: str):
+    """``scan(g, **options)`` refuses a negative ``gate``, one with a NaN, and the chunked
+    numba kernels (which take one value per token), each with a ``ValueError`` naming it."""
+    with pytest.raises(ValueError, match=f"{name} must be >= 0"):
+        scan(-gate)
+    bad = gate.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match=f"{name} contains NaN"):
+        scan(bad)
+    with pytest.raises(ValueError, match=f"{name} per .* needs chunk_size=1 on the numba "
+                                         "backend"):
+        scan(gate, backend="numba", chunk_size=3)

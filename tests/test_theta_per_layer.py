@@ -8,6 +8,7 @@ import autograd.numpy as anp
 import numpy as np
 import pytest
 from gate_columns import (
+    bad_columns_are_refused,
     batched_is_one_by_one,
     gate_dicts,
     matches_the_hand_assembled_forward,
@@ -96,14 +97,7 @@ def test_theta_per_layer_bad_input_is_a_clear_error(rng):
     with pytest.raises(ValueError, match=r"theta must be a float, have shape \(9,\), or have "
                                          r"shape \(9, 2\)"):
         scan(np.full((9, 3), 0.1))  # three columns for a two-layer memory
-    with pytest.raises(ValueError, match="theta must be >= 0"):
-        scan(-theta)
-    bad = theta.copy()
-    bad[2, 1] = np.nan
-    with pytest.raises(ValueError, match="theta contains NaN"):
-        scan(bad)
-    with pytest.raises(ValueError, match="chunk_size=1 on the numba backend"):
-        scan(theta, backend="numba", chunk_size=3)
+    bad_columns_are_refused(scan, theta, "theta")
 
 
 # --- in the models: ModelConfig(theta_per_layer=True) ---------------------------------------
