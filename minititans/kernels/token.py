@@ -103,10 +103,10 @@ def update_and_read(W, S, d, kin, e, decay, g_scale, xa, xb, za, zb):
 @kernel
 def forget_towards(W, A, alpha, xa, xb, za, zb):
     r"""Eq. 13 around an anchor, after :func:`update_and_read`: $W \leftarrow W + \alpha\bar W$
-    (``alpha`` a rate per output channel)
-    (so $W = \bar W + (1-\alpha)(W_{t-1} - \bar W) + S$), and the two rows read again through
-    the result, ``za = xa W``, ``zb = xb W``, summed in the order of every other read (so a
-    stream cut into calls gives the same bits as one call). Only anchored scans call it."""
+    with ``alpha`` a rate per output channel (so $W = \bar W + (1-\alpha)(W_{t-1} - \bar W)
+    + S$), and the two rows read again through the result, ``za = xa W``, ``zb = xb W``,
+    summed in the order of every other read (so a stream cut into calls gives the same bits
+    as one call). Only anchored scans call it."""
     za[:] = 0
     zb[:] = 0
     for a in range(W.shape[0]):
@@ -291,8 +291,9 @@ def token_vjp(spec, seq, tape, seg, gout, Mbar, Sbar, grads, Mbuf, Sbuf):
                 _set_pending(PL[0], PR[0], spec, Q[t], tape.QH[t], ZQ[j])
             dot_m, dot_s = _pass(Mbar, Sbar, Mbuf[j], Sbuf[j], spec, PL, PR, keep, eta_next,
                                  t_(1.0), key, A)
+            # keep = 1 - α_t from here on: what the next pass (token t - 1) multiplies by
+            forget_rows(seq.alpha, t, keep, rate)
             if channels:  # ᾱ_{t,c} from column c only
-                forget_rows(seq.alpha, t, keep_r, rate)
                 _alpha_channels_vjp(Mbar, Mbuf[j], spec, seq, t, rate, grads)
             else:
                 grads.alpha[t, 0] = -dot_m  # Eq. 13
@@ -333,7 +334,6 @@ def token_vjp(spec, seq, tape, seg, gout, Mbar, Sbar, grads, Mbuf, Sbuf):
             else:  # y_t = M_{t-1}(q_t): a cotangent of M_{t-1}
                 _set_pending(PL[0], PR[0], spec, Q[t], tape.QH[t], ZQ[j])
             eta_next = seq.eta[t]
-            forget_rows(seq.alpha, t, keep, rate)
     # the initial state: M̄_0 = (1 - α_0) M̄ + pending, S̄_0 = η_0 S̄
     _pass(Mbar, Sbar, Mbar, Sbar, spec, PL, PR, keep, eta_next, t_(0.0),
           key_rows(seq, tape, 0, 1, 0, 0), A)

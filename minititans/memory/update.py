@@ -203,9 +203,14 @@ def apply_update(M, S, u, alpha, eta, theta, anchor=None):
 
 
 def output_channels(params) -> int:
-    """The output channels of a memory, its layers' output widths summed: the length of a
+    r"""The output channels of a memory, its layers' output widths summed: the length of a
     channel-wise $\alpha_t$ (for a linear memory ``d_out``)."""
     return sum(int(np.shape(getval(w))[-1]) for w in params)
+
+
+# what the columns of a gate with several values per token are
+COLUMNS = {"theta": "a step per memory layer",
+           "alpha": "a rate per output channel of the memory's layers"}
 
 
 def check_columns(name: str, gate, T: int, n: int, what: str, *, low=0.0, high=None):
@@ -234,17 +239,16 @@ def check_columns(name: str, gate, T: int, n: int, what: str, *, low=0.0, high=N
 
 def check_theta(theta, T: int, L: int):
     """``theta``: a float, ``(T,)``, or ``(T, L)``, a step per memory layer (Appendix B.3)."""
-    return check_columns("theta", theta, T, L, "a step per memory layer")
+    return check_columns("theta", theta, T, L, COLUMNS["theta"])
 
 
 def check_alpha(alpha, T: int, C: int):
     """``alpha`` in [0, 1]: a float, ``(T,)``, or ``(T, C)``, a rate per output channel of
     the memory's layers (:func:`output_channels`)."""
-    return check_columns("alpha", alpha, T, C, "a rate per output channel of the memory's "
-                         "layers", high=1.0)
+    return check_columns("alpha", alpha, T, C, COLUMNS["alpha"], high=1.0)
 
 
-def _one_row(name: str, gate, n: int, what: str):
+def _one_row(name: str, gate, n: int):
     """A gate of one token with ``n`` values (``(n,)``, n > 1) as the row ``(1, n)`` that
     :func:`check_columns` takes; a float (or ``(1,)``) as it is."""
     raw = value_of(gate)
@@ -252,7 +256,7 @@ def _one_row(name: str, gate, n: int, what: str):
         gate = raw = np.asarray(raw, dtype=float)
     if np.ndim(raw) == 1 and np.size(raw) > 1:
         if np.size(raw) != n:
-            raise ValueError(f"{name} must be a float or have shape ({n},) ({what}), got "
+            raise ValueError(f"{name} must be a float or have shape ({n},) ({COLUMNS[name]}), got "
                              f"shape {np.shape(raw)}")
         return anp.reshape(gate, (1, n))
     return gate
@@ -294,11 +298,9 @@ def memory_step(state: MemoryState, k, v, *, alpha, eta, theta, loss: str = "l2"
     # alpha may be (C,), a rate per output channel, and theta (L,), a step per layer: checked
     # as the one row of memory_scan's (T, C) and (T, L)
     a, e, th = (g.astype(dtype)[0] if isinstance(g, np.ndarray) else g[0] for g in (
-        check_alpha(_one_row("alpha", alpha, output_channels(spec), "a rate per output "
-                             "channel of the memory's layers"), 1, output_channels(spec)),
+        check_alpha(_one_row("alpha", alpha, output_channels(spec)), 1, output_channels(spec)),
         check_gate("eta", eta, 1, low=0.0, high=1.0),
-        check_theta(_one_row("theta", theta, len(spec), "a step per memory layer"), 1,
-                    len(spec))))
+        check_theta(_one_row("theta", theta, len(spec)), 1, len(spec))))
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite weights raise below
         u = clip_by_norm(surprise(state.params, k[None], v[None], loss, p=p, delta=delta),
                          max_grad_norm)
